@@ -1,0 +1,233 @@
+//! Admin API: readiness, config dump, workloads and counters, served over HTTP/1.1 on a unix
+//! socket (for the CLI) and on 127.0.0.1:15000. Runs on the control-plane runtime.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::capture::enroll::WorkloadView;
+use crate::config::model::Snapshot;
+use crate::proxy::{ProxyStats, RouteTable, ServiceStats};
+
+/// What the control loop publishes for the admin API after every change.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ControlView {
+    pub node: String,
+    pub ready: bool,
+    pub not_ready_reason: Option<String>,
+    pub config_generation: u64,
+    pub config_error: Option<String>,
+    pub config_errors_total: u64,
+    pub workloads: Vec<WorkloadView>,
+    pub ebpf: EbpfStats,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EbpfStats {
+    pub redirected: u64,
+    pub skipped_agent_mark: u64,
+    pub recorded: u64,
+    pub map_errors: u64,
+    pub enrolled_entries: usize,
+    pub orig_dst_entries: usize,
+}
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub view: watch::Receiver<Arc<ControlView>>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
+    pub stats: Arc<ProxyStats>,
+}
+
+#[derive(Serialize)]
+struct ServiceCounters<'a> {
+    service: String,
+    #[serde(flatten)]
+    counters: &'a ServiceStats,
+}
+
+#[derive(Serialize)]
+struct StatsDoc<'a> {
+    node: &'a str,
+    /// Config generation the data path is routing with.
+    routes_generation: u64,
+    proxy: &'a ProxyStats,
+    ebpf: &'a EbpfStats,
+    services: Vec<ServiceCounters<'a>>,
+}
+
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    node: &'a str,
+    generation: u64,
+    config_error: Option<&'a str>,
+    workloads: &'a [WorkloadView],
+    namespaces: Vec<&'a crate::config::model::Namespace>,
+    services: Vec<&'a crate::config::model::Service>,
+    pods: Vec<&'a crate::config::model::Pod>,
+}
+
+fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default()
+        }
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding: {e}\n"),
+        ),
+    }
+}
+
+fn fresh(list: &[WorkloadView]) -> Vec<WorkloadView> {
+    list.iter().map(WorkloadView::fresh).collect()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default()
+}
+
+pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    let view = state.view.borrow().clone();
+    match req.uri().path() {
+        "/healthz/ready" => {
+            if view.ready {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                let reason = view.not_ready_reason.as_deref().unwrap_or("starting");
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {reason}\n"),
+                )
+            }
+        }
+        "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
+        "/stats" => {
+            let routes = state.routes.load();
+            let services = routes.service_stats();
+            let doc = StatsDoc {
+                node: &view.node,
+                routes_generation: routes.generation,
+                proxy: &state.stats,
+                ebpf: &view.ebpf,
+                services: services
+                    .iter()
+                    .map(|(id, s)| ServiceCounters {
+                        service: id.to_string(),
+                        counters: s,
+                    })
+                    .collect(),
+            };
+            json(StatusCode::OK, &doc)
+        }
+        "/config_dump" => {
+            let snap = state.snapshot.borrow().clone();
+            let workloads = fresh(&view.workloads);
+            let doc = ConfigDump {
+                node: &view.node,
+                generation: snap.generation,
+                config_error: view.config_error.as_deref(),
+                workloads: &workloads,
+                namespaces: snap.namespaces.values().collect(),
+                services: snap.services.values().collect(),
+                pods: snap.pods.values().collect(),
+            };
+            json(StatusCode::OK, &doc)
+        }
+        "/" => text(
+            StatusCode::OK,
+            "nodemesh admin: /healthz/ready /config_dump /workloads /stats\n".into(),
+        ),
+        other => text(
+            StatusCode::NOT_FOUND,
+            format!("no such admin path: {other}\n"),
+        ),
+    }
+}
+
+async fn serve_conn<S>(state: AdminState, io: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let resp = handle(&state, &req);
+        async move { Ok::<_, Infallible>(resp) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), svc)
+        .await
+    {
+        debug!(error = %e, "admin connection ended with an error");
+    }
+}
+
+/// Binds the admin unix socket, replacing a stale socket file of a previous agent.
+pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    // The admin API exposes config and can change state later: root only.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+pub async fn serve_unix(state: AdminState, listener: UnixListener, path: PathBuf) {
+    info!(path = %path.display(), "admin API listening on unix socket");
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(serve_conn(state.clone(), s));
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+pub async fn serve_tcp(state: AdminState, listener: TcpListener, addr: SocketAddr) {
+    info!(%addr, "admin API listening");
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(serve_conn(state.clone(), s));
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! `mesh-agent run`: wiring. The data path (accept loops and connections) runs on a
+//! multi-threaded runtime of its own; config, enrollment and the admin API run on a
+//! single-threaded control runtime on the main thread, away from the data path's tail latency.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, AdminState, ControlView, EbpfStats};
+use crate::capture::enroll::Enroller;
+use crate::capture::{Capture, CaptureConfig};
+use crate::config::model::Snapshot;
+use crate::config::watch as config_watch;
+use crate::proxy::{ProxyInputs, ProxyStats, RouteTable};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Local mode: directory of Kubernetes YAML (Namespace, Pod, Service; other kinds are
+    /// ignored). Re-read on change; a bad file is reported and the last good config stays.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+
+    /// Name of this node: only pods whose spec.nodeName equals it are enrolled here.
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+
+    /// cgroup v2 directory whose processes are captured. Defaults to the root of the cgroup2
+    /// mount (found in /proc/self/mountinfo).
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+
+    /// bpffs directory for this agent's pinned maps and links. Pins keep capture in place
+    /// (failing closed) while the agent restarts. Defaults to /sys/fs/bpf/nodemesh.
+    #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/nodemesh")]
+    pub bpffs_dir: PathBuf,
+
+    /// Admin API unix socket (used by `mesh-agent workloads` and friends).
+    #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
+
+    /// Admin API TCP address, in the agent's network namespace. Keep it on loopback.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Timeout for connecting to an upstream; on expiry the client connection is reset.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long established connections may drain before the agent exits.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Bytes buffered per direction of each proxied connection (memory per connection is
+    /// about twice this).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    pub buffer_size: usize,
+
+    /// Worker threads of the data-path runtime.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub workers: usize,
+
+    /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 5s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_level);
+    let cgroup = match &args.cgroup {
+        Some(c) => c.clone(),
+        None => crate::sys::cgroup2_mount()
+            .context("no cgroup2 mount found in /proc/self/mountinfo; pass --cgroup")?,
+    };
+
+    // Startup is the one moment a bad config stops the agent: there is no last good one.
+    let initial = config_watch::initial(&args.manifests)
+        .map_err(|e| anyhow::anyhow!("invalid manifests in {}:\n{e}", args.manifests.display()))?;
+    let fingerprint = initial.fingerprint;
+    let snapshot = Arc::new(initial.snapshot);
+
+    let data_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .thread_name("mesh-data")
+        .enable_all()
+        .build()
+        .context("starting the data-path runtime")?;
+    let control_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+
+    let capture = Capture::start(&CaptureConfig {
+        cgroup: cgroup.clone(),
+        pin_dir: args.bpffs_dir.clone(),
+    })
+    .context("starting eBPF capture (see `mesh-agent check`)")?;
+
+    let stats = Arc::new(ProxyStats::default());
+    let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
+        &snapshot,
+        &RouteTable::default(),
+    )));
+    let inputs = ProxyInputs {
+        routes: routes.clone(),
+        stats: stats.clone(),
+        connect_timeout: args.connect_timeout,
+        buffer_size: args.buffer_size.clamp(4096, 4 << 20),
+    };
+    let enroller = Enroller::new(args.node.clone(), capture, data_rt.handle().clone(), inputs);
+
+    let result = control_rt.block_on(control(
+        args.clone(),
+        snapshot,
+        fingerprint,
+        enroller,
+        routes,
+        stats.clone(),
+    ));
+
+    // Drain: accept loops are stopped; give live connections until the deadline.
+    let deadline = Instant::now() + args.drain_timeout;
+    while stats.active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = stats.active.load(Ordering::Relaxed);
+    if left > 0 {
+        warn!(
+            connections = left,
+            "drain deadline reached, closing the remaining connections"
+        );
+    }
+    data_rt.shutdown_timeout(Duration::from_millis(100));
+    info!("agent stopped; capture stays pinned, enrolled pods fail closed until an agent returns");
+    result
+}
+
+async fn control(
+    args: RunArgs,
+    snapshot: Arc<Snapshot>,
+    fingerprint: u64,
+    mut enroller: Enroller,
+    routes: Arc<ArcSwap<RouteTable>>,
+    stats: Arc<ProxyStats>,
+) -> anyhow::Result<()> {
+    let (view_tx, view_rx) = watch::channel(Arc::new(ControlView {
+        node: args.node.clone(),
+        not_ready_reason: Some("starting".into()),
+        ..Default::default()
+    }));
+    let (snap_tx, mut snap_rx) = watch::channel(snapshot.clone());
+    let mut status_rx = config_watch::spawn_from(args.manifests.clone(), snap_tx, fingerprint);
+
+    let state = AdminState {
+        view: view_rx,
+        snapshot: snap_rx.clone(),
+        routes: routes.clone(),
+        stats,
+    };
+    let unix = admin::bind_unix(&args.admin_socket)
+        .with_context(|| format!("binding the admin socket {}", args.admin_socket.display()))?;
+    let tcp = tokio::net::TcpListener::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+    tokio::spawn(admin::serve_unix(
+        state.clone(),
+        unix,
+        args.admin_socket.clone(),
+    ));
+    tokio::spawn(admin::serve_tcp(state, tcp, args.admin_addr));
+
+    enroller.reconcile(&snapshot);
+    publish(&view_tx, &enroller, &args.node, &status_rx.borrow(), true);
+    info!(node = %args.node, generation = snapshot.generation, "agent ready");
+
+    let mut config_alive = true;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            changed = snap_rx.changed(), if config_alive => {
+                if changed.is_err() {
+                    error!("the config watcher stopped; keeping the last config");
+                    config_alive = false;
+                    continue;
+                }
+                let snap = snap_rx.borrow_and_update().clone();
+                routes.store(Arc::new(RouteTable::build(&snap, &routes.load())));
+                enroller.reconcile(&snap);
+            }
+            _ = status_rx.changed() => {}
+            _ = tick.tick() => {
+                if enroller.has_failures() {
+                    let snap = snap_rx.borrow().clone();
+                    enroller.reconcile(&snap);
+                }
+            }
+            _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
+        }
+        publish(&view_tx, &enroller, &args.node, &status_rx.borrow(), true);
+    }
+    enroller.stop_accepting();
+    publish(&view_tx, &enroller, &args.node, &status_rx.borrow(), false);
+    Ok(())
+}
+
+fn publish(
+    tx: &watch::Sender<Arc<ControlView>>,
+    enroller: &Enroller,
+    node: &str,
+    status: &config_watch::ConfigStatus,
+    ready: bool,
+) {
+    let capture = enroller.capture();
+    let s = capture.stats();
+    let view = ControlView {
+        node: node.to_string(),
+        ready,
+        not_ready_reason: (!ready).then(|| "shutting down".to_string()),
+        config_generation: status.generation,
+        config_error: status.last_error.clone(),
+        config_errors_total: status.errors_total,
+        workloads: enroller.view(),
+        ebpf: EbpfStats {
+            redirected: s[mesh_common::stats::REDIRECTED as usize],
+            skipped_agent_mark: s[mesh_common::stats::SKIPPED_AGENT_MARK as usize],
+            recorded: s[mesh_common::stats::RECORDED as usize],
+            map_errors: s[mesh_common::stats::MAP_ERRORS as usize],
+            enrolled_entries: capture.enrolled_cookies().len(),
+            orig_dst_entries: capture.orig_dst_len(),
+        },
+    };
+    tx.send_replace(Arc::new(view));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+}

@@ -1,0 +1,375 @@
+//! eBPF loading and attachment, and the maps the agent maintains.
+//!
+//! Programs are attached to a cgroup v2 subtree with bpf links, and links and maps are pinned
+//! under `--bpffs-dir`. Pinning is what makes capture fail closed: when the agent stops, the
+//! programs keep rewriting enrolled pods' connections to 127.0.0.1:15001, where nobody
+//! listens, so they are refused instead of leaving the pod in plaintext around the mesh. A
+//! restarted agent attaches fresh programs first and only then drops the old links, so there
+//! is no gap.
+
+pub mod enroll;
+pub mod netns;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use mesh_common::{EnrolledPod, OrigDst, OrigDstKey, names, stats};
+use tracing::{debug, info, warn};
+
+/// The eBPF object built from `mesh-ebpf` by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
+
+/// Magic number of a bpf filesystem (`BPF_FS_MAGIC`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("bpffs: {path}: {source}")]
+    Bpffs { path: PathBuf, source: io::Error },
+    #[error("cannot open cgroup {path} (a cgroup v2 directory is needed): {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object (pinned maps in {pin_dir}): {source}")]
+    Load {
+        pin_dir: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("eBPF object has no program or map named {0}")]
+    Missing(&'static str),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("pinning {what} at {path}: {source}")]
+    Pin {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: Box<aya::maps::MapError>,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
+    move |source| CaptureError::Map {
+        name,
+        source: Box::new(source),
+    }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> CaptureError {
+    move |source| CaptureError::Program {
+        name,
+        source: Box::new(source),
+    }
+}
+
+/// Where capture is attached and pinned.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// cgroup v2 directory whose subtree is captured.
+    pub cgroup: PathBuf,
+    /// bpffs directory holding this agent's pinned maps and links.
+    pub pin_dir: PathBuf,
+}
+
+/// Loaded and attached capture programs plus the control-plane handle of ENROLLED.
+pub struct Capture {
+    _ebpf: Ebpf,
+    enrolled: BpfHashMap<MapData, u64, EnrolledPod>,
+    stats: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+    _links: Vec<PinnedLink>,
+}
+
+impl Capture {
+    /// Loads the programs, reuses or creates the pinned maps, attaches to the cgroup and
+    /// replaces links left by a previous agent.
+    pub fn start(cfg: &CaptureConfig) -> Result<Capture, CaptureError> {
+        ensure_bpffs(&cfg.pin_dir)?;
+        let cgroup = File::open(&cfg.cgroup).map_err(|source| CaptureError::Cgroup {
+            path: cfg.cgroup.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&cfg.pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|source| CaptureError::Load {
+                pin_dir: cfg.pin_dir.clone(),
+                source: Box::new(source),
+            })?;
+
+        // With bpf links the kernel always attaches in multi mode and rejects explicit
+        // flags, so `Single` (flags 0) is the right mode here.
+        let mut links = Vec::new();
+        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(CaptureError::Missing(name))?
+                .try_into()
+                .map_err(prog_err(name))?;
+            prog.load().map_err(prog_err(name))?;
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(prog_err(name))?
+                .try_into()
+                .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
+                    what: name,
+                    path: cfg.pin_dir.clone(),
+                    source: io::Error::other(e),
+                })?;
+            links.push(replace_pinned_link(name, link, &cfg.pin_dir)?);
+        }
+        let name = names::PROG_SOCK_OPS;
+        let prog: &mut SockOps = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        prog.load().map_err(prog_err(name))?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(prog_err(name))?
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
+                what: name,
+                path: cfg.pin_dir.clone(),
+                source: io::Error::other(e),
+            })?;
+        links.push(replace_pinned_link(name, link, &cfg.pin_dir)?);
+
+        let enrolled = open_pinned_hash(&cfg.pin_dir, names::MAP_ENROLLED)?;
+        let stats_map = Map::from_map_data(
+            MapData::from_pin(cfg.pin_dir.join(names::MAP_STATS))
+                .map_err(map_err(names::MAP_STATS))?,
+        )
+        .map_err(map_err(names::MAP_STATS))?;
+        let stats = PerCpuArray::try_from(stats_map).map_err(map_err(names::MAP_STATS))?;
+        info!(
+            cgroup = %cfg.cgroup.display(),
+            pin_dir = %cfg.pin_dir.display(),
+            "capture attached (connect4, connect6, sock_ops)"
+        );
+        Ok(Capture {
+            _ebpf: ebpf,
+            enrolled,
+            stats,
+            pin_dir: cfg.pin_dir.clone(),
+            _links: links,
+        })
+    }
+
+    pub fn enroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        self.enrolled
+            .insert(netns_cookie, EnrolledPod::default(), 0)
+            .map_err(map_err(names::MAP_ENROLLED))
+    }
+
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        match self.enrolled.remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::MAP_ENROLLED)(e)),
+        }
+    }
+
+    /// Netns cookies currently in ENROLLED (including entries left by a previous agent).
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        self.enrolled.keys().filter_map(Result::ok).collect()
+    }
+
+    /// A new, independent handle on ORIG_DST for one accept loop.
+    pub fn orig_dst_table(&self) -> Result<OrigDstTable, CaptureError> {
+        Ok(OrigDstTable {
+            map: open_pinned_hash(&self.pin_dir, names::MAP_ORIG_DST)?,
+        })
+    }
+
+    /// Sums of the per-CPU counters, indexed by `mesh_common::stats`.
+    pub fn stats(&self) -> [u64; stats::COUNT as usize] {
+        let mut out = [0u64; stats::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// Number of entries in ORIG_DST (connections captured but not yet accepted).
+    pub fn orig_dst_len(&self) -> usize {
+        open_pinned_hash::<OrigDstKey, OrigDst>(&self.pin_dir, names::MAP_ORIG_DST)
+            .map(|m| m.keys().count())
+            .unwrap_or(0)
+    }
+}
+
+/// Loads every program into the kernel (verifier included) without pinning or attaching
+/// anything: what `mesh-agent check` runs.
+pub fn verify_programs() -> Result<(), CaptureError> {
+    // Maps are declared pinned-by-name; a private directory keeps this side-effect free.
+    let dir = PathBuf::from(format!("/sys/fs/bpf/nodemesh-check-{}", std::process::id()));
+    ensure_bpffs(&dir)?;
+    let result = load_programs_only(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn load_programs_only(dir: &Path) -> Result<(), CaptureError> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(dir)
+        .load(EBPF_OBJECT)
+        .map_err(|source| CaptureError::Load {
+            pin_dir: dir.to_owned(),
+            source: Box::new(source),
+        })?;
+    for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(CaptureError::Missing(name))?
+            .try_into()
+            .map_err(prog_err(name))?;
+        prog.load().map_err(prog_err(name))?;
+    }
+    let name = names::PROG_SOCK_OPS;
+    let prog: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(CaptureError::Missing(name))?
+        .try_into()
+        .map_err(prog_err(name))?;
+    prog.load().map_err(prog_err(name))?;
+    Ok(())
+}
+
+fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<BpfHashMap<MapData, K, V>, CaptureError> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let map = Map::from_map_data(data).map_err(map_err(name))?;
+    BpfHashMap::try_from(map).map_err(map_err(name))
+}
+
+/// Pins `link` at `<pin_dir>/link_<name>`, detaching a link a previous agent left there.
+/// The new link is attached before the old one goes, so capture never lapses.
+fn replace_pinned_link(
+    name: &'static str,
+    link: FdLink,
+    pin_dir: &Path,
+) -> Result<PinnedLink, CaptureError> {
+    let path = pin_dir.join(format!("link_{name}"));
+    if path.exists() {
+        match PinnedLink::from_pin(&path) {
+            Ok(old) => match old.unpin() {
+                Ok(old) => {
+                    drop(old);
+                    debug!(path = %path.display(), "replaced the link of a previous agent");
+                }
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot unpin old link"),
+            },
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "stale pin is not a link, removing it");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    link.pin(&path).map_err(|e| CaptureError::Pin {
+        what: name,
+        path: path.clone(),
+        source: io::Error::other(e),
+    })
+}
+
+/// Makes sure `dir` exists on a bpf filesystem, mounting bpffs on /sys/fs/bpf if needed.
+fn ensure_bpffs(dir: &Path) -> Result<(), CaptureError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CaptureError::Bpffs { path, source }
+    };
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) {
+        let sys_bpf = Path::new("/sys/fs/bpf");
+        if parent.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+            mount_bpffs(sys_bpf).map_err(err(sys_bpf))?;
+            info!("mounted bpffs on /sys/fs/bpf");
+        }
+        if !is_bpffs(parent) {
+            return Err(CaptureError::Bpffs {
+                path: parent.to_owned(),
+                source: io::Error::other("not on a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)"),
+            });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(err(dir))
+}
+
+pub(crate) fn is_bpffs(path: &Path) -> bool {
+    statfs_type(path) == Some(BPF_FS_MAGIC)
+}
+
+fn statfs_type(path: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: valid NUL-terminated path and out-pointer.
+    let rc = unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statfs succeeded and initialised the struct.
+    Some(unsafe { st.assume_init() }.f_type)
+}
+
+fn mount_bpffs(path: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: constant, NUL-terminated strings and a valid target path.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One accept loop's handle on ORIG_DST: look up and delete the original destination of an
+/// accepted connection. Owned by a single task, so no lock is shared between connections.
+pub struct OrigDstTable {
+    map: BpfHashMap<MapData, OrigDstKey, OrigDst>,
+}
+
+impl OrigDstTable {
+    /// The original destination of the connection from `peer` in the namespace `netns_cookie`,
+    /// removed from the map so entries never outlive their connection.
+    pub fn take(&mut self, netns_cookie: u64, peer: std::net::SocketAddrV4) -> Option<OrigDst> {
+        let key = OrigDstKey {
+            netns_cookie,
+            src_ip4: u32::from_ne_bytes(peer.ip().octets()),
+            src_port: peer.port(),
+            _pad: 0,
+        };
+        let v = self.map.get(&key, 0).ok()?;
+        let _ = self.map.remove(&key);
+        Some(v)
+    }
+}

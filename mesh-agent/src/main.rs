@@ -1,0 +1,99 @@
+//! `mesh-agent`: the nodemesh node agent and its CLI, one binary.
+
+mod admin;
+mod app;
+mod capture;
+mod check;
+mod cli;
+mod config;
+mod proxy;
+mod sys;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Default path of the admin unix socket, shared by `run` and the inspection commands.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/var/run/nodemesh/admin.sock";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "nodemesh node agent: eBPF capture, L4 proxying, and the commands to inspect it",
+    long_about = "nodemesh node agent.\n\nOne agent runs per node. It enrolls the pods of namespaces labelled \
+nodemesh.io/enabled=true, captures their outbound TCP connections with eBPF and proxies them. \
+`run` starts the agent; `workloads` and `check` inspect a node."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent (needs root: loads eBPF, enters pods' network namespaces).
+    Run(app::RunArgs),
+    /// List this node's enrolled pods, as the running agent sees them.
+    Workloads {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Check the kernel prerequisites (cgroup2, bpffs, BTF, program and map types,
+    /// privileges); exits non-zero if any is missing.
+    Check {
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => match app::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Workloads {
+            output,
+            admin_socket,
+        } => client_command(cli::workloads::run(&admin_socket, output)),
+        Command::Check { json } => {
+            if check::print(&check::run_checks(), json) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Runs one inspection command on a small single-threaded runtime.
+fn client_command(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh-agent: cannot start a runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Outbound: a pod's captured connection, from its accept on 127.0.0.1:15001 inside the pod's
+//! namespace to the upstream socket made in that same namespace, and the bytes in between.
+
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use super::{ProxyInputs, Target, WorkloadStats};
+use crate::capture::OrigDstTable;
+use crate::capture::netns::SocketSource;
+use crate::config::model::ObjectRef;
+
+/// What one enrolled pod's outbound listener needs.
+pub struct OutboundListener {
+    pub pod: ObjectRef,
+    pub netns_cookie: u64,
+    pub listener: TcpListener,
+    pub orig_dst: OrigDstTable,
+    pub sockets: SocketSource,
+    pub stats: Arc<WorkloadStats>,
+}
+
+/// Accepts until the task is aborted (unenroll or shutdown). Each connection runs in its own
+/// task, so aborting this loop leaves established connections flowing.
+pub async fn serve(inputs: ProxyInputs, mut l: OutboundListener) {
+    loop {
+        let (client, peer) = match l.listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(pod = %l.pod, error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        inputs.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let SocketAddr::V4(peer) = peer else {
+            debug!(pod = %l.pod, %peer, "IPv6 peer on the IPv4 outbound listener, closing");
+            continue;
+        };
+        let Some(orig) = l.orig_dst.take(l.netns_cookie, peer) else {
+            // Fail closed: without the original destination there is nowhere right to go.
+            inputs.stats.no_orig_dst.fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %l.pod, client = %peer, "no original destination recorded for this connection, closing it");
+            reset(client);
+            continue;
+        };
+        let dst = SocketAddrV4::new(std::net::Ipv4Addr::from(orig.ip4.to_ne_bytes()), orig.port);
+        let conn = Connection {
+            inputs: inputs.clone(),
+            pod: l.pod.clone(),
+            peer,
+            dst,
+            sockets: l.sockets.clone(),
+            stats: l.stats.clone(),
+        };
+        tokio::spawn(conn.run(client));
+    }
+}
+
+struct Connection {
+    inputs: ProxyInputs,
+    pod: ObjectRef,
+    peer: SocketAddrV4,
+    dst: SocketAddrV4,
+    sockets: SocketSource,
+    stats: Arc<WorkloadStats>,
+}
+
+impl Connection {
+    async fn run(self, mut client: TcpStream) {
+        let proxy_stats = &self.inputs.stats;
+        proxy_stats.active.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .outbound_connections
+            .fetch_add(1, Ordering::Relaxed);
+        self.stats.outbound_active.fetch_add(1, Ordering::Relaxed);
+
+        let routes = self.inputs.routes.load();
+        let (upstream_addr, service) = match routes.target(self.dst) {
+            Target::Service(route) => {
+                route.stats.connections.fetch_add(1, Ordering::Relaxed);
+                match route.pick() {
+                    Some(ep) => (ep.addr, Some(route.clone_stats())),
+                    None => {
+                        route.stats.no_endpoints.fetch_add(1, Ordering::Relaxed);
+                        warn!(pod = %self.pod, client = %self.peer, dst = %self.dst, service = %route.service,
+                            "no ready endpoint for the service, closing the connection");
+                        self.finish_error(client);
+                        return;
+                    }
+                }
+            }
+            Target::Pod(pod) => {
+                debug!(client = %self.peer, dst = %self.dst, %pod, "to a pod IP");
+                (self.dst, None)
+            }
+            Target::Passthrough => (self.dst, None),
+        };
+        drop(routes);
+
+        let upstream = match self.connect(upstream_addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(s) = &service {
+                    s.connect_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                proxy_stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                warn!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr,
+                    error = %e, "upstream connect failed, closing the client");
+                self.finish_error(client);
+                return;
+            }
+        };
+        debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr, "proxying");
+        let mut upstream = upstream;
+        let size = self.inputs.buffer_size;
+        // copy_bidirectional honours half-close: EOF on one side shuts down the write side of
+        // the other, and the reverse direction keeps flowing until its own EOF.
+        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, size, size).await
+        {
+            Ok((sent, received)) => {
+                proxy_stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+                proxy_stats
+                    .bytes_received
+                    .fetch_add(received, Ordering::Relaxed);
+                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, sent, received, "closed");
+            }
+            Err(e) => {
+                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, error = %e, "connection ended with an error");
+            }
+        }
+        proxy_stats.completed.fetch_add(1, Ordering::Relaxed);
+        self.done();
+    }
+
+    async fn connect(&self, addr: SocketAddrV4) -> io::Result<TcpStream> {
+        let socket = self.sockets.socket().await?;
+        match tokio::time::timeout(self.inputs.connect_timeout, socket.connect(addr.into())).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {:?}", self.inputs.connect_timeout),
+            )),
+        }
+    }
+
+    fn finish_error(&self, client: TcpStream) {
+        self.stats.outbound_errors.fetch_add(1, Ordering::Relaxed);
+        reset(client);
+        self.inputs.stats.completed.fetch_add(1, Ordering::Relaxed);
+        self.done();
+    }
+
+    fn done(&self) {
+        self.inputs.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.stats.outbound_active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl super::ServiceRoute {
+    fn clone_stats(&self) -> Arc<super::ServiceStats> {
+        self.stats.clone()
+    }
+}
+
+/// Closes with RST, so the client learns at once that its connection failed.
+fn reset(client: TcpStream) {
+    if let Err(e) = client.set_zero_linger() {
+        info!(error = %e, "cannot set SO_LINGER 0, closing normally");
+    }
+    drop(client);
+}

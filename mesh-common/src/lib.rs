@@ -1,0 +1,115 @@
+//! Types shared by the eBPF programs (`mesh-ebpf`) and the agent (`mesh-agent`).
+//!
+//! Everything here is `#[repr(C)]`, has no implicit padding and is `Copy`, because the
+//! same bytes are read by the kernel-side programs and by user space through map syscalls.
+#![no_std]
+
+/// Ports the agent listens on inside every enrolled pod's network namespace.
+pub mod ports {
+    /// Outbound capture: `connect()` calls of the pod are rewritten to 127.0.0.1:15001.
+    pub const OUTBOUND: u16 = 15001;
+    /// Inbound plaintext capture.
+    pub const INBOUND_PLAINTEXT: u16 = 15006;
+    /// Inbound mutual-TLS tunnel (HBONE).
+    pub const INBOUND_HBONE: u16 = 15008;
+}
+
+/// `SO_MARK` carried by every socket the agent opens itself. The eBPF programs never redirect
+/// a socket with this mark, so the agent's own upstream connections cannot loop back to it.
+pub const AGENT_MARK: u32 = 0x0000_5eed;
+
+/// Names of the maps and programs, shared so that the agent looks up exactly what the eBPF
+/// object defines.
+pub mod names {
+    pub const MAP_ENROLLED: &str = "ENROLLED";
+    pub const MAP_PENDING: &str = "PENDING_ORIG_DST";
+    pub const MAP_ORIG_DST: &str = "ORIG_DST";
+    pub const MAP_STATS: &str = "STATS";
+    pub const PROG_CONNECT4: &str = "capture_connect4";
+    pub const PROG_CONNECT6: &str = "capture_connect6";
+    pub const PROG_SOCK_OPS: &str = "record_orig_dst";
+}
+
+/// Capacity of the ENROLLED map: pods per node.
+pub const ENROLLED_CAPACITY: u32 = 4096;
+/// Capacity of the LRU maps holding original destinations of connections in flight.
+pub const ORIG_DST_CAPACITY: u32 = 65536;
+
+/// Value of the ENROLLED map (key: netns cookie, `u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledPod {
+    /// Flags, reserved for later use (always 0 today).
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// An original destination, as the application asked for it in `connect()`.
+///
+/// `ip` holds an IPv4 address in network byte order in its first word; the other words are
+/// zero (IPv6 destinations are not captured in this slice). `port` is in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub ip4: u32,
+    pub port: u16,
+    pub family: u16,
+    /// Netns cookie of the socket that connected, copied from connect time so that
+    /// `sock_ops` needs no netns helper.
+    pub netns_cookie: u64,
+}
+
+/// Key of the ORIG_DST map: who connected, as the agent sees it on accept.
+///
+/// The agent accepts on 127.0.0.1:15001 inside the pod's netns and learns the peer
+/// (source) address and port; together with the pod's netns cookie that is unique.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OrigDstKey {
+    pub netns_cookie: u64,
+    /// Source IPv4 address of the captured connection, network byte order.
+    pub src_ip4: u32,
+    /// Source port, host byte order.
+    pub src_port: u16,
+    pub _pad: u16,
+}
+
+/// Indexes into the per-CPU STATS array.
+pub mod stats {
+    /// connect() calls rewritten to the agent.
+    pub const REDIRECTED: u32 = 0;
+    /// connect() calls skipped because the socket carries the agent's mark.
+    pub const SKIPPED_AGENT_MARK: u32 = 1;
+    /// sock_ops moved an original destination from PENDING to ORIG_DST.
+    pub const RECORDED: u32 = 2;
+    /// A map update failed (map full, ...): the connection was still redirected.
+    pub const MAP_ERRORS: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// `family` values of [`OrigDst`].
+pub const AF_INET: u16 = 2;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data: repr(C), no padding holes that carry uninitialised bytes
+    // (explicit padding fields), every bit pattern valid.
+    unsafe impl aya::Pod for super::EnrolledPod {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OrigDstKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EnrolledPod>(), 8);
+        assert_eq!(size_of::<OrigDst>(), 16);
+        assert_eq!(size_of::<OrigDstKey>(), 16);
+    }
+}

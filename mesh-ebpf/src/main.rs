@@ -1,0 +1,204 @@
+//! nodemesh outbound capture.
+//!
+//! * `connect4` / `connect6` (cgroup/connect4, cgroup/connect6): a TCP `connect()` from an
+//!   enrolled pod's network namespace to a non-loopback IPv4 destination (or an IPv4-mapped
+//!   IPv6 one) is rewritten to 127.0.0.1:15001 inside that same namespace, where the agent
+//!   listens. The original destination is saved under the socket cookie.
+//! * `sockops` (sock_ops, TCP_CONNECT_CB): once the kernel has chosen the source port, the
+//!   original destination moves to ORIG_DST keyed by (netns cookie, source ip, source port):
+//!   exactly what the agent sees as the peer of the accepted connection.
+//!
+//! Every program is `match try_x(..) { Ok(v) => v, Err(_) => SAFE }`; no path can panic, all
+//! work is bounded (a few map operations), and the stack holds two small structs.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use mesh_common::{
+    AF_INET, AGENT_MARK, ENROLLED_CAPACITY, EnrolledPod, ORIG_DST_CAPACITY, OrigDst, OrigDstKey,
+    ports, stats,
+};
+
+/// Allow the `connect()` (possibly rewritten). cgroup/connect programs return 1 to allow.
+const CONNECT_ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+/// 127.0.0.1 in network byte order, as the kernel stores `user_ip4`.
+const LOOPBACK_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Netns cookies of enrolled pods. Written by the agent only after the pod's listeners exist.
+#[map(name = "ENROLLED")]
+static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(ENROLLED_CAPACITY, 0);
+
+/// Original destinations by socket cookie, between connect() and sock_ops' TCP_CONNECT_CB.
+#[map(name = "PENDING_ORIG_DST")]
+static PENDING_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
+
+/// Original destinations by (netns cookie, source ip, source port); the agent looks each up
+/// after accept() and deletes it.
+#[map(name = "ORIG_DST")]
+static ORIG_DST: LruHashMap<OrigDstKey, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
+
+/// Counters, see `mesh_common::stats`.
+#[map(name = "STATS")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, programs do not migrate CPU while running.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// True if `ip` (network byte order) must never be captured: loopback and 0.0.0.0.
+#[inline(always)]
+fn is_local(ip_be: u32) -> bool {
+    let host = u32::from_be(ip_be);
+    host >> 24 == 127 || host == 0
+}
+
+/// Decides whether this connect is captured. Returns the netns cookie if it is.
+#[inline(always)]
+fn should_capture(ctx: &SockAddrContext, dst_ip_be: u32) -> Option<u64> {
+    // SAFETY: `sock_addr` is the context pointer the kernel handed to the program.
+    let sa = unsafe { &*ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM || is_local(dst_ip_be) {
+        return None;
+    }
+    // SAFETY: the verifier guarantees `sk` is a valid socket pointer in cgroup/connect.
+    let sk = unsafe { sa.__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: non-null kernel socket pointer, `mark` is a readable field.
+    if unsafe { (*sk).mark } == AGENT_MARK {
+        count(stats::SKIPPED_AGENT_MARK);
+        return None;
+    }
+    // SAFETY: helper valid for cgroup sock_addr programs (kernel >= 5.7).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: read-only lookup of a plain value.
+    unsafe { ENROLLED.get(netns) }?;
+    Some(netns)
+}
+
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, netns_cookie: u64, ip4: u32, port_be: u32) {
+    let orig = OrigDst {
+        ip4,
+        port: u16::from_be(port_be as u16),
+        family: AF_INET,
+        netns_cookie,
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if PENDING_ORIG_DST
+        .insert(cookie, orig, u64::from(BPF_ANY))
+        .is_err()
+    {
+        count(stats::MAP_ERRORS);
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
+    match try_connect4(&ctx) {
+        Ok(v) => v,
+        Err(_) => CONNECT_ALLOW,
+    }
+}
+
+fn try_connect4(ctx: &SockAddrContext) -> Result<i32, i64> {
+    // SAFETY: context pointer from the kernel.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let dst = sa.user_ip4;
+    let Some(netns) = should_capture(ctx, dst) else {
+        return Ok(CONNECT_ALLOW);
+    };
+    remember(ctx, netns, dst, sa.user_port);
+    // Even if remembering failed the socket is redirected: the agent then refuses it, which
+    // fails closed instead of letting the connection around the mesh.
+    sa.user_ip4 = LOOPBACK_BE;
+    sa.user_port = u32::from(ports::OUTBOUND.to_be());
+    count(stats::REDIRECTED);
+    Ok(CONNECT_ALLOW)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
+    match try_connect6(&ctx) {
+        Ok(v) => v,
+        Err(_) => CONNECT_ALLOW,
+    }
+}
+
+fn try_connect6(ctx: &SockAddrContext) -> Result<i32, i64> {
+    // SAFETY: context pointer from the kernel.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // The kernel only allows 4-byte loads of user_ip6, one word at a time.
+    let w0 = sa.user_ip6[0];
+    let w1 = sa.user_ip6[1];
+    let w2 = sa.user_ip6[2];
+    let w3 = sa.user_ip6[3];
+    // Only IPv4-mapped destinations (::ffff:a.b.c.d) are captured: native IPv6 is not served
+    // by the agent yet.
+    if w0 != 0 || w1 != 0 || w2 != 0x0000_ffffu32.to_be() {
+        return Ok(CONNECT_ALLOW);
+    }
+    let Some(netns) = should_capture(ctx, w3) else {
+        return Ok(CONNECT_ALLOW);
+    };
+    remember(ctx, netns, w3, sa.user_port);
+    sa.user_ip6[3] = LOOPBACK_BE;
+    sa.user_port = u32::from(ports::OUTBOUND.to_be());
+    count(stats::REDIRECTED);
+    Ok(CONNECT_ALLOW)
+}
+
+#[sock_ops]
+pub fn record_orig_dst(ctx: SockOpsContext) -> u32 {
+    try_sockops(&ctx).unwrap_or(1)
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return Ok(1);
+    }
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the map is touched again.
+    let Some(orig) = (unsafe { PENDING_ORIG_DST.get(cookie) }).copied() else {
+        return Ok(1);
+    };
+    let key = OrigDstKey {
+        netns_cookie: orig.netns_cookie,
+        src_ip4: ctx.local_ip4(),
+        // sock_ops' local_port is in host byte order.
+        src_port: ctx.local_port() as u16,
+        _pad: 0,
+    };
+    if ORIG_DST.insert(key, orig, u64::from(BPF_ANY)).is_err() {
+        count(stats::MAP_ERRORS);
+    } else {
+        count(stats::RECORDED);
+    }
+    let _ = PENDING_ORIG_DST.remove(cookie);
+    Ok(1)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,107 @@
+//! mesh-testapp: small real servers and clients for tests and the demo.
+//!
+//! Servers print `listening <addr>` once bound and exit on SIGTERM/SIGINT.
+
+mod fake_agent;
+mod http;
+mod tcp;
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "mesh-testapp", about = "nodemesh test servers and clients")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// HTTP/1.1 server answering every GET with JSON about itself (and its --call results).
+    Http(http::HttpArgs),
+    /// TCP echo server.
+    Echo {
+        #[arg(long, value_parser = parse_listen)]
+        listen: SocketAddr,
+    },
+    /// Reads each connection to EOF, then answers `<bytes> <crc32 hex>` and closes.
+    Sink {
+        #[arg(long, value_parser = parse_listen)]
+        listen: SocketAddr,
+    },
+    /// Sends N pseudo-random bytes, half-closes, and checks the sink's reply.
+    Source(tcp::SourceArgs),
+    /// Answers each connection with the peer address `<ip>:<port>` and closes.
+    Peer {
+        #[arg(long, value_parser = parse_listen)]
+        listen: SocketAddr,
+    },
+    /// Client: connects, sends --send (if any), half-closes and prints everything received.
+    Read(tcp::ReadArgs),
+    /// A stand-in for `mesh-agent run` (same flags), for the testbed's own tests.
+    #[command(hide = true)]
+    Run(fake_agent::FakeAgentArgs),
+}
+
+/// `ADDR:PORT`, `:PORT` or `PORT` (the latter two listen on 0.0.0.0).
+pub fn parse_listen(s: &str) -> Result<SocketAddr> {
+    let s = s.trim();
+    if let Ok(port) = s.trim_start_matches(':').parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    s.parse()
+        .with_context(|| format!("invalid listen address {s:?} (want IP:PORT, :PORT or PORT)"))
+}
+
+/// Prints the line tests wait for.
+pub fn announce(addr: SocketAddr) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "listening {addr}");
+    let _ = out.flush();
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn shutdown_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let server = match cli.cmd {
+        Cmd::Source(args) => return tcp::source(&args),
+        Cmd::Read(args) => return tcp::read(&args),
+        other => other,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    rt.block_on(async move {
+        let serve = async {
+            match server {
+                Cmd::Http(args) => http::serve(args).await,
+                Cmd::Echo { listen } => tcp::echo(listen).await,
+                Cmd::Sink { listen } => tcp::sink(listen).await,
+                Cmd::Peer { listen } => tcp::peer(listen).await,
+                Cmd::Run(args) => fake_agent::run(args).await,
+                Cmd::Source(_) | Cmd::Read(_) => bail!("not a server"),
+            }
+        };
+        tokio::select! {
+            r = serve => r,
+            r = shutdown_signal() => r,
+        }
+    })
+}

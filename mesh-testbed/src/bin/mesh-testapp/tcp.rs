@@ -1,0 +1,214 @@
+//! Raw TCP servers (echo, sink, peer) and the source client.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::announce;
+
+async fn bind(listen: SocketAddr) -> Result<TcpListener> {
+    let l = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    announce(l.local_addr().context("local address")?);
+    Ok(l)
+}
+
+/// Accepts forever, running `handle` on each connection in its own task.
+async fn serve<F, Fut>(listen: SocketAddr, what: &'static str, handle: F) -> Result<()>
+where
+    F: Fn(tokio::net::TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    let l = bind(listen).await?;
+    loop {
+        let (sock, peer) = l.accept().await.context("accepting")?;
+        let fut = handle(sock, peer);
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                eprintln!("{what}: connection from {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+pub async fn echo(listen: SocketAddr) -> Result<()> {
+    serve(listen, "echo", |mut sock, _| async move {
+        let (mut r, mut w) = sock.split();
+        tokio::io::copy(&mut r, &mut w).await.context("echoing")?;
+        w.shutdown().await.context("shutting down")?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn sink(listen: SocketAddr) -> Result<()> {
+    serve(listen, "sink", |mut sock, _| async move {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut total: u64 = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = sock.read(&mut buf).await.context("reading")?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+        let line = format!("{total} {:08x}\n", hasher.finalize());
+        sock.write_all(line.as_bytes()).await.context("replying")?;
+        sock.shutdown().await.context("shutting down")?;
+        Ok(())
+    })
+    .await
+}
+
+pub async fn peer(listen: SocketAddr) -> Result<()> {
+    serve(listen, "peer", |mut sock, peer| async move {
+        sock.write_all(format!("{peer}\n").as_bytes())
+            .await
+            .context("replying")?;
+        sock.shutdown().await.context("shutting down")?;
+        Ok(())
+    })
+    .await
+}
+
+#[derive(clap::Args)]
+pub struct SourceArgs {
+    /// HOST:PORT to connect to.
+    #[arg(long)]
+    connect: String,
+    /// How many bytes to send.
+    #[arg(long)]
+    bytes: u64,
+    /// Write size.
+    #[arg(long, default_value_t = 65536)]
+    chunk: usize,
+    /// PRNG seed (same seed, same bytes).
+    #[arg(long, default_value_t = 0x5eed_0f_da7a)]
+    seed: u64,
+    /// Read/write timeout in seconds (the connect timeout is 5 s).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+/// xorshift64* — fast, deterministic, good enough to make corruption visible.
+struct Prng(u64);
+
+impl Prng {
+    fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+pub fn source(args: &SourceArgs) -> Result<()> {
+    if args.chunk == 0 {
+        bail!("--chunk must be positive");
+    }
+    let mut sock = connect(&args.connect)?;
+    let addr = &args.connect;
+    let io_timeout = Some(Duration::from_secs(args.timeout.max(1)));
+    sock.set_read_timeout(io_timeout)?;
+    sock.set_write_timeout(io_timeout)?;
+    let mut prng = Prng::new(args.seed);
+    let mut hasher = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; args.chunk];
+    let mut left = args.bytes;
+    while left > 0 {
+        let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        prng.fill(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        sock.write_all(&buf[..n])
+            .with_context(|| format!("sending to {addr} ({} bytes sent)", args.bytes - left))?;
+        left -= n as u64;
+    }
+    sock.shutdown(Shutdown::Write)
+        .with_context(|| format!("half-closing the connection to {addr}"))?;
+    let mut reply = String::new();
+    sock.read_to_string(&mut reply)
+        .with_context(|| format!("reading the reply from {addr}"))?;
+    let sent = format!("{} {:08x}", args.bytes, hasher.finalize());
+    println!("sent {sent}");
+    println!("reply {}", reply.trim_end());
+    if reply.trim_end() != sent {
+        bail!(
+            "reply {:?} does not match what was sent ({sent})",
+            reply.trim_end()
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ReadArgs {
+    /// HOST:PORT to connect to.
+    #[arg(long)]
+    connect: String,
+    /// Text to send before half-closing.
+    #[arg(long)]
+    send: Option<String>,
+    /// Read timeout in seconds (the connect timeout is 5 s).
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+fn connect(target: &str) -> Result<TcpStream> {
+    let addrs: Vec<SocketAddr> = target
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {target}"))?
+        .collect();
+    let Some(addr) = addrs.first() else {
+        bail!("{target} resolves to no address");
+    };
+    TcpStream::connect_timeout(addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+pub fn read(args: &ReadArgs) -> Result<()> {
+    let mut sock = connect(&args.connect)?;
+    sock.set_read_timeout(Some(Duration::from_secs(args.timeout.max(1))))?;
+    if let Some(text) = &args.send {
+        sock.write_all(text.as_bytes())
+            .with_context(|| format!("sending to {}", args.connect))?;
+    }
+    sock.shutdown(Shutdown::Write)
+        .with_context(|| format!("half-closing the connection to {}", args.connect))?;
+    let mut buf = Vec::new();
+    sock.read_to_end(&mut buf)
+        .with_context(|| format!("reading from {}", args.connect))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(&buf)?;
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prng_is_deterministic_and_not_constant() {
+        let mut a = vec![0u8; 37];
+        let mut b = vec![0u8; 37];
+        Prng::new(7).fill(&mut a);
+        Prng::new(7).fill(&mut b);
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&x| x != a[0]));
+    }
+}
