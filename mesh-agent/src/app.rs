@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState, ControlView, EbpfStats};
+use crate::admin::{self, AdminState, ControlView};
 use crate::capture::enroll::Enroller;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::model::Snapshot;
@@ -194,6 +194,12 @@ async fn control(
         snapshot: snap_rx.clone(),
         routes: routes.clone(),
         stats,
+        maps: Arc::new(
+            enroller
+                .capture()
+                .reader()
+                .context("opening the pinned maps for the admin API")?,
+        ),
     };
     let unix = admin::bind_unix(&args.admin_socket)
         .with_context(|| format!("binding the admin socket {}", args.admin_socket.display()))?;
@@ -251,8 +257,6 @@ fn publish(
     status: &config_watch::ConfigStatus,
     ready: bool,
 ) {
-    let capture = enroller.capture();
-    let s = capture.stats();
     let view = ControlView {
         node: node.to_string(),
         ready,
@@ -261,14 +265,6 @@ fn publish(
         config_error: status.last_error.clone(),
         config_errors_total: status.errors_total,
         workloads: enroller.view(),
-        ebpf: EbpfStats {
-            redirected: s[mesh_common::stats::REDIRECTED as usize],
-            skipped_agent_mark: s[mesh_common::stats::SKIPPED_AGENT_MARK as usize],
-            recorded: s[mesh_common::stats::RECORDED as usize],
-            map_errors: s[mesh_common::stats::MAP_ERRORS as usize],
-            enrolled_entries: capture.enrolled_cookies().len(),
-            orig_dst_entries: capture.orig_dst_len(),
-        },
     };
     tx.send_replace(Arc::new(view));
 }

@@ -155,7 +155,7 @@ pub struct PodProcess {
 }
 
 impl PodProcess {
-    pub(crate) fn spawn(mut cmd: Command, what: &str) -> Result<Self> {
+    pub fn spawn(mut cmd: Command, what: &str) -> Result<Self> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
         let lines = child.stdout.take().map(|out| {

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::capture::enroll::WorkloadView;
+use crate::capture::{EbpfStats, MapReader};
 use crate::config::model::Snapshot;
 use crate::proxy::{ProxyStats, RouteTable, ServiceStats};
 
@@ -30,17 +31,6 @@ pub struct ControlView {
     pub config_error: Option<String>,
     pub config_errors_total: u64,
     pub workloads: Vec<WorkloadView>,
-    pub ebpf: EbpfStats,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct EbpfStats {
-    pub redirected: u64,
-    pub skipped_agent_mark: u64,
-    pub recorded: u64,
-    pub map_errors: u64,
-    pub enrolled_entries: usize,
-    pub orig_dst_entries: usize,
 }
 
 #[derive(Clone)]
@@ -49,6 +39,7 @@ pub struct AdminState {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
     pub stats: Arc<ProxyStats>,
+    pub maps: Arc<MapReader>,
 }
 
 #[derive(Serialize)]
@@ -128,12 +119,13 @@ pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byte
         "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
         "/stats" => {
             let routes = state.routes.load();
+            let ebpf = state.maps.read();
             let services = routes.service_stats();
             let doc = StatsDoc {
                 node: &view.node,
                 routes_generation: routes.generation,
                 proxy: &state.stats,
-                ebpf: &view.ebpf,
+                ebpf: &ebpf,
                 services: services
                     .iter()
                     .map(|(id, s)| ServiceCounters {

@@ -181,6 +181,7 @@ impl Enroller {
             self.inputs.clone(),
             OutboundListener {
                 pod: pod.id.clone(),
+                pod_ip: pod.ip,
                 netns_cookie: netns.cookie(),
                 listener,
                 orig_dst,

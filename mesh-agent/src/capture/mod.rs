@@ -85,7 +85,6 @@ pub struct CaptureConfig {
 pub struct Capture {
     _ebpf: Ebpf,
     enrolled: BpfHashMap<MapData, u64, EnrolledPod>,
-    stats: PerCpuArray<MapData, u64>,
     pin_dir: PathBuf,
     _links: Vec<PinnedLink>,
 }
@@ -99,66 +98,28 @@ impl Capture {
             path: cfg.cgroup.clone(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&cfg.pin_dir)
-            .load(EBPF_OBJECT)
-            .map_err(|source| CaptureError::Load {
-                pin_dir: cfg.pin_dir.clone(),
-                source: Box::new(source),
-            })?;
+        let mut ebpf = load_programs(&cfg.pin_dir)?;
 
         // With bpf links the kernel always attaches in multi mode and rejects explicit
         // flags, so `Single` (flags 0) is the right mode here.
         let mut links = Vec::new();
         for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(CaptureError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
-            prog.load().map_err(prog_err(name))?;
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             let id = prog
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(prog_err(name))?;
-            let link: FdLink = prog
-                .take_link(id)
-                .map_err(prog_err(name))?
-                .try_into()
-                .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
-                    what: name,
-                    path: cfg.pin_dir.clone(),
-                    source: io::Error::other(e),
-                })?;
-            links.push(replace_pinned_link(name, link, &cfg.pin_dir)?);
+            let link = prog.take_link(id).map_err(prog_err(name))?;
+            links.push(replace_pinned_link(name, link.try_into(), &cfg.pin_dir)?);
         }
         let name = names::PROG_SOCK_OPS;
-        let prog: &mut SockOps = ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::Missing(name))?
-            .try_into()
-            .map_err(prog_err(name))?;
-        prog.load().map_err(prog_err(name))?;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
         let id = prog
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(prog_err(name))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(prog_err(name))?
-            .try_into()
-            .map_err(|e: aya::programs::links::LinkError| CaptureError::Pin {
-                what: name,
-                path: cfg.pin_dir.clone(),
-                source: io::Error::other(e),
-            })?;
-        links.push(replace_pinned_link(name, link, &cfg.pin_dir)?);
+        let link = prog.take_link(id).map_err(prog_err(name))?;
+        links.push(replace_pinned_link(name, link.try_into(), &cfg.pin_dir)?);
 
         let enrolled = open_pinned_hash(&cfg.pin_dir, names::MAP_ENROLLED)?;
-        let stats_map = Map::from_map_data(
-            MapData::from_pin(cfg.pin_dir.join(names::MAP_STATS))
-                .map_err(map_err(names::MAP_STATS))?,
-        )
-        .map_err(map_err(names::MAP_STATS))?;
-        let stats = PerCpuArray::try_from(stats_map).map_err(map_err(names::MAP_STATS))?;
         info!(
             cgroup = %cfg.cgroup.display(),
             pin_dir = %cfg.pin_dir.display(),
@@ -167,7 +128,6 @@ impl Capture {
         Ok(Capture {
             _ebpf: ebpf,
             enrolled,
-            stats,
             pin_dir: cfg.pin_dir.clone(),
             _links: links,
         })
@@ -198,60 +158,95 @@ impl Capture {
         })
     }
 
-    /// Sums of the per-CPU counters, indexed by `mesh_common::stats`.
-    pub fn stats(&self) -> [u64; stats::COUNT as usize] {
-        let mut out = [0u64; stats::COUNT as usize];
-        for (i, slot) in out.iter_mut().enumerate() {
-            if let Ok(values) = self.stats.get(&(i as u32), 0) {
-                *slot = values.iter().sum();
-            }
+    /// Read-only handles on the maps, for the admin API.
+    pub fn reader(&self) -> Result<MapReader, CaptureError> {
+        let stats = Map::from_map_data(
+            MapData::from_pin(self.pin_dir.join(names::MAP_STATS))
+                .map_err(map_err(names::MAP_STATS))?,
+        )
+        .map_err(map_err(names::MAP_STATS))?;
+        Ok(MapReader {
+            stats: PerCpuArray::try_from(stats).map_err(map_err(names::MAP_STATS))?,
+            enrolled: open_pinned_hash(&self.pin_dir, names::MAP_ENROLLED)?,
+            orig_dst: open_pinned_hash(&self.pin_dir, names::MAP_ORIG_DST)?,
+        })
+    }
+}
+
+/// eBPF counters and map occupancy, as the admin API shows them.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EbpfStats {
+    pub redirected: u64,
+    pub skipped_agent_mark: u64,
+    pub recorded: u64,
+    pub map_errors: u64,
+    pub enrolled_entries: usize,
+    pub orig_dst_entries: usize,
+}
+
+/// Read-only view of the pinned maps; safe to share (every operation takes `&self`).
+pub struct MapReader {
+    stats: PerCpuArray<MapData, u64>,
+    enrolled: BpfHashMap<MapData, u64, EnrolledPod>,
+    orig_dst: BpfHashMap<MapData, OrigDstKey, OrigDst>,
+}
+
+impl MapReader {
+    pub fn read(&self) -> EbpfStats {
+        let counter = |i: u32| {
+            self.stats
+                .get(&i, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        EbpfStats {
+            redirected: counter(stats::REDIRECTED),
+            skipped_agent_mark: counter(stats::SKIPPED_AGENT_MARK),
+            recorded: counter(stats::RECORDED),
+            map_errors: counter(stats::MAP_ERRORS),
+            enrolled_entries: self.enrolled.keys().count(),
+            orig_dst_entries: self.orig_dst.keys().count(),
         }
-        out
-    }
-
-    /// Number of entries in ORIG_DST (connections captured but not yet accepted).
-    pub fn orig_dst_len(&self) -> usize {
-        open_pinned_hash::<OrigDstKey, OrigDst>(&self.pin_dir, names::MAP_ORIG_DST)
-            .map(|m| m.keys().count())
-            .unwrap_or(0)
     }
 }
 
-/// Loads every program into the kernel (verifier included) without pinning or attaching
-/// anything: what `mesh-agent check` runs.
-pub fn verify_programs() -> Result<(), CaptureError> {
-    // Maps are declared pinned-by-name; a private directory keeps this side-effect free.
-    let dir = PathBuf::from(format!("/sys/fs/bpf/nodemesh-check-{}", std::process::id()));
-    ensure_bpffs(&dir)?;
-    let result = load_programs_only(&dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
-}
-
-fn load_programs_only(dir: &Path) -> Result<(), CaptureError> {
+/// Loads the object (maps pinned by name under `pin_dir`, reused when a previous agent left
+/// them) and every program into the kernel, verifier included. Nothing is attached.
+fn load_programs(pin_dir: &Path) -> Result<Ebpf, CaptureError> {
     let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(dir)
+        .default_map_pin_directory(pin_dir)
         .load(EBPF_OBJECT)
         .map_err(|source| CaptureError::Load {
-            pin_dir: dir.to_owned(),
+            pin_dir: pin_dir.to_owned(),
             source: Box::new(source),
         })?;
     for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(CaptureError::Missing(name))?
-            .try_into()
-            .map_err(prog_err(name))?;
+        let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         prog.load().map_err(prog_err(name))?;
     }
-    let name = names::PROG_SOCK_OPS;
-    let prog: &mut SockOps = ebpf
-        .program_mut(name)
+    let prog: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
+    prog.load().map_err(prog_err(names::PROG_SOCK_OPS))?;
+    Ok(ebpf)
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(CaptureError::Missing(name))?
         .try_into()
-        .map_err(prog_err(name))?;
-    prog.load().map_err(prog_err(name))?;
-    Ok(())
+        .map_err(prog_err(name))
+}
+
+/// Loads every program into the kernel (verifier included) without attaching anything, with
+/// the maps pinned in a private directory removed afterwards: what `mesh-agent check` runs.
+pub fn verify_programs() -> Result<(), CaptureError> {
+    let dir = PathBuf::from(format!("/sys/fs/bpf/nodemesh-check-{}", std::process::id()));
+    ensure_bpffs(&dir)?;
+    let result = load_programs(&dir).map(drop);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
@@ -267,10 +262,15 @@ fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
 /// The new link is attached before the old one goes, so capture never lapses.
 fn replace_pinned_link(
     name: &'static str,
-    link: FdLink,
+    link: Result<FdLink, aya::programs::links::LinkError>,
     pin_dir: &Path,
 ) -> Result<PinnedLink, CaptureError> {
     let path = pin_dir.join(format!("link_{name}"));
+    let link = link.map_err(|e| CaptureError::Pin {
+        what: name,
+        path: path.clone(),
+        source: io::Error::other(e),
+    })?;
     if path.exists() {
         match PinnedLink::from_pin(&path) {
             Ok(old) => match old.unpin() {

@@ -17,6 +17,8 @@ use crate::config::model::ObjectRef;
 /// What one enrolled pod's outbound listener needs.
 pub struct OutboundListener {
     pub pod: ObjectRef,
+    /// The pod's IP, for logs: the address the upstream sees as the source.
+    pub pod_ip: Option<std::net::Ipv4Addr>,
     pub netns_cookie: u64,
     pub listener: TcpListener,
     pub orig_dst: OrigDstTable,
@@ -53,6 +55,7 @@ pub async fn serve(inputs: ProxyInputs, mut l: OutboundListener) {
         let conn = Connection {
             inputs: inputs.clone(),
             pod: l.pod.clone(),
+            src: l.pod_ip.unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
             peer,
             dst,
             sockets: l.sockets.clone(),
@@ -65,6 +68,8 @@ pub async fn serve(inputs: ProxyInputs, mut l: OutboundListener) {
 struct Connection {
     inputs: ProxyInputs,
     pod: ObjectRef,
+    /// The pod's IP (the source the upstream sees), for logs.
+    src: std::net::Ipv4Addr,
     peer: SocketAddrV4,
     dst: SocketAddrV4,
     sockets: SocketSource,
@@ -88,7 +93,7 @@ impl Connection {
                     Some(ep) => (ep.addr, Some(route.clone_stats())),
                     None => {
                         route.stats.no_endpoints.fetch_add(1, Ordering::Relaxed);
-                        warn!(pod = %self.pod, client = %self.peer, dst = %self.dst, service = %route.service,
+                        warn!(pod = %self.pod, src = %self.src, dst = %self.dst, service = %route.service,
                             "no ready endpoint for the service, closing the connection");
                         self.finish_error(client);
                         return;
@@ -110,8 +115,8 @@ impl Connection {
                     s.connect_errors.fetch_add(1, Ordering::Relaxed);
                 }
                 proxy_stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr,
-                    error = %e, "upstream connect failed, closing the client");
+                warn!(pod = %self.pod, src = %self.src, dst = %self.dst, upstream = %upstream_addr,
+                    error = %e, "upstream connect failed, resetting the client");
                 self.finish_error(client);
                 return;
             }

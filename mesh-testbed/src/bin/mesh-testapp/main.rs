@@ -41,6 +41,9 @@ enum Cmd {
     },
     /// Client: connects, sends --send (if any), half-closes and prints everything received.
     Read(tcp::ReadArgs),
+    /// Client against an echo server: one connection kept open; each stdin line is sent
+    /// and its echo printed (`echo <line>`). Prints `connected <local addr>` first.
+    Chat(tcp::ChatArgs),
     /// A stand-in for `mesh-agent run` (same flags), for the testbed's own tests.
     #[command(hide = true)]
     Run(fake_agent::FakeAgentArgs),
@@ -81,6 +84,7 @@ fn main() -> Result<()> {
     let server = match cli.cmd {
         Cmd::Source(args) => return tcp::source(&args),
         Cmd::Read(args) => return tcp::read(&args),
+        Cmd::Chat(args) => return tcp::chat(&args),
         other => other,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -96,7 +100,7 @@ fn main() -> Result<()> {
                 Cmd::Sink { listen } => tcp::sink(listen).await,
                 Cmd::Peer { listen } => tcp::peer(listen).await,
                 Cmd::Run(args) => fake_agent::run(args).await,
-                Cmd::Source(_) | Cmd::Read(_) => bail!("not a server"),
+                Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) => bail!("not a server"),
             }
         };
         tokio::select! {

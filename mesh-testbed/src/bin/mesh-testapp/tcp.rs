@@ -197,6 +197,37 @@ pub fn read(args: &ReadArgs) -> Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// HOST:PORT of an echo server.
+    #[arg(long)]
+    connect: String,
+    /// Read timeout in seconds per echo.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+pub fn chat(args: &ChatArgs) -> Result<()> {
+    use std::io::BufRead;
+    let mut sock = connect(&args.connect)?;
+    sock.set_read_timeout(Some(Duration::from_secs(args.timeout.max(1))))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "connected {}", sock.local_addr()?)?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line.context("reading stdin")?;
+        let msg = format!("{line}\n");
+        sock.write_all(msg.as_bytes())
+            .with_context(|| format!("sending to {}", args.connect))?;
+        let mut back = vec![0u8; msg.len()];
+        sock.read_exact(&mut back)
+            .with_context(|| format!("reading the echo from {}", args.connect))?;
+        write!(out, "echo {}", String::from_utf8_lossy(&back))?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

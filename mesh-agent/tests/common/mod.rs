@@ -1,0 +1,266 @@
+//! Shared helpers of the privileged integration tests: a testbed with real agents, real
+//! servers and clients in pod namespaces, and the agents' admin API.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mesh_testbed::{PodProcess, Testbed, TestbedConfig};
+use serde_json::Value;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_mesh-agent");
+
+/// `mesh-testapp`, built next to the test binaries (`cargo build` builds all default
+/// members; `cargo xtask test` does that first).
+pub fn testapp() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>/mesh-testapp
+    let path = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("mesh-testapp"))
+        .expect("target dir");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p mesh-testbed --bins` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A testbed with one agent per node, or `None` when the test must skip (not root and
+/// MESH_REQUIRE_PRIVILEGED unset; with it set, a missing privilege fails the test).
+pub fn up(test: &str, nodes: usize, manifests: &[(&str, &str)]) -> Option<Testbed> {
+    if !mesh_testbed::require_root(test) {
+        return None;
+    }
+    let mut cfg = TestbedConfig::new(nodes).agent(AGENT).name_hint(test);
+    for (name, yaml) in manifests {
+        cfg = cfg.manifest(*name, *yaml);
+    }
+    Some(Testbed::up(cfg).expect("testbed up"))
+}
+
+/// Starts `mesh-testapp ARGS` in `pod` and waits until it listens.
+pub fn serve(tb: &Testbed, pod: &str, args: &[&str]) -> PodProcess {
+    let mut p = tb
+        .spawn_in_pod(pod, testapp(), args)
+        .unwrap_or_else(|e| panic!("starting {args:?} in {pod}: {e:#}"));
+    p.wait_for_line("listening", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{args:?} in {pod} did not start: {e:#}"));
+    p
+}
+
+/// Runs `mesh-testapp ARGS` in `pod` to completion (bounded by `timeout`).
+pub fn testapp_in(tb: &Testbed, pod: &str, args: &[&str], timeout: Duration) -> Result<Output> {
+    let mut cmd = tb.pod_command(pod, testapp())?;
+    cmd.args(args);
+    run_bounded(cmd, timeout)
+}
+
+/// Runs a command, killing it if it outlives `timeout`.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("spawning")?;
+    let until = Instant::now() + timeout;
+    loop {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output().context("collecting output");
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            bail!(
+                "timed out after {timeout:?}; stdout {:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `mesh-testapp read --connect ADDR` from `pod`: what the server sent, or the error.
+pub fn read_from(tb: &Testbed, pod: &str, addr: &str) -> Result<String> {
+    let out = testapp_in(
+        tb,
+        pod,
+        &["read", "--connect", addr, "--timeout", "5"],
+        Duration::from_secs(15),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "read from {addr} in {pod} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Real curl from `pod`; returns the body (fails on HTTP or connection errors).
+pub fn curl(tb: &Testbed, pod: &str, url: &str) -> Result<String> {
+    let mut cmd = tb.pod_command(pod, "curl")?;
+    cmd.args(["-sS", "--fail", "-m", "5", url]);
+    let out = run_bounded(cmd, Duration::from_secs(10))?;
+    if !out.status.success() {
+        bail!(
+            "curl {url} from {pod}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// GET an admin path of a node's agent as JSON.
+pub fn admin_json(tb: &Testbed, node: &str, path: &str) -> Value {
+    let (status, body) = tb
+        .admin_get(node, path)
+        .unwrap_or_else(|e| panic!("admin {path} on {node}: {e:#}"));
+    assert_eq!(status, 200, "admin {path} on {node}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("admin {path}: {e}: {body}"))
+}
+
+/// A counter from `/stats`, e.g. `("proxy", "accepted")` or `("ebpf", "redirected")`.
+pub fn counter(tb: &Testbed, node: &str, section: &str, name: &str) -> u64 {
+    admin_json(tb, node, "/stats")[section][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {section}.{name} on {node}"))
+}
+
+/// Connections the agent of `node` carried to `service` ("ns/name").
+pub fn service_connections(tb: &Testbed, node: &str, service: &str) -> u64 {
+    admin_json(tb, node, "/stats")["services"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|s| s["service"] == service)
+                .and_then(|s| s["connections"].as_u64())
+        })
+        .unwrap_or(0)
+}
+
+/// Names (`ns/name`) of the workloads the agent of `node` has enrolled.
+pub fn enrolled(tb: &Testbed, node: &str) -> Vec<String> {
+    admin_json(tb, node, "/workloads")
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|w| w["state"] == "enrolled")
+                .map(|w| {
+                    format!(
+                        "{}/{}",
+                        w["namespace"].as_str().unwrap_or(""),
+                        w["name"].as_str().unwrap_or("")
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `f` until it returns true, failing with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < until,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A long-lived connection from a pod to an echo server, driven line by line.
+pub struct Chat {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Chat {
+    pub fn open(tb: &Testbed, pod: &str, addr: &str) -> Chat {
+        let mut cmd = tb.pod_command(pod, testapp()).expect("pod command");
+        cmd.args(["chat", "--connect", addr, "--timeout", "5"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn chat");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut chat = Chat {
+            child,
+            stdin,
+            stdout,
+        };
+        let line = chat.line();
+        assert!(line.starts_with("connected "), "chat to {addr}: {line:?}");
+        chat
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("read chat output");
+        line
+    }
+
+    /// Sends `msg` and returns true if it came back intact.
+    pub fn echo(&mut self, msg: &str) -> bool {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return false;
+        };
+        if writeln!(stdin, "{msg}")
+            .and_then(|()| stdin.flush())
+            .is_err()
+        {
+            return false;
+        }
+        self.line() == format!("echo {msg}\n")
+    }
+}
+
+impl Drop for Chat {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A namespace, labelled enrolled or not.
+pub fn namespace(name: &str, enrolled: bool) -> String {
+    let label = if enrolled {
+        "\n  labels:\n    nodemesh.io/enabled: \"true\""
+    } else {
+        ""
+    };
+    format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{label}\n")
+}
+
+/// A pod on `node` with `labels` (`k: v` pairs) and one named container port.
+pub fn pod(ns: &str, name: &str, node: &str, labels: &[(&str, &str)], port: u16) -> String {
+    let mut l = String::new();
+    for (k, v) in labels {
+        l.push_str(&format!("\n    {k}: \"{v}\""));
+    }
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{l}\nspec:\n  nodeName: {node}\n  containers:\n  - name: app\n    image: app\n    ports:\n    - name: tcp-app\n      containerPort: {port}\n"
+    )
+}
+
+/// A Service selecting `app=<selector>` on `port`, targeting the named port `tcp-app`.
+pub fn service(ns: &str, name: &str, selector: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  selector:\n    app: {selector}\n  ports:\n  - name: tcp-app\n    port: {port}\n    targetPort: tcp-app\n"
+    )
+}
+
+/// Joins YAML documents.
+pub fn docs(parts: &[String]) -> String {
+    parts.join("---\n")
+}

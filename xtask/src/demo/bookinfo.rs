@@ -1,0 +1,345 @@
+//! The bookinfo demo on a testbed: pods and servers, traffic from the sleep pod, the agents'
+//! view, then teardown. Free of the xtask CLI (setup, flags) so an integration test can run it.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use mesh_testbed::{PodProcess, Testbed, TestbedConfig};
+
+use super::report::{self, Traffic};
+use crate::util::cargo;
+
+/// Istio's bookinfo as Pods, plus the sleep client.
+pub const BOOKINFO_YAML: &str = include_str!("../../demo/bookinfo.yaml");
+const PORT: u16 = 9080;
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One bookinfo pod's server: what it reports and which services it calls (name, path).
+struct Server {
+    pod: &'static str,
+    service: &'static str,
+    version: &'static str,
+    calls: &'static [(&'static str, &'static str)],
+}
+
+const SERVERS: &[Server] = &[
+    Server {
+        pod: "productpage-v1",
+        service: "productpage",
+        version: "v1",
+        calls: &[("details", "/details/0"), ("reviews", "/reviews/0")],
+    },
+    Server {
+        pod: "details-v1",
+        service: "details",
+        version: "v1",
+        calls: &[],
+    },
+    Server {
+        pod: "reviews-v1",
+        service: "reviews",
+        version: "v1",
+        calls: &[],
+    },
+    Server {
+        pod: "reviews-v2",
+        service: "reviews",
+        version: "v2",
+        calls: &[("ratings", "/ratings/0")],
+    },
+    Server {
+        pod: "reviews-v3",
+        service: "reviews",
+        version: "v3",
+        calls: &[("ratings", "/ratings/0")],
+    },
+    Server {
+        pod: "ratings-v1",
+        service: "ratings",
+        version: "v1",
+        calls: &[],
+    },
+];
+
+/// What to run.
+pub struct Options {
+    pub agent_bin: PathBuf,
+    pub testapp_bin: PathBuf,
+    /// Requests the sleep pod sends to productpage.
+    pub requests: usize,
+    /// After the summary, wait for SIGINT/SIGTERM before tearing down.
+    pub wait: bool,
+}
+
+/// How the demo went.
+#[derive(Debug)]
+pub struct Outcome {
+    pub prefix: String,
+    pub traffic: Traffic,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Makes SIGINT and SIGTERM set a flag the demo polls (so it can tear down) instead of
+/// killing the process. One-shot: a second signal has its default effect.
+pub fn install_signal_handlers() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
+        // async-signal-safe; children get default dispositions back on exec.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART | libc::SA_RESETHAND;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("installing the handler for signal {sig}"));
+        }
+    }
+    Ok(())
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+fn check_interrupted(during: &str) -> Result<()> {
+    if interrupted() {
+        bail!("interrupted while {during}");
+    }
+    Ok(())
+}
+
+/// Builds mesh-agent and mesh-testapp in one cargo invocation (debug profile) and returns
+/// (mesh-agent, mesh-testapp) as cargo reports them.
+pub fn build_bins() -> Result<(PathBuf, PathBuf)> {
+    let args = [
+        "build",
+        "-p",
+        "mesh-agent",
+        "-p",
+        "mesh-testbed",
+        "--bins",
+        "--message-format=json-render-diagnostics",
+    ];
+    eprintln!("+ cargo {}", args.join(" "));
+    let out = cargo()
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "building mesh-agent and mesh-testapp failed ({})",
+            out.status
+        );
+    }
+    let mut exes: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && let (Some(name), Some(exe)) =
+                (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        {
+            exes.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    let mut get = |bin: &str| {
+        exes.remove(bin)
+            .with_context(|| format!("cargo did not report an executable for {bin}"))
+    };
+    Ok((get("mesh-agent")?, get("mesh-testapp")?))
+}
+
+/// Runs the whole demo; the testbed and every process it started are gone when this returns.
+pub fn run(opts: &Options) -> Result<Outcome> {
+    println!(
+        "==> bringing up a 2-node testbed with bookinfo (agents: {})",
+        opts.agent_bin.display()
+    );
+    let cfg = TestbedConfig::new(2)
+        .agent(&opts.agent_bin)
+        .manifest("bookinfo.yaml", BOOKINFO_YAML)
+        .name_hint("cargo xtask demo");
+    let tb = Testbed::up(cfg).context("bringing up the demo testbed")?;
+    let prefix = tb.prefix().to_string();
+    // The servers live inside `demo` and are stopped when it returns, before the testbed goes.
+    let result = demo(&tb, opts);
+    if interrupted() {
+        println!(
+            "\n==> signal received: tearing down (a second Ctrl-C aborts; then run `cargo xtask testbed down --all`)"
+        );
+    } else {
+        println!("\n==> tearing down");
+    }
+    let down = tb.down();
+    let traffic = match (result, down) {
+        (Ok(t), Ok(())) => t,
+        (Err(e), Ok(())) => return Err(e),
+        (Ok(_), Err(d)) => return Err(d.context("tearing down the demo testbed")),
+        (Err(e), Err(d)) => {
+            return Err(e.context(format!("also, tearing down the demo testbed failed: {d:#}")));
+        }
+    };
+    println!("testbed {prefix} removed: agents, servers, network namespaces, cgroups, bpffs pins");
+    Ok(Outcome { prefix, traffic })
+}
+
+fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
+    let services = service_ips(tb)?;
+    print_topology(tb, &services);
+    check_interrupted("starting the servers")?;
+    let _servers = start_servers(tb, &opts.testapp_bin, &services)?;
+    let productpage = services
+        .get("productpage")
+        .copied()
+        .context("the bookinfo manifest has no productpage service")?;
+    let url = format!("http://productpage:{PORT}/productpage");
+    let curl_args = format!("-sS -m 5 --resolve productpage:{PORT}:{productpage} {url}");
+    println!();
+    println!(
+        "==> {} requests from the sleep pod: curl {curl_args}",
+        opts.requests
+    );
+    let traffic = send_traffic(tb, &url, productpage, opts.requests)?;
+    report::print_traffic(tb, &traffic);
+    println!();
+    report::print_agents(tb)?;
+    report::print_inspect(tb, &opts.agent_bin, &curl_args, opts.wait);
+    if opts.wait {
+        println!();
+        match traffic.check() {
+            Ok(()) => println!("==> the mesh is up. Ctrl-C (or SIGTERM) tears everything down."),
+            Err(e) => println!(
+                "==> PROBLEM: {e:#}\n    the testbed stays up for inspection; Ctrl-C tears it down."
+            ),
+        }
+        while !interrupted() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(traffic)
+}
+
+/// Service name -> ClusterIP, for the services of the manifest's default namespace.
+fn service_ips(tb: &Testbed) -> Result<BTreeMap<String, Ipv4Addr>> {
+    let mut out = BTreeMap::new();
+    for name in ["productpage", "details", "reviews", "ratings"] {
+        out.insert(name.to_string(), tb.service_ip("default", name)?);
+    }
+    Ok(out)
+}
+
+fn print_topology(tb: &Testbed, services: &BTreeMap<String, Ipv4Addr>) {
+    println!(
+        "testbed {} (state {})",
+        tb.prefix(),
+        tb.state_dir().display()
+    );
+    for node in tb.nodes() {
+        let pods: Vec<String> = tb
+            .pods()
+            .iter()
+            .filter(|p| p.node == node.name)
+            .map(|p| format!("{} {}", p.name, p.ip))
+            .collect();
+        let pid = tb
+            .agent_pid(&node.name)
+            .map_or("?".into(), |p| p.to_string());
+        println!(
+            "  {} {} (agent pid {pid}): {}",
+            node.name,
+            node.ip,
+            pods.join(", ")
+        );
+    }
+    let list: Vec<String> = services
+        .iter()
+        .map(|(name, ip)| format!("{name} {ip}:{PORT}"))
+        .collect();
+    println!("  services (ClusterIPs): {}", list.join(", "));
+    println!(
+        "  no DNS here: servers call http://NAME:{PORT}/... with `mesh-testapp --resolve NAME=ClusterIP`"
+    );
+}
+
+/// Starts `mesh-testapp http` in every bookinfo pod and waits until each listens.
+fn start_servers(
+    tb: &Testbed,
+    testapp: &Path,
+    services: &BTreeMap<String, Ipv4Addr>,
+) -> Result<Vec<PodProcess>> {
+    let mut procs = Vec::new();
+    for s in SERVERS {
+        let mut args = vec![
+            "http".to_string(),
+            "--listen".into(),
+            format!("0.0.0.0:{PORT}"),
+            "--service".into(),
+            s.service.into(),
+            "--version".into(),
+            s.version.into(),
+        ];
+        for (name, path) in s.calls {
+            let ip = services
+                .get(*name)
+                .with_context(|| format!("{} calls unknown service {name}", s.pod))?;
+            args.push("--call".into());
+            args.push(format!("{name}=http://{name}:{PORT}{path}"));
+            args.push("--resolve".into());
+            args.push(format!("{name}={ip}"));
+        }
+        let p = tb
+            .spawn_in_pod(s.pod, testapp, &args)
+            .with_context(|| format!("starting the {} server in pod {}", s.service, s.pod))?;
+        procs.push(p);
+    }
+    for (s, p) in SERVERS.iter().zip(procs.iter_mut()) {
+        p.wait_for_line("listening", LISTEN_TIMEOUT)
+            .with_context(|| format!("waiting for the server in pod {} to listen", s.pod))?;
+    }
+    println!(
+        "  servers listening on :{PORT} in {}",
+        SERVERS.iter().map(|s| s.pod).collect::<Vec<_>>().join(", ")
+    );
+    Ok(procs)
+}
+
+/// Sends `n` requests with curl from the sleep pod, one connection each.
+fn send_traffic(tb: &Testbed, url: &str, productpage: Ipv4Addr, n: usize) -> Result<Traffic> {
+    let mut traffic = Traffic::default();
+    for i in 1..=n {
+        check_interrupted("sending requests")?;
+        let out = tb
+            .pod_command("sleep", "curl")?
+            .args(["-sS", "-m", "5", "--resolve"])
+            .arg(format!("productpage:{PORT}:{productpage}"))
+            .args(["-w", "\n%{http_code}", url])
+            .stdin(Stdio::null())
+            .output()
+            .context("running curl in pod sleep")?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            traffic.fail(i, format!("curl failed ({}): {}", out.status, err.trim()));
+            continue;
+        }
+        traffic.record(i, code.trim().parse().unwrap_or(0), body);
+    }
+    Ok(traffic)
+}

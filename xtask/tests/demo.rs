@@ -1,0 +1,67 @@
+//! Root-only: the bookinfo demo end to end, as `cargo xtask demo --no-wait` runs it (without
+//! the setup step): real agents on a 2-node testbed, curl from the sleep pod, round-robin over
+//! the three reviews versions, the agents' counters, and a complete teardown.
+//!
+//! xtask is a binary crate, so the demo's modules are compiled into this test directly.
+
+#![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+#[path = "../src/util.rs"]
+mod util;
+
+#[allow(dead_code)]
+#[path = "../src/demo/report.rs"]
+mod report;
+
+#[allow(dead_code)]
+#[path = "../src/demo/bookinfo.rs"]
+mod bookinfo;
+
+use std::path::Path;
+
+use mesh_testbed::{STATE_ROOT, require_root};
+
+#[test]
+fn demo_sends_bookinfo_traffic_through_the_mesh_and_cleans_up() {
+    if !require_root("demo_sends_bookinfo_traffic_through_the_mesh_and_cleans_up") {
+        return;
+    }
+    let (agent_bin, testapp_bin) = bookinfo::build_bins().unwrap();
+    let outcome = bookinfo::run(&bookinfo::Options {
+        agent_bin,
+        testapp_bin,
+        requests: 12,
+        wait: false,
+    })
+    .unwrap();
+    let t = &outcome.traffic;
+    t.check().unwrap();
+    assert_eq!(t.requests, 12);
+    // productpage's agent balances reviews round-robin: 12 connections, 4 per version.
+    for v in report::REVIEWS_VERSIONS {
+        assert_eq!(t.reviews.get(v), Some(&4), "{:?}", t.reviews);
+    }
+    // reviews-v2 and v3 call ratings, v1 does not.
+    assert_eq!(t.ratings_calls, 8);
+
+    // Nothing of the testbed is left.
+    let prefix = &outcome.prefix;
+    assert!(!Path::new(STATE_ROOT).join(prefix).exists());
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !netns.lines().any(|l| l.starts_with(&format!("{prefix}-"))),
+        "{netns}"
+    );
+    let bpffs = std::fs::read_dir("/sys/fs/bpf").unwrap();
+    for e in bpffs {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with(&format!("nodemesh-{prefix}-")), "{name}");
+    }
+    let cgroup = mesh_testbed::cgroup2_mount().unwrap().join(prefix);
+    assert!(!cgroup.exists(), "{}", cgroup.display());
+}
