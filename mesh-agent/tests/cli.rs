@@ -1,0 +1,178 @@
+//! The agent's CLI against real agents (root): `check`, `workloads`, `--help`, and pod
+//! removal seen through the CLI.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn help_explains_every_run_flag() {
+    let out = Command::new(AGENT)
+        .args(["run", "--help"])
+        .output()
+        .expect("run --help");
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--manifests",
+        "--node",
+        "--cgroup",
+        "--bpffs-dir",
+        "--admin-socket",
+        "--admin-addr",
+        "--connect-timeout",
+        "--drain-timeout",
+        "--buffer-size",
+    ] {
+        let line = help
+            .lines()
+            .position(|l| l.trim_start().starts_with(flag))
+            .unwrap_or_else(|| panic!("{flag} missing from --help:\n{help}"));
+        // clap puts the explanation on the following line(s) in long help.
+        let next = help.lines().nth(line + 1).unwrap_or_default();
+        assert!(
+            !next.trim().is_empty(),
+            "{flag} has no explanation in --help:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_every_prerequisite_ok_on_this_machine() {
+    if !mesh_testbed::require_root("cli_check") {
+        return;
+    }
+    let out = Command::new(AGENT)
+        .args(["check", "--json"])
+        .output()
+        .expect("check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let checks: serde_json::Value = serde_json::from_str(&stdout).expect("check --json");
+    let names: Vec<&str> = checks
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default())
+        .collect();
+    for expected in [
+        "privileges",
+        "cgroup2 mount",
+        "bpffs",
+        "BTF",
+        "program type cgroup_sock_addr",
+        "program type sock_ops",
+        "eBPF programs load",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "check lacks {expected}: {names:?}"
+        );
+    }
+    let failed: Vec<_> = checks
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["ok"] != true)
+        .collect();
+    assert!(failed.is_empty(), "prerequisites missing: {failed:?}");
+    assert!(out.status.success());
+}
+
+#[test]
+fn check_fails_without_privileges() {
+    if !mesh_testbed::require_root("cli_check_unprivileged") {
+        return;
+    }
+    // Drop every capability (setpriv from util-linux); check must say what is missing.
+    let out = Command::new("setpriv")
+        .args([
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            AGENT,
+            "check",
+        ])
+        .output()
+        .expect("setpriv");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "check must fail without privileges:\n{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("MISSING") && l.contains("privileges")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("hint:"), "{stdout}");
+}
+
+#[test]
+fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
+    let pods = docs(&[
+        pod("default", "client", "node-1", &[("app", "client")], 9999),
+        pod("default", "worker", "node-1", &[("app", "worker")], 9999),
+    ]);
+    let Some(mut tb) = up(
+        "cli_workloads",
+        2,
+        &[
+            ("ns.yaml", &namespace("default", true)),
+            ("pods.yaml", &pods),
+        ],
+    ) else {
+        return;
+    };
+    let socket = tb.node("node-1").expect("node").admin_socket.clone();
+    let workloads = |format: &str| {
+        let out = Command::new(AGENT)
+            .args(["workloads", "-o", format, "--admin-socket"])
+            .arg(&socket)
+            .output()
+            .expect("workloads");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = workloads("table");
+    let mut lines = table.lines();
+    assert!(
+        lines.next().unwrap_or_default().starts_with("NAMESPACE"),
+        "{table}"
+    );
+    let client_ip = tb.pod_ip("default", "client").expect("ip").to_string();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("client") && l.contains(&client_ip) && l.contains("enrolled")),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&workloads("json")).expect("json");
+    assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
+
+    // Removing the pod from the manifests unenrolls it.
+    tb.apply(
+        "pods.yaml",
+        &pod("default", "client", "node-1", &[("app", "client")], 9999),
+    )
+    .expect("apply");
+    wait_until("worker unenrolled", Duration::from_secs(10), || {
+        !workloads("table").contains("worker")
+    });
+
+    // No agent at that socket: a clear error naming the socket.
+    let out = Command::new(AGENT)
+        .args(["workloads", "--admin-socket", "/nonexistent/admin.sock"])
+        .output()
+        .expect("workloads");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/admin.sock"));
+    tb.down().expect("down");
+}
