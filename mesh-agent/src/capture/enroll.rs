@@ -24,6 +24,19 @@ use crate::proxy::outbound::{self, OutboundListener};
 use crate::proxy::{ProxyInputs, WorkloadStats};
 use mesh_common::ports;
 
+/// Why a pod could not be enrolled (it is retried on the next reconcile).
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("the pod has no network namespace path")]
+    NoNetns,
+    #[error(transparent)]
+    Netns(#[from] super::netns::NetnsError),
+    #[error(transparent)]
+    Capture(#[from] super::CaptureError),
+    #[error("registering the outbound listener with the runtime: {0}")]
+    Listener(std::io::Error),
+}
+
 struct Enrolled {
     pod: Pod,
     netns: PodNetns,
@@ -128,7 +141,8 @@ impl Enroller {
                     self.failed.remove(&id);
                     self.enrolled.insert(id, e);
                 }
-                Err(reason) => {
+                Err(e) => {
+                    let reason = e.to_string();
                     let first = self.failed.get(&id).is_none_or(|(_, r)| *r != reason);
                     if first {
                         error!(pod = %id, %reason, "cannot enroll pod; will retry");
@@ -160,22 +174,15 @@ impl Enroller {
         !self.failed.is_empty()
     }
 
-    fn enroll(&mut self, pod: &Pod) -> Result<Enrolled, String> {
-        let path = pod
-            .netns
-            .clone()
-            .ok_or_else(|| "the pod has no network namespace path".to_string())?;
-        let listen = [SocketAddrV4::new(Ipv4Addr::LOCALHOST, ports::OUTBOUND)];
-        let (netns, listeners) = PodNetns::open(&path, &listen).map_err(|e| e.to_string())?;
-        let orig_dst = self.capture.orig_dst_table().map_err(|e| e.to_string())?;
+    fn enroll(&mut self, pod: &Pod) -> Result<Enrolled, EnrollError> {
+        let path = pod.netns.clone().ok_or(EnrollError::NoNetns)?;
+        let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, ports::OUTBOUND);
+        let (netns, listener) = PodNetns::open(&path, listen)?;
+        let orig_dst = self.capture.orig_dst_table()?;
         let stats = Arc::new(WorkloadStats::default());
-        let mut listeners = listeners.into_iter();
-        let std_listener = listeners
-            .next()
-            .ok_or_else(|| "no outbound listener was created".to_string())?;
         let listener = {
             let _guard = self.data_plane.enter();
-            tokio::net::TcpListener::from_std(std_listener).map_err(|e| e.to_string())?
+            tokio::net::TcpListener::from_std(listener).map_err(EnrollError::Listener)?
         };
         let accept = self.data_plane.spawn(outbound::serve(
             self.inputs.clone(),
@@ -192,7 +199,7 @@ impl Enroller {
         // Listener first, then capture.
         if let Err(e) = self.capture.enroll(netns.cookie()) {
             accept.abort();
-            return Err(e.to_string());
+            return Err(e.into());
         }
         Ok(Enrolled {
             pod: pod.clone(),

@@ -11,7 +11,6 @@ use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -98,7 +97,6 @@ pub struct PodNetns {
     path: PathBuf,
     cookie: u64,
     pool: Receiver<io::Result<OwnedFd>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for PodNetns {
@@ -111,12 +109,12 @@ impl std::fmt::Debug for PodNetns {
 }
 
 impl PodNetns {
-    /// Opens the namespace at `path`, creates listeners on `listen` inside it and starts the
-    /// socket thread. Returns the namespace handle and the listeners (non-blocking).
+    /// Opens the namespace at `path`, creates a listener on `listen` inside it and starts the
+    /// socket thread. Returns the namespace handle and the (non-blocking) listener.
     pub fn open(
         path: &Path,
-        listen: &[SocketAddrV4],
-    ) -> Result<(PodNetns, Vec<std::net::TcpListener>), NetnsError> {
+        listen: SocketAddrV4,
+    ) -> Result<(PodNetns, std::net::TcpListener), NetnsError> {
         let ns = File::open(path).map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,
@@ -124,23 +122,19 @@ impl PodNetns {
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL_SIZE);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread_path = path.to_owned();
-        let listen = listen.to_vec();
-        let thread = std::thread::Builder::new()
+        // The thread is not joined: it ends by itself once every SocketSource is dropped, so
+        // an unenroll never waits for live connections.
+        std::thread::Builder::new()
             .name("netns-sockets".into())
             .spawn(move || {
                 let setup = (|| {
                     enter(&ns, &thread_path)?;
-                    let mut ls = Vec::with_capacity(listen.len());
-                    for addr in &listen {
-                        let l = listener(SocketAddr::V4(*addr)).map_err(|source| {
-                            NetnsError::Listen {
-                                path: thread_path.clone(),
-                                addr: SocketAddr::V4(*addr),
-                                source,
-                            }
+                    let l =
+                        listener(SocketAddr::V4(listen)).map_err(|source| NetnsError::Listen {
+                            path: thread_path.clone(),
+                            addr: SocketAddr::V4(listen),
+                            source,
                         })?;
-                        ls.push(std::net::TcpListener::from(l));
-                    }
                     let probe =
                         agent_socket(Domain::IPV4).map_err(|source| NetnsError::Cookie {
                             path: thread_path.clone(),
@@ -150,7 +144,7 @@ impl PodNetns {
                         path: thread_path.clone(),
                         source,
                     })?;
-                    Ok::<_, NetnsError>((ls, cookie))
+                    Ok::<_, NetnsError>((std::net::TcpListener::from(l), cookie))
                 })();
                 let ok = setup.is_ok();
                 if ready_tx.send(setup).is_err() || !ok {
@@ -168,7 +162,7 @@ impl PodNetns {
                 path: path.to_owned(),
                 source,
             })?;
-        let (listeners, cookie) = ready_rx.recv().map_err(|_| NetnsError::ThreadGone {
+        let (listener, cookie) = ready_rx.recv().map_err(|_| NetnsError::ThreadGone {
             path: path.to_owned(),
         })??;
         Ok((
@@ -176,9 +170,8 @@ impl PodNetns {
                 path: path.to_owned(),
                 cookie,
                 pool: pool_rx,
-                thread: Some(thread),
             },
-            listeners,
+            listener,
         ))
     }
 
@@ -195,14 +188,6 @@ impl PodNetns {
         SocketSource {
             pool: self.pool.clone(),
         }
-    }
-}
-
-impl Drop for PodNetns {
-    fn drop(&mut self) {
-        // The thread ends once every SocketSource is dropped too; it is not joined here so an
-        // unenroll never waits for live connections.
-        drop(self.thread.take());
     }
 }
 

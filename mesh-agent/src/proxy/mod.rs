@@ -152,3 +152,92 @@ pub struct ProxyInputs {
     /// Bytes buffered per direction of a proxied connection.
     pub buffer_size: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::model::{Service, ServicePort, TargetPort};
+
+    fn id(name: &str) -> ObjectRef {
+        ObjectRef {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    fn snapshot(endpoints: usize) -> Snapshot {
+        let eps = (0..endpoints)
+            .map(|i| Endpoint {
+                pod: id(&format!("web-{i}")),
+                addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10 + i as u8), 8080),
+                node: Some("node-1".into()),
+            })
+            .collect();
+        let mut snap = Snapshot {
+            generation: 7,
+            ..Default::default()
+        };
+        snap.services.insert(
+            id("web"),
+            Service {
+                id: id("web"),
+                cluster_ip: Some(Ipv4Addr::new(10, 96, 0, 10)),
+                selector: Default::default(),
+                ports: vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    target_port: TargetPort::Number(8080),
+                    app_protocol: None,
+                }],
+                endpoints: vec![eps],
+            },
+        );
+        snap
+    }
+
+    #[test]
+    fn round_robin_visits_every_endpoint_in_turn() {
+        let table = RouteTable::build(&snapshot(3), &RouteTable::default());
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+        let Target::Service(route) = table.target(dst) else {
+            panic!("ClusterIP:port must route to the service");
+        };
+        let picks: Vec<u8> = (0..6)
+            .map(|_| route.pick().expect("endpoint").addr.ip().octets()[3])
+            .collect();
+        assert_eq!(picks, [10, 11, 12, 10, 11, 12]);
+        assert_eq!(table.generation, 7);
+    }
+
+    #[test]
+    fn service_without_endpoints_picks_none() {
+        let table = RouteTable::build(&snapshot(0), &RouteTable::default());
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+        let Target::Service(route) = table.target(dst) else {
+            panic!("still a service");
+        };
+        assert!(route.pick().is_none());
+    }
+
+    #[test]
+    fn other_ports_and_addresses_pass_through() {
+        let table = RouteTable::build(&snapshot(1), &RouteTable::default());
+        let other_port = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 81);
+        assert!(matches!(table.target(other_port), Target::Passthrough));
+        let outside = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80);
+        assert!(matches!(table.target(outside), Target::Passthrough));
+    }
+
+    #[test]
+    fn service_counters_survive_a_rebuild() {
+        let first = RouteTable::build(&snapshot(1), &RouteTable::default());
+        let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+        if let Target::Service(r) = first.target(dst) {
+            r.stats.connections.fetch_add(5, Ordering::Relaxed);
+        }
+        let second = RouteTable::build(&snapshot(2), &first);
+        let stats = second.service_stats();
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0].1.connections.load(Ordering::Relaxed), 5);
+    }
+}

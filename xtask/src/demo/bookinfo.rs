@@ -187,6 +187,11 @@ pub fn run(opts: &Options) -> Result<Outcome> {
         println!("\n==> tearing down");
     }
     let down = tb.down();
+    if down.is_ok() {
+        println!(
+            "testbed {prefix} removed: agents, servers, network namespaces, cgroups, bpffs pins"
+        );
+    }
     let traffic = match (result, down) {
         (Ok(t), Ok(())) => t,
         (Err(e), Ok(())) => return Err(e),
@@ -195,7 +200,6 @@ pub fn run(opts: &Options) -> Result<Outcome> {
             return Err(e.context(format!("also, tearing down the demo testbed failed: {d:#}")));
         }
     };
-    println!("testbed {prefix} removed: agents, servers, network namespaces, cgroups, bpffs pins");
     Ok(Outcome { prefix, traffic })
 }
 

@@ -22,8 +22,9 @@ pub struct Traffic {
     pub order: Vec<String>,
     /// "request N: reason".
     pub failures: Vec<String>,
-    /// The first complete answer.
+    /// A complete answer, preferably one where reviews called ratings.
     pub sample: Option<Value>,
+    sample_without_ratings: bool,
 }
 
 impl Traffic {
@@ -45,7 +46,11 @@ impl Traffic {
                 *self.reviews.entry(version.clone()).or_default() += 1;
                 self.ratings_calls += usize::from(ratings);
                 self.order.push(version);
-                self.sample.get_or_insert(v);
+                // Prefer an answer that shows the whole chain (reviews v2/v3 -> ratings).
+                if self.sample.is_none() || (ratings && self.sample_without_ratings) {
+                    self.sample_without_ratings = !ratings;
+                    self.sample = Some(v);
+                }
             }
             Err(reason) => self.fail(n, reason),
         }
@@ -165,7 +170,7 @@ fn print_tree(v: &Value, indent: &str, pods: &HashMap<String, String>) {
 pub fn print_traffic(tb: &Testbed, t: &Traffic) {
     let pods = pod_names(tb);
     if let Some(v) = &t.sample {
-        println!("one answer, condensed (the JSON also carries each hop's request headers):");
+        println!("one answer, condensed (the JSON also has each hop's request headers):");
         println!(
             "  productpage {} on {}, saw client {}",
             v["version"].as_str().unwrap_or("?"),
