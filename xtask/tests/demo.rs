@@ -2,7 +2,8 @@
 //! the setup step): real agents on a 2-node testbed, curl from the sleep pod, round-robin over
 //! the three reviews versions, the agents' counters, and a complete teardown.
 //!
-//! xtask is a binary crate, so the demo's modules are compiled into this test directly.
+//! Also, without root: the bookkeeping behind the demo's verdict. xtask is a binary crate, so
+//! the demo's modules are compiled into this test directly.
 
 #![allow(clippy::unwrap_used)]
 
@@ -21,6 +22,7 @@ mod bookinfo;
 use std::path::Path;
 
 use mesh_testbed::{STATE_ROOT, require_root};
+use report::Traffic;
 
 #[test]
 fn demo_sends_bookinfo_traffic_through_the_mesh_and_cleans_up() {
@@ -64,4 +66,55 @@ fn demo_sends_bookinfo_traffic_through_the_mesh_and_cleans_up() {
     }
     let cgroup = mesh_testbed::cgroup2_mount().unwrap().join(prefix);
     assert!(!cgroup.exists(), "{}", cgroup.display());
+}
+
+// The bookkeeping behind the demo's verdict (no root needed).
+
+fn answer(reviews: &str, ratings_status: Option<u16>) -> String {
+    let ratings = match ratings_status {
+        Some(s) => format!(r#"[{{"name":"ratings","status":{s},"body":{{"calls":[]}}}}]"#),
+        None => "[]".into(),
+    };
+    format!(
+        r#"{{"service":"productpage","version":"v1","calls":[
+            {{"name":"details","status":200,"body":{{"calls":[]}}}},
+            {{"name":"reviews","status":200,"body":{{"version":"{reviews}","calls":{ratings}}}}}]}}"#
+    )
+}
+
+#[test]
+fn counts_versions_and_prefers_a_sample_with_ratings() {
+    let mut t = Traffic::default();
+    t.record(1, 200, &answer("v1", None));
+    t.record(2, 200, &answer("v2", Some(200)));
+    t.record(3, 200, &answer("v3", Some(200)));
+    assert_eq!(t.requests, 3);
+    assert_eq!(t.ratings_calls, 2);
+    assert_eq!(t.order, ["v1", "v2", "v3"]);
+    assert_eq!(
+        t.sample.as_ref().unwrap()["calls"][1]["body"]["version"],
+        "v2"
+    );
+    t.check().unwrap();
+}
+
+#[test]
+fn failures_and_missing_versions_fail_the_check() {
+    let mut t = Traffic::default();
+    t.record(1, 200, &answer("v1", None));
+    t.record(2, 200, &answer("v2", Some(200)));
+    let err = t.check().unwrap_err().to_string();
+    assert!(err.contains("reviews v3 never answered"), "{err}");
+
+    t.record(3, 200, &answer("v3", Some(0)));
+    t.record(4, 503, "no healthy upstream");
+    t.fail(5, "curl failed".into());
+    assert_eq!(t.requests, 5);
+    assert_eq!(t.order, ["v1", "v2", "-", "-", "-"]);
+    let err = t.check().unwrap_err().to_string();
+    assert!(err.starts_with("3 of 5 requests failed"), "{err}");
+    assert!(
+        err.contains("request 3: productpage -> reviews -> ratings failed"),
+        "{err}"
+    );
 }

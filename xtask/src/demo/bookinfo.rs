@@ -197,7 +197,7 @@ pub fn run(opts: &Options) -> Result<Outcome> {
         (Err(e), Ok(())) => return Err(e),
         (Ok(_), Err(d)) => return Err(d.context("tearing down the demo testbed")),
         (Err(e), Err(d)) => {
-            return Err(e.context(format!("also, tearing down the demo testbed failed: {d:#}")));
+            bail!("{e:#}\nalso, tearing down the demo testbed failed: {d:#}");
         }
     };
     Ok(Outcome { prefix, traffic })
