@@ -1,10 +1,346 @@
-//! `cargo xtask bench`: mesh vs direct connection, medians and ratios.
+//! `cargo xtask bench`: the mesh against direct connections on a two-node testbed, same-node
+//! and cross-node: iperf3 single-stream throughput and wrk HTTP/1.1 at 1 and 32 connections,
+//! alternating runs, medians and ratios, the agent's CPU time and peak RSS. Writes
+//! docs/benchmarks.md and prints the tables.
+//!
+//! Pods: `bench/client` (enrolled namespace) and `bench-direct/client` (unlabelled) on
+//! node-1; `bench/server-local` on node-1 and `bench/server-remote` on node-2, each running
+//! iperf3 -s and an HTTP server (nginx, or mesh-testapp http without nginx). Direct: the
+//! unlabelled client to the server pod's IP. Mesh: the enrolled client to the server's
+//! Service ClusterIP, captured and proxied by node-1's agent.
 
-use anyhow::{Result, bail};
+mod bed;
+mod markdown;
+mod report;
+mod tools;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mesh_testbed::{Testbed, TestbedConfig};
+
+use crate::setup::{self, SetupArgs};
+use crate::util::{build_bin, workspace_root};
+use bed::{CLIENT, CLIENT_NODE, DIRECT_NS, MESH_NS, SERVERS, ServerPod};
+use report::{AgentUse, Mode, Report, Scenario, WRK_CONNS};
 
 #[derive(clap::Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// Runs per measurement and mode (direct and mesh alternate; medians are reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    runs: u32,
+    /// Seconds per iperf3 / wrk measurement.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=120))]
+    duration: u32,
+    /// Smoke test: 1 run of 2 s.
+    #[arg(long, conflicts_with_all = ["runs", "duration"])]
+    quick: bool,
+    /// Where to write the report (a relative path is taken from the workspace root).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    output: PathBuf,
+    #[command(flatten)]
+    setup: SetupArgs,
+}
 
-pub fn run(_args: &BenchArgs) -> Result<()> {
-    bail!("cargo xtask bench: not implemented yet")
+/// Extra time a load generator gets beyond its nominal duration before it is killed.
+const SLACK: Duration = Duration::from_secs(30);
+const WARMUP_S: u32 = 1;
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    // /proc/self belongs to our effective uid.
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if !root {
+        bail!("cargo xtask bench needs root (it builds a testbed of network namespaces)");
+    }
+    let (runs, duration_s) = if args.quick {
+        (1, 2)
+    } else {
+        (args.runs, args.duration)
+    };
+    let output = if args.output.is_absolute() {
+        args.output.clone()
+    } else {
+        workspace_root().join(&args.output)
+    };
+    setup::run(&args.setup)?;
+    let agent_bin = build_bin("mesh-agent", "mesh-agent", true)?;
+    let testapp = build_bin("mesh-testbed", "mesh-testapp", true)?;
+    for tool in ["iperf3", "wrk"] {
+        if !on_path(tool) {
+            bail!("{tool} is not installed (cargo xtask setup installs it)");
+        }
+    }
+    let http = bed::HttpServer::pick(testapp);
+    let load_before = bed::loadavg()?;
+    let date = date();
+    let started = Instant::now();
+
+    eprintln!("bench: building the testbed (2 nodes, release agent)");
+    let cfg = TestbedConfig::new(2)
+        .agent(&agent_bin)
+        .name_hint("cargo xtask bench")
+        .manifest("bench.yaml", bed::manifest());
+    let tb = Testbed::up(cfg)?;
+    bed::wait_enrolled(&tb)?;
+    let servers = bed::start_servers(&tb, &http)?;
+    let bench = Bench {
+        tb: &tb,
+        duration_s,
+        runs,
+        ticks: bed::clock_ticks(),
+        agent_pid: agent_pid(&tb, CLIENT_NODE)?,
+        other_pid: agent_pid(&tb, "node-2")?,
+    };
+    let scenarios = vec![
+        bench.scenario("same-node", &SERVERS[0])?,
+        bench.scenario("cross-node", &SERVERS[1])?,
+    ];
+    eprintln!("bench: stopping the servers and taking the testbed down");
+    drop(servers);
+    tb.down().context("taking the testbed down")?;
+    let load_after = bed::loadavg()?;
+
+    let report = Report {
+        machine: bed::Machine::read(),
+        date,
+        command: command_line(),
+        load_before,
+        load_after,
+        runs,
+        duration_s,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        notes: markdown::notes(&http, load_before, args.quick),
+        scenarios,
+    };
+    if let Some(dir) = output.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&output, markdown::document(&report))
+        .with_context(|| format!("writing {}", output.display()))?;
+    println!("\n{}", markdown::summary(&report));
+    let verdict = if report::all_targets_pass(&report) {
+        "all targets met"
+    } else {
+        "some targets missed"
+    };
+    println!("{verdict}; wrote {}", output.display());
+    Ok(())
+}
+
+fn agent_pid(tb: &Testbed, node: &str) -> Result<u32> {
+    tb.agent_pid(node)
+        .with_context(|| format!("the agent of {node} is not running"))
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+fn date() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// `cargo xtask bench` plus the arguments we were given.
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().collect();
+    let rest = args
+        .iter()
+        .position(|a| a == "bench")
+        .map_or(&[][..], |i| &args[i + 1..]);
+    std::iter::once("cargo xtask bench".to_string())
+        .chain(rest.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Clone, Copy)]
+enum Test {
+    Iperf,
+    /// wrk with WRK_CONNS[i] connections.
+    Wrk(usize),
+}
+
+impl Test {
+    /// Index into [`report::TESTS`] and [`AgentUse`]'s arrays.
+    fn index(self) -> usize {
+        match self {
+            Test::Iperf => 0,
+            Test::Wrk(i) => 1 + i,
+        }
+    }
+}
+
+struct Bench<'a> {
+    tb: &'a Testbed,
+    duration_s: u32,
+    runs: u32,
+    ticks: f64,
+    agent_pid: u32,
+    other_pid: u32,
+}
+
+impl Bench<'_> {
+    fn scenario(&self, title: &'static str, server: &ServerPod) -> Result<Scenario> {
+        let (pod_ip, cluster_ip) = bed::targets(self.tb, server.name)?;
+        let description = format!(
+            "client on {CLIENT_NODE}, server `{MESH_NS}/{}` on {}",
+            server.name, server.node
+        );
+        let mut sc = Scenario {
+            title,
+            description,
+            gbps: Default::default(),
+            wrk: Default::default(),
+            agent: AgentUse::default(),
+            other_agent: AgentUse::default(),
+            errors: Vec::new(),
+        };
+        let dst = |mode| match mode {
+            Mode::Direct => pod_ip,
+            Mode::Mesh => cluster_ip,
+        };
+        bed::reset_peak_rss(self.agent_pid)?;
+        bed::reset_peak_rss(self.other_pid)?;
+        for mode in [Mode::Direct, Mode::Mesh] {
+            self.wrk(mode, dst(mode), 32, WARMUP_S)
+                .with_context(|| format!("{title}: warm-up, {}", mode.name()))?;
+        }
+        for run in 1..=self.runs {
+            let order = if run % 2 == 1 {
+                [Mode::Direct, Mode::Mesh]
+            } else {
+                [Mode::Mesh, Mode::Direct]
+            };
+            for test in [Test::Iperf, Test::Wrk(0), Test::Wrk(1)] {
+                for mode in order {
+                    let what = format!("{title}, run {run}/{}, {}", self.runs, mode.name());
+                    self.measure(&mut sc, test, mode, dst(mode), &what)
+                        .with_context(|| what.clone())?;
+                }
+            }
+        }
+        sc.agent.peak_rss_kib = bed::peak_rss_kib(self.agent_pid)?;
+        sc.other_agent.peak_rss_kib = bed::peak_rss_kib(self.other_pid)?;
+        Ok(sc)
+    }
+
+    /// One measurement, with the agents' CPU time around it and a check that the agent
+    /// proxied it (mesh) or did not see it (direct).
+    fn measure(
+        &self,
+        sc: &mut Scenario,
+        test: Test,
+        mode: Mode,
+        dst: Ipv4Addr,
+        what: &str,
+    ) -> Result<()> {
+        let accepted_before = bed::accepted(self.tb, CLIENT_NODE)?;
+        let cpu_before = self.cpu()?;
+        let started = Instant::now();
+        let secs = f64::from(self.duration_s);
+        let (line, work) = match test {
+            Test::Iperf => {
+                let gbps = self.iperf3(mode, dst)? / 1e9;
+                sc.gbps.push(mode, gbps);
+                (format!("iperf3 {gbps:.2} Gbit/s"), gbps * secs / 8.0)
+            }
+            Test::Wrk(i) => {
+                let conns = WRK_CONNS[i];
+                let r = self.wrk(mode, dst, conns, self.duration_s)?;
+                let w = &mut sc.wrk[i];
+                w.rps.push(mode, r.rps);
+                w.p50_us.push(mode, r.p50_us);
+                w.p99_us.push(mode, r.p99_us);
+                for e in &r.errors {
+                    sc.errors.push(format!("{what}, {conns} conn(s): {e}"));
+                }
+                let line = format!(
+                    "wrk -c{conns} {:.0} req/s, p50 {:.1} us, p99 {:.1} us",
+                    r.rps, r.p50_us, r.p99_us
+                );
+                (line, r.rps * secs)
+            }
+        };
+        let wall = started.elapsed().as_secs_f64();
+        let cpu_after = self.cpu()?;
+        let accepted = bed::accepted(self.tb, CLIENT_NODE)? - accepted_before;
+        match mode {
+            Mode::Mesh if accepted == 0 => {
+                bail!(
+                    "the agent of {CLIENT_NODE} proxied no connection: mesh traffic was not captured"
+                )
+            }
+            Mode::Direct if accepted > 0 => bail!(
+                "the agent of {CLIENT_NODE} accepted {accepted} connection(s) of the direct client"
+            ),
+            Mode::Mesh => {
+                let i = test.index();
+                for (a, k) in [(&mut sc.agent, 0), (&mut sc.other_agent, 1)] {
+                    a.cpu_s[i] += cpu_after[k] - cpu_before[k];
+                    a.wall_s[i] += wall;
+                    a.work[i] += work;
+                }
+            }
+            Mode::Direct => {}
+        }
+        let agent_cpu = cpu_after[0] - cpu_before[0];
+        eprintln!("bench: {what}: {line} (agent CPU {agent_cpu:.2} s in {wall:.1} s)");
+        Ok(())
+    }
+
+    fn cpu(&self) -> Result<[f64; 2]> {
+        Ok([
+            bed::cpu_seconds(self.agent_pid, self.ticks)?,
+            bed::cpu_seconds(self.other_pid, self.ticks)?,
+        ])
+    }
+
+    fn client(mode: Mode) -> String {
+        match mode {
+            Mode::Direct => format!("{DIRECT_NS}/{CLIENT}"),
+            Mode::Mesh => format!("{MESH_NS}/{CLIENT}"),
+        }
+    }
+
+    /// Receiver throughput in bit/s.
+    fn iperf3(&self, mode: Mode, dst: Ipv4Addr) -> Result<f64> {
+        let mut cmd = self.tb.pod_command(&Self::client(mode), "iperf3")?;
+        let (ip, port, secs) = (
+            dst.to_string(),
+            bed::IPERF_PORT.to_string(),
+            self.duration_s.to_string(),
+        );
+        cmd.args(["-c", &ip, "-p", &port, "-t", &secs, "-J"]);
+        cmd.args(["--connect-timeout", "5000"]);
+        let limit = Duration::from_secs(self.duration_s.into()) + SLACK;
+        // On failure iperf3 -J exits 1 with {"error": ...} at the end of its JSON; the error
+        // of run_bounded shows that tail.
+        let out = tools::run_bounded(cmd, &format!("iperf3 -c {ip}"), limit)?;
+        tools::parse_iperf3(&out.stdout)
+    }
+
+    fn wrk(&self, mode: Mode, dst: Ipv4Addr, conns: u32, secs: u32) -> Result<tools::WrkResult> {
+        let mut cmd = self.tb.pod_command(&Self::client(mode), "wrk")?;
+        let threads = if conns > 1 { 2 } else { 1 };
+        let url = format!("http://{dst}:{}/", bed::HTTP_PORT);
+        cmd.arg(format!("-t{threads}"))
+            .arg(format!("-c{conns}"))
+            .arg(format!("-d{secs}s"))
+            .args(["--latency", &url]);
+        let limit = Duration::from_secs(secs.into()) + SLACK;
+        let out = tools::run_bounded(cmd, &format!("wrk -c{conns} {url}"), limit)?;
+        tools::parse_wrk(&out.stdout)
+    }
 }

@@ -12,7 +12,7 @@ use std::{env, fs};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const APT_PACKAGES: &str =
-    "curl openssl iproute2 iperf3 wrk nghttp2-client tshark prometheus procps psmisc ethtool";
+    "curl openssl iproute2 iperf3 wrk nghttp2-client tshark prometheus procps psmisc ethtool nginx";
 
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct SetupArgs {

@@ -40,7 +40,9 @@ pub const SERVERS: [ServerPod; 2] = [
 
 fn pod_yaml(out: &mut String, ns: &str, name: &str, node: &str, ports: bool) {
     let ports = if ports {
-        format!("\n    ports: [{{name: http, containerPort: {HTTP_PORT}}}, {{name: iperf, containerPort: {IPERF_PORT}}}]")
+        format!(
+            "\n    ports: [{{name: http, containerPort: {HTTP_PORT}}}, {{name: iperf, containerPort: {IPERF_PORT}}}]"
+        )
     } else {
         String::new()
     };
@@ -207,9 +209,9 @@ pub fn wait_enrolled(tb: &Testbed) -> Result<()> {
         } else {
             Vec::new()
         };
-        let enrolled = list.iter().any(|w| {
-            w["namespace"] == MESH_NS && w["name"] == CLIENT && w["state"] == "enrolled"
-        });
+        let enrolled = list
+            .iter()
+            .any(|w| w["namespace"] == MESH_NS && w["name"] == CLIENT && w["state"] == "enrolled");
         if enrolled {
             return Ok(());
         }
@@ -262,7 +264,12 @@ pub fn clock_ticks() -> f64 {
         .arg("CLK_TCK")
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .filter(|t| *t > 0.0)
         .unwrap_or(100.0)
 }
@@ -333,8 +340,5 @@ pub fn loadavg() -> Result<[f64; 3]> {
 /// The destination a client uses: the server pod's IP (direct) or its Service's ClusterIP
 /// (mesh).
 pub fn targets(tb: &Testbed, server: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
-    Ok((
-        tb.pod_ip(MESH_NS, server)?,
-        tb.service_ip(MESH_NS, server)?,
-    ))
+    Ok((tb.pod_ip(MESH_NS, server)?, tb.service_ip(MESH_NS, server)?))
 }

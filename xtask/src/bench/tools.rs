@@ -27,11 +27,24 @@ pub fn run_bounded(mut cmd: Command, what: &str, timeout: Duration) -> Result<Ca
             String::from_utf8_lossy(&buf).into_owned()
         })
     };
-    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let until = Instant::now() + timeout;
     let status = loop {
-        if let Some(st) = child.try_wait().with_context(|| format!("waiting for {what}"))? {
+        if let Some(st) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {what}"))?
+        {
             break Some(st);
         }
         if Instant::now() >= until {
@@ -141,19 +154,39 @@ pub fn parse_wrk(text: &str) -> Result<WrkResult> {
     }
 }
 
-/// First line of `<program> <version flag>` (stdout or stderr), for the notes.
+/// `<program> <version>`: the first word with a digit that `<program> <flag>` prints (on
+/// stdout or stderr), without a leading `<program>/`; e.g. `nginx 1.22.1`.
 pub fn version(program: &str, flag: &str) -> String {
-    match Command::new(program).arg(flag).stdin(Stdio::null()).output() {
-        Ok(o) => {
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            );
-            text.lines().next().unwrap_or("").trim().to_string()
-        }
-        Err(e) => format!("unknown ({e})"),
-    }
+    let name = program.rsplit('/').next().unwrap_or(program);
+    let Ok(o) = Command::new(program)
+        .arg(flag)
+        .stdin(Stdio::null())
+        .output()
+    else {
+        return format!("{name} (version unknown)");
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    version_word(&text).map_or_else(
+        || format!("{name} (version unknown)"),
+        |v| format!("{name} {v}"),
+    )
+}
+
+fn version_word(text: &str) -> Option<&str> {
+    let word = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .find(|w| w.bytes().any(|b| b.is_ascii_digit()))?;
+    Some(
+        word.split_once('/')
+            .filter(|(p, _)| !p.starts_with("debian"))
+            .map_or(word, |(_, v)| v),
+    )
 }
 
 #[cfg(test)]
@@ -199,6 +232,21 @@ Transfer/sec:      3.34MB
         assert!(parse_wrk("unable to connect to 10.0.0.1:80 Connection refused").is_err());
         assert!(parse_latency("12").is_err());
         assert_eq!(parse_latency("1.5m").unwrap(), 90e6);
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(
+            version_word("nginx version: nginx/1.22.1\n"),
+            Some("1.22.1")
+        );
+        assert_eq!(
+            version_word("iperf 3.12 (cJSON 1.7.15)\nLinux"),
+            Some("3.12")
+        );
+        let wrk = "wrk debian/4.1.0-3+b2 [epoll] Copyright (C) 2012 Will Glozer";
+        assert_eq!(version_word(wrk), Some("debian/4.1.0-3+b2"));
+        assert_eq!(version_word(""), None);
     }
 
     #[test]

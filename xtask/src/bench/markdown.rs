@@ -1,0 +1,320 @@
+//! Rendering results: the tables printed to stdout and the whole of docs/benchmarks.md.
+
+use std::fmt::Write as _;
+
+use super::bed::{CLIENT, CLIENT_NODE, DIRECT_NS, HttpServer, MESH_NS};
+use super::report::{AgentUse, Report, Samples, Scenario, TESTS, WRK_CONNS, targets};
+use super::tools;
+
+fn lat(us: f64) -> String {
+    if us.abs() < 1000.0 {
+        format!("{us:.1} µs")
+    } else {
+        format!("{:.2} ms", us / 1000.0)
+    }
+}
+
+fn gbit(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+fn rate(v: f64) -> String {
+    format!("{v:.0}")
+}
+
+fn list(v: &[f64], f: fn(f64) -> String) -> String {
+    v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(", ")
+}
+
+/// One line of a scenario's tables.
+struct Row<'a> {
+    name: String,
+    samples: &'a Samples,
+    fmt: fn(f64) -> String,
+    /// Latencies are compared by difference, the rest by ratio.
+    latency: bool,
+}
+
+fn rows(s: &Scenario) -> Vec<Row<'_>> {
+    let row = |name: String, samples, fmt, latency| Row {
+        name,
+        samples,
+        fmt,
+        latency,
+    };
+    let mut out = vec![row("iperf3, 1 stream, Gbit/s".into(), &s.gbps, gbit, false)];
+    for (w, c) in s.wrk.iter().zip(WRK_CONNS) {
+        let conns = if c == 1 { "1 conn" } else { "32 conns" };
+        out.push(row(format!("wrk {conns}, requests/s"), &w.rps, rate, false));
+        out.push(row(
+            format!("wrk {conns}, p50 latency"),
+            &w.p50_us,
+            lat,
+            true,
+        ));
+        out.push(row(
+            format!("wrk {conns}, p99 latency"),
+            &w.p99_us,
+            lat,
+            true,
+        ));
+    }
+    out
+}
+
+/// CPU, cores, CPU per unit of work and peak RSS of an agent.
+fn agent_use(a: &AgentUse) -> String {
+    let (cpu, wall) = (a.cpu_total(), a.wall_total());
+    let mut per = Vec::new();
+    for (i, name) in TESTS.iter().enumerate() {
+        // Per-unit figures only where the agent did measurable work.
+        if a.work[i] <= 0.0 || a.cpu_s[i] < 0.05 {
+            continue;
+        }
+        let v = a.cpu_s[i] / a.work[i];
+        per.push(if i == 0 {
+            format!("{v:.2} CPU s per GB ({name})")
+        } else {
+            format!("{:.1} CPU µs per request ({name})", v * 1e6)
+        });
+    }
+    let per = if per.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", per.join(", "))
+    };
+    format!(
+        "{cpu:.1} CPU s over {wall:.1} s of mesh load ({:.2} cores){per}; peak RSS {:.1} MB",
+        cpu / wall.max(1e-9),
+        a.peak_rss_mb()
+    )
+}
+
+/// The medians table of a scenario, and its agent's resource use.
+fn scenario_table(s: &Scenario) -> String {
+    let mut t = String::from(
+        "| measurement | direct | mesh | mesh/direct (latency: added) |\n|---|---:|---:|---:|\n",
+    );
+    for r in rows(s) {
+        let Some((d, m)) = r.samples.medians() else {
+            continue;
+        };
+        let cmp = if r.latency {
+            let added = lat(m - d);
+            if m >= d { format!("+{added}") } else { added }
+        } else {
+            format!("{:.2}", m / d)
+        };
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {cmp} |",
+            r.name,
+            (r.fmt)(d),
+            (r.fmt)(m)
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\nAgent of node-1 (proxies the mesh client): {}.",
+        agent_use(&s.agent)
+    );
+    t
+}
+
+fn samples_table(s: &Scenario) -> String {
+    let mut t =
+        String::from("| measurement | direct, each run | mesh, each run |\n|---|---|---|\n");
+    for r in rows(s) {
+        let (d, m) = (&r.samples.direct, &r.samples.mesh);
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} |",
+            r.name,
+            list(d, r.fmt),
+            list(m, r.fmt)
+        );
+    }
+    t
+}
+
+fn targets_table(s: &Scenario) -> String {
+    let mut t =
+        String::from("| target (cross-node, medians) | required | got | |\n|---|---|---:|---|\n");
+    for x in targets(s) {
+        let verdict = if x.pass { "pass" } else { "**FAIL**" };
+        let _ = writeln!(t, "| {} | {} | {} | {verdict} |", x.name, x.required, x.got);
+    }
+    t
+}
+
+/// What `cargo xtask bench` prints: the medians tables and the targets.
+pub fn summary(r: &Report) -> String {
+    let mut out = String::new();
+    for s in &r.scenarios {
+        let _ = writeln!(
+            out,
+            "{} ({})\n\n{}",
+            s.title,
+            s.description,
+            scenario_table(s)
+        );
+        if s.title == "cross-node" {
+            let _ = writeln!(out, "{}", targets_table(s));
+        }
+    }
+    out
+}
+
+fn load(l: [f64; 3]) -> String {
+    format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2])
+}
+
+/// The whole of docs/benchmarks.md.
+pub fn document(r: &Report) -> String {
+    let m = &r.machine;
+    let mut out = String::from("# Benchmarks\n\n");
+    out.push_str(
+        "Generated by `cargo xtask bench` (xtask/src/bench.rs); do not edit by hand, run it \
+         again. Direct connections and connections through the mesh are measured in the same \
+         run, alternating, and compared by their medians. The ratios matter more than the \
+         absolute figures, which depend on the machine and on what else it was doing.\n\n",
+    );
+    let _ = writeln!(out, "- date: {}", r.date);
+    let _ = writeln!(out, "- command: `{}`", r.command);
+    let _ = writeln!(
+        out,
+        "- machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}",
+        m.cpus, m.cpu_model, m.mem_gib, m.kernel
+    );
+    let _ = writeln!(
+        out,
+        "- load average (1/5/15 min): {} before, {} after",
+        load(r.load_before),
+        load(r.load_after)
+    );
+    let _ = writeln!(
+        out,
+        "- {} run(s) of {} s per measurement and mode; {:.0} s in all\n",
+        r.runs, r.duration_s, r.elapsed_s
+    );
+    for s in &r.scenarios {
+        let _ = writeln!(
+            out,
+            "## {} ({})\n\n{}",
+            s.title,
+            s.description,
+            scenario_table(s)
+        );
+        if s.title == "cross-node" {
+            let _ = writeln!(out, "### Targets\n\n{}", targets_table(s));
+        }
+    }
+    out.push_str("## Notes\n\n");
+    for n in &r.notes {
+        let _ = writeln!(out, "- {n}");
+    }
+    for s in &r.scenarios {
+        let _ = writeln!(
+            out,
+            "- {}: agent of node-2: {}.",
+            s.title,
+            agent_use(&s.other_agent)
+        );
+        for e in &s.errors {
+            let _ = writeln!(out, "- {}: wrk reported {e}", s.title);
+        }
+    }
+    out.push_str("\n## Every run\n\n");
+    for s in &r.scenarios {
+        let _ = writeln!(out, "### {}\n\n{}", s.title, samples_table(s));
+    }
+    out
+}
+
+/// The notes the report carries, besides each scenario's agent figures and wrk errors.
+pub fn notes(http: &HttpServer, load: [f64; 3], quick: bool) -> Vec<String> {
+    let mut n = Vec::new();
+    if quick {
+        n.push("`--quick` smoke run (1 run of 2 s): not meant for comparison.".to_string());
+    }
+    if load[0] >= 0.5 {
+        n.push(format!(
+            "The machine was not quiet: 1-minute load average {:.2} before the run (other \
+             builds and tests were running on this shared VM). Absolute figures are noisy; \
+             the alternating runs keep the ratios more trustworthy than the absolute values.",
+            load[0]
+        ));
+    }
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    n.push(format!(
+        "Load generators, servers and agents all share this machine's {cpus} CPUs: the \
+         agent's CPU time is taken from the client and the server, so the mesh/direct ratios \
+         reflect the mesh's CPU cost as well as its extra hop."
+    ));
+    n.push(format!("HTTP server: {}.", http.describe()));
+    n.push(format!(
+        "Load generators: {} (`iperf3 -c <ip> -t <s> -J`, the receiver's bits_per_second); \
+         {} (`wrk -t1 -c1` and `wrk -t2 -c32`, `-d <s>s --latency`, GET /).",
+        tools::version("iperf3", "--version"),
+        tools::version("wrk", "-v")
+    ));
+    n.push(format!(
+        "Direct: pod `{DIRECT_NS}/{CLIENT}` (unlabelled namespace, not captured) to the server \
+         pod's IP. Mesh: pod `{MESH_NS}/{CLIENT}` (namespace labelled nodemesh.io/enabled=true) \
+         to the server's Service ClusterIP; eBPF redirects the connection to the agent of \
+         {CLIENT_NODE}, which connects to the pod IP from inside the client's network namespace. \
+         Every measurement checks through the agent's /stats that mesh connections were \
+         proxied and direct ones were not."
+    ));
+    n.push(
+        "The servers are pods in the enrolled namespace; this plaintext slice has no inbound \
+         capture, so the only proxy on the path is the client node's agent (one extra hop \
+         over loopback in the client's namespace)."
+            .to_string(),
+    );
+    n.push(
+        "Each run measures direct and mesh back to back, the order flipping every run; a 1 s \
+         wrk warm-up per scenario and mode comes first. The agent is a release build with \
+         default flags (64 KiB buffer per direction)."
+            .to_string(),
+    );
+    n.push(
+        "Agent CPU: utime + stime from /proc/<pid>/stat, summed over the mesh measurements \
+         only. Peak RSS: VmHWM from /proc/<pid>/status, reset (clear_refs 5) at the start of \
+         each scenario. MB = 10^6 bytes."
+            .to_string(),
+    );
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::report::tests::scenario;
+
+    #[test]
+    fn tables() {
+        let s = scenario();
+        let table = scenario_table(&s);
+        assert!(
+            table.contains("| iperf3, 1 stream, Gbit/s | 18.00 | 9.50 | 0.53 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| wrk 1 conn, p50 latency | 40.0 µs | 65.0 µs | +25.0 µs |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("3.0 CPU s over 15.0 s of mesh load (0.20 cores)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("0.17 CPU s per GB (iperf3), 10.0 CPU µs per request (wrk 1 conn)"),
+            "{table}"
+        );
+        assert!(
+            targets_table(&s).contains("| wrk 1 conn, added p50 | ≤ 30 µs | +25.0 µs | pass |")
+        );
+        assert_eq!(lat(-1880.0), "-1.88 ms");
+    }
+}
