@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Where to write the report (a relative path is taken from the workspace root).
     #[arg(long, default_value = "docs/benchmarks.md")]
     output: PathBuf,
+    /// Extra argument for every agent (repeatable), e.g. `--agent-arg=--workers=1`, to
+    /// compare agent settings.
+    #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
     #[command(flatten)]
     setup: SetupArgs,
 }
@@ -81,10 +85,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let started = Instant::now();
 
     eprintln!("bench: building the testbed (2 nodes, release agent)");
-    let cfg = TestbedConfig::new(2)
+    let mut cfg = TestbedConfig::new(2)
         .agent(&agent_bin)
         .name_hint("cargo xtask bench")
         .manifest("bench.yaml", bed::manifest());
+    cfg.agent_args.clone_from(&args.agent_args);
     let tb = Testbed::up(cfg)?;
     bed::wait_enrolled(&tb)?;
     let servers = bed::start_servers(&tb, &http)?;
