@@ -13,12 +13,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState, ControlView};
+use crate::admin::{self, AdminState, ControlView, Surface};
 use crate::capture::enroll::Enroller;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::model::Snapshot;
 use crate::config::watch as config_watch;
 use crate::proxy::{ProxyInputs, ProxyStats, RouteTable};
+use crate::telemetry::metrics::Metrics;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -48,6 +49,15 @@ pub struct RunArgs {
     /// Admin API TCP address, in the agent's network namespace. Keep it on loopback.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+
+    /// Prometheus metrics (`/stats/prometheus`, `/metrics`), on the node network like
+    /// Istio's 15020.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Readiness (`/healthz/ready`) for the kubelet, on the node network like Istio's 15021.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
 
     /// Timeout for connecting to an upstream; on expiry the client connection is reset.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
@@ -135,6 +145,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("starting eBPF capture (see `mesh-agent check`)")?;
 
     let stats = Arc::new(ProxyStats::default());
+    let metrics = Arc::new(Metrics::default());
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
         &snapshot,
         &RouteTable::default(),
@@ -144,6 +155,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         stats: stats.clone(),
         connect_timeout: args.connect_timeout,
         buffer_size: args.buffer_size.clamp(4096, 4 << 20),
+        metrics: metrics.clone(),
     };
     let enroller = Enroller::new(args.node.clone(), capture, data_rt.handle().clone(), inputs);
 
@@ -154,6 +166,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         enroller,
         routes,
         stats.clone(),
+        metrics,
     ));
 
     // Drain: accept loops are stopped; give live connections until the deadline.
@@ -180,6 +193,7 @@ async fn control(
     mut enroller: Enroller,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<ProxyStats>,
+    metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let (view_tx, view_rx) = watch::channel(Arc::new(ControlView {
         node: args.node.clone(),
@@ -200,18 +214,25 @@ async fn control(
                 .reader()
                 .context("opening the pinned maps for the admin API")?,
         ),
+        metrics,
     };
     let unix = admin::bind_unix(&args.admin_socket)
         .with_context(|| format!("binding the admin socket {}", args.admin_socket.display()))?;
-    let tcp = tokio::net::TcpListener::bind(args.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+    for (addr, surface, what) in [
+        (args.admin_addr, Surface::Admin, "admin"),
+        (args.metrics_addr, Surface::Metrics, "metrics"),
+        (args.readiness_addr, Surface::Readiness, "readiness"),
+    ] {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the {what} address {addr} (--{what}-addr)"))?;
+        tokio::spawn(admin::serve_tcp(state.clone(), surface, l, addr));
+    }
     tokio::spawn(admin::serve_unix(
         state.clone(),
         unix,
         args.admin_socket.clone(),
     ));
-    tokio::spawn(admin::serve_tcp(state, tcp, args.admin_addr));
 
     enroller.reconcile(&snapshot);
     publish(&view_tx, &enroller, &args.node, &status_rx.borrow(), true);

@@ -8,6 +8,7 @@ mod cli;
 mod config;
 mod proxy;
 mod sys;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,7 +35,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent (needs root: loads eBPF, enters pods' network namespaces).
-    Run(app::RunArgs),
+    Run(Box<app::RunArgs>),
     /// List this node's enrolled pods, as the running agent sees them.
     Workloads {
         /// Output format.
@@ -56,7 +57,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => match app::run(args) {
+        Command::Run(args) => match app::run(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mesh-agent: {e:#}");

@@ -40,6 +40,7 @@ pub struct AdminState {
     pub routes: Arc<arc_swap::ArcSwap<RouteTable>>,
     pub stats: Arc<ProxyStats>,
     pub maps: Arc<MapReader>,
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 #[derive(Serialize)]
@@ -99,12 +100,60 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         .unwrap_or_default()
 }
 
-pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Which listener a request came in on: the admin API serves everything on loopback and the
+/// unix socket; the node-network ports serve only metrics or only readiness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Surface {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+fn allowed(surface: Surface, path: &str) -> bool {
+    match surface {
+        Surface::Admin => true,
+        Surface::Metrics => matches!(path, "/stats/prometheus" | "/metrics"),
+        Surface::Readiness => path == "/healthz/ready",
+    }
+}
+
+fn prometheus(state: &AdminState) -> Response<Full<Bytes>> {
+    let mut registry = state.metrics.registry();
+    registry.register_collector(Box::new(crate::telemetry::health::Health(state.clone())));
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+        Ok(()) => Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+            .body(Full::new(Bytes::from(
+                crate::telemetry::metrics::to_prometheus_text(&body),
+            )))
+            .unwrap_or_default(),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding: {e}\n"),
+        ),
+    }
+}
+
+pub fn handle(
+    state: &AdminState,
+    surface: Surface,
+    req: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
+    let path = req.uri().path();
+    if !allowed(surface, path) {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no such path here: {path}\n"),
+        );
+    }
     let view = state.view.borrow().clone();
-    match req.uri().path() {
+    match path {
+        "/stats/prometheus" | "/metrics" => prometheus(state),
         "/healthz/ready" => {
             if view.ready {
                 text(StatusCode::OK, "ready\n".into())
@@ -152,7 +201,8 @@ pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byte
         }
         "/" => text(
             StatusCode::OK,
-            "nodemesh admin: /healthz/ready /config_dump /workloads /stats\n".into(),
+            "nodemesh admin: /healthz/ready /config_dump /workloads /stats /stats/prometheus\n"
+                .into(),
         ),
         other => text(
             StatusCode::NOT_FOUND,
@@ -161,12 +211,12 @@ pub fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-async fn serve_conn<S>(state: AdminState, io: S)
+async fn serve_conn<S>(state: AdminState, surface: Surface, io: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let resp = handle(&state, &req);
+        let resp = handle(&state, surface, &req);
         async move { Ok::<_, Infallible>(resp) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -199,7 +249,7 @@ pub async fn serve_unix(state: AdminState, listener: UnixListener, path: PathBuf
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
-                tokio::spawn(serve_conn(state.clone(), s));
+                tokio::spawn(serve_conn(state.clone(), Surface::Admin, s));
             }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
@@ -209,15 +259,20 @@ pub async fn serve_unix(state: AdminState, listener: UnixListener, path: PathBuf
     }
 }
 
-pub async fn serve_tcp(state: AdminState, listener: TcpListener, addr: SocketAddr) {
-    info!(%addr, "admin API listening");
+pub async fn serve_tcp(
+    state: AdminState,
+    surface: Surface,
+    listener: TcpListener,
+    addr: SocketAddr,
+) {
+    info!(%addr, ?surface, "HTTP listening");
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
-                tokio::spawn(serve_conn(state.clone(), s));
+                tokio::spawn(serve_conn(state.clone(), surface, s));
             }
             Err(e) => {
-                warn!(error = %e, "admin accept failed");
+                warn!(error = %e, ?surface, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }

@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::config::model::{Endpoint, ObjectRef, Snapshot};
+use crate::telemetry::metrics::{Metrics, ServiceMeta, WorkloadMeta};
 
 /// Counters of one service, kept across config changes.
 #[derive(Debug, Default, Serialize)]
@@ -29,6 +30,7 @@ pub struct ServiceStats {
 #[derive(Debug)]
 pub struct ServiceRoute {
     pub service: ObjectRef,
+    pub meta: Arc<ServiceMeta>,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
     pub stats: Arc<ServiceStats>,
@@ -51,7 +53,7 @@ pub enum Target<'a> {
     /// A Service ClusterIP:port, balanced over its endpoints.
     Service(&'a ServiceRoute),
     /// A known pod's IP.
-    Pod(&'a ObjectRef),
+    Pod,
     /// Anything else: passed through unchanged.
     Passthrough,
 }
@@ -60,7 +62,7 @@ pub enum Target<'a> {
 pub struct RouteTable {
     pub generation: u64,
     services: HashMap<SocketAddrV4, Arc<ServiceRoute>>,
-    pods: HashMap<Ipv4Addr, ObjectRef>,
+    pods: HashMap<Ipv4Addr, Arc<WorkloadMeta>>,
 }
 
 impl RouteTable {
@@ -69,6 +71,7 @@ impl RouteTable {
         let mut services = HashMap::new();
         for svc in snap.services.values() {
             let Some(ip) = svc.cluster_ip else { continue };
+            let meta = Arc::new(ServiceMeta::of(svc));
             let stats = prev
                 .services
                 .values()
@@ -81,6 +84,7 @@ impl RouteTable {
                     SocketAddrV4::new(ip, port.port),
                     Arc::new(ServiceRoute {
                         service: svc.id.clone(),
+                        meta: meta.clone(),
                         endpoints,
                         next: AtomicUsize::new(0),
                         stats: stats.clone(),
@@ -91,7 +95,8 @@ impl RouteTable {
         let pods = snap
             .pods
             .values()
-            .filter_map(|p| p.ip.map(|ip| (ip, p.id.clone())))
+            .filter(|p| !p.host_network)
+            .filter_map(|p| p.ip.map(|ip| (ip, Arc::new(WorkloadMeta::of(p)))))
             .collect();
         RouteTable {
             generation: snap.generation,
@@ -104,10 +109,15 @@ impl RouteTable {
         if let Some(route) = self.services.get(&dst) {
             return Target::Service(route);
         }
-        if let Some(pod) = self.pods.get(dst.ip()) {
-            return Target::Pod(pod);
+        if self.pods.contains_key(dst.ip()) {
+            return Target::Pod;
         }
         Target::Passthrough
+    }
+
+    /// The workload with this pod IP, for telemetry.
+    pub fn workload(&self, ip: &Ipv4Addr) -> Option<&Arc<WorkloadMeta>> {
+        self.pods.get(ip)
     }
 
     /// Per-service counters, for the admin API.
@@ -151,6 +161,7 @@ pub struct ProxyInputs {
     pub connect_timeout: Duration,
     /// Bytes buffered per direction of a proxied connection.
     pub buffer_size: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 #[cfg(test)]

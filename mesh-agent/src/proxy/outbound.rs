@@ -13,6 +13,7 @@ use super::{ProxyInputs, Target, WorkloadStats};
 use crate::capture::OrigDstTable;
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
+use crate::telemetry::metrics::{ResponseFlags, TcpLabels};
 
 /// What one enrolled pod's outbound listener needs.
 pub struct OutboundListener {
@@ -86,29 +87,34 @@ impl Connection {
         self.stats.outbound_active.fetch_add(1, Ordering::Relaxed);
 
         let routes = self.inputs.routes.load();
+        let mut labels = TcpLabels {
+            source: routes.workload(&self.src).cloned(),
+            destination: None,
+            service: None,
+            flags: ResponseFlags::None,
+        };
         let (upstream_addr, service) = match routes.target(self.dst) {
             Target::Service(route) => {
                 route.stats.connections.fetch_add(1, Ordering::Relaxed);
+                labels.service = Some(route.meta.clone());
                 match route.pick() {
-                    Some(ep) => (ep.addr, Some(route.clone_stats())),
+                    Some(ep) => (ep.addr, Some(route.stats.clone())),
                     None => {
                         route.stats.no_endpoints.fetch_add(1, Ordering::Relaxed);
                         warn!(pod = %self.pod, src = %self.src, dst = %self.dst, service = %route.service,
-                            "no ready endpoint for the service, closing the connection");
-                        self.finish_error(client);
+                            "no ready endpoint for the service, resetting the client");
+                        labels.flags = ResponseFlags::NoHealthyUpstream;
+                        self.finish_error(client, &labels);
                         return;
                     }
                 }
             }
-            Target::Pod(pod) => {
-                debug!(client = %self.peer, dst = %self.dst, %pod, "to a pod IP");
-                (self.dst, None)
-            }
-            Target::Passthrough => (self.dst, None),
+            Target::Pod | Target::Passthrough => (self.dst, None),
         };
+        labels.destination = routes.workload(upstream_addr.ip()).cloned();
         drop(routes);
 
-        let upstream = match self.connect(upstream_addr).await {
+        let mut upstream = match self.connect(upstream_addr).await {
             Ok(s) => s,
             Err(e) => {
                 if let Some(s) = &service {
@@ -117,28 +123,36 @@ impl Connection {
                 proxy_stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                 warn!(pod = %self.pod, src = %self.src, dst = %self.dst, upstream = %upstream_addr,
                     error = %e, "upstream connect failed, resetting the client");
-                self.finish_error(client);
+                labels.flags = ResponseFlags::UpstreamConnectFailure;
+                self.finish_error(client, &labels);
                 return;
             }
         };
+        let counters = self.inputs.metrics.tcp(&labels);
+        counters.opened.inc();
         debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr, "proxying");
-        let mut upstream = upstream;
         let size = self.inputs.buffer_size;
         // copy_bidirectional honours half-close: EOF on one side shuts down the write side of
         // the other, and the reverse direction keeps flowing until its own EOF.
         match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, size, size).await
         {
-            Ok((sent, received)) => {
-                proxy_stats.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+            Ok((to_upstream, to_client)) => {
+                proxy_stats
+                    .bytes_sent
+                    .fetch_add(to_upstream, Ordering::Relaxed);
                 proxy_stats
                     .bytes_received
-                    .fetch_add(received, Ordering::Relaxed);
-                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, sent, received, "closed");
+                    .fetch_add(to_client, Ordering::Relaxed);
+                // Istio: "received" is the request direction, "sent" the response.
+                counters.received.inc_by(to_upstream);
+                counters.sent.inc_by(to_client);
+                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, to_upstream, to_client, "closed");
             }
             Err(e) => {
                 debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, error = %e, "connection ended with an error");
             }
         }
+        counters.closed.inc();
         proxy_stats.completed.fetch_add(1, Ordering::Relaxed);
         self.done();
     }
@@ -154,7 +168,12 @@ impl Connection {
         }
     }
 
-    fn finish_error(&self, client: TcpStream) {
+    /// A connection that never reached an upstream: counted opened and closed with its
+    /// response flag, as Envoy reports it, then reset.
+    fn finish_error(&self, client: TcpStream, labels: &TcpLabels) {
+        let counters = self.inputs.metrics.tcp(labels);
+        counters.opened.inc();
+        counters.closed.inc();
         self.stats.outbound_errors.fetch_add(1, Ordering::Relaxed);
         reset(client);
         self.inputs.stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -164,12 +183,6 @@ impl Connection {
     fn done(&self) {
         self.inputs.stats.active.fetch_sub(1, Ordering::Relaxed);
         self.stats.outbound_active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl super::ServiceRoute {
-    fn clone_stats(&self) -> Arc<super::ServiceStats> {
-        self.stats.clone()
     }
 }
 

@@ -1,0 +1,323 @@
+//! Istio-compatible metrics, so Istio's dashboards and Kiali read nodemesh unchanged.
+//!
+//! This slice reports TCP metrics (`istio_tcp_*`) for the connections the source agent
+//! proxies (`reporter="source"`), `istio_build`, and the agent's own health. Label values
+//! follow Istio: `unknown` when absent, canonical service and revision from the usual labels.
+//!
+//! The data path resolves a connection's label set once, when the upstream is chosen, and
+//! keeps the counter handles; bytes are added when the connection closes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::config::model::{Pod, Service};
+
+/// Istio's default cluster id.
+const CLUSTER: &str = "Kubernetes";
+const UNKNOWN: &str = "unknown";
+
+/// A workload's identity as metrics label it.
+#[derive(Debug, Hash, PartialEq, Eq)]
+pub struct WorkloadMeta {
+    pub name: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
+}
+
+impl WorkloadMeta {
+    /// Istio's rules: canonical name from `service.istio.io/canonical-name`, then
+    /// `app.kubernetes.io/name`, then `app`, else the workload name; revision from
+    /// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`, `version`, else
+    /// `latest`.
+    pub fn of(pod: &Pod) -> WorkloadMeta {
+        let label = |keys: &[&str]| keys.iter().find_map(|k| pod.labels.get(*k).cloned());
+        WorkloadMeta {
+            name: pod.id.name.clone(),
+            namespace: pod.id.namespace.clone(),
+            app: label(&["app"]).unwrap_or_else(|| UNKNOWN.into()),
+            version: label(&["version"]).unwrap_or_else(|| UNKNOWN.into()),
+            canonical_service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| pod.id.name.clone()),
+            canonical_revision: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".into()),
+        }
+    }
+}
+
+/// A Service as metrics label it.
+#[derive(Debug, Hash, PartialEq, Eq)]
+pub struct ServiceMeta {
+    /// `name.namespace.svc.cluster.local`.
+    pub fqdn: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceMeta {
+    pub fn of(svc: &Service) -> ServiceMeta {
+        ServiceMeta {
+            fqdn: format!("{}.{}.svc.cluster.local", svc.id.name, svc.id.namespace),
+            name: svc.id.name.clone(),
+            namespace: svc.id.namespace.clone(),
+        }
+    }
+}
+
+/// Envoy's response flags this slice can produce.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ResponseFlags {
+    /// No flag (`-`).
+    None,
+    /// No healthy upstream (`UH`).
+    NoHealthyUpstream,
+    /// Upstream connection failure (`UF`).
+    UpstreamConnectFailure,
+}
+
+impl ResponseFlags {
+    fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::NoHealthyUpstream => "UH",
+            ResponseFlags::UpstreamConnectFailure => "UF",
+        }
+    }
+}
+
+/// The label set of one proxied TCP connection. Cheap to clone and hash: the strings live
+/// in shared metadata built once per config snapshot.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct TcpLabels {
+    pub source: Option<Arc<WorkloadMeta>>,
+    pub destination: Option<Arc<WorkloadMeta>>,
+    pub service: Option<Arc<ServiceMeta>>,
+    pub flags: ResponseFlags,
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        let w = |m: &Option<Arc<WorkloadMeta>>, f: fn(&WorkloadMeta) -> &str| -> String {
+            m.as_deref().map_or(UNKNOWN, f).to_string()
+        };
+        let s = |f: fn(&ServiceMeta) -> &str| -> String {
+            self.service.as_deref().map_or(UNKNOWN, f).to_string()
+        };
+        let src = &self.source;
+        let dst = &self.destination;
+        // The source agent cannot know the peer's security policy: Istio reports `unknown`.
+        let pairs: [(&str, String); 23] = [
+            ("reporter", "source".into()),
+            ("source_workload", w(src, |m| &m.name)),
+            ("source_workload_namespace", w(src, |m| &m.namespace)),
+            ("source_principal", UNKNOWN.into()),
+            ("source_app", w(src, |m| &m.app)),
+            ("source_version", w(src, |m| &m.version)),
+            ("source_canonical_service", w(src, |m| &m.canonical_service)),
+            (
+                "source_canonical_revision",
+                w(src, |m| &m.canonical_revision),
+            ),
+            ("source_cluster", CLUSTER.into()),
+            ("destination_workload", w(dst, |m| &m.name)),
+            ("destination_workload_namespace", w(dst, |m| &m.namespace)),
+            ("destination_principal", UNKNOWN.into()),
+            ("destination_app", w(dst, |m| &m.app)),
+            ("destination_version", w(dst, |m| &m.version)),
+            ("destination_service", s(|m| &m.fqdn)),
+            ("destination_service_name", s(|m| &m.name)),
+            ("destination_service_namespace", s(|m| &m.namespace)),
+            (
+                "destination_canonical_service",
+                w(dst, |m| &m.canonical_service),
+            ),
+            (
+                "destination_canonical_revision",
+                w(dst, |m| &m.canonical_revision),
+            ),
+            ("destination_cluster", CLUSTER.into()),
+            ("request_protocol", "tcp".into()),
+            ("response_flags", self.flags.as_str().into()),
+            ("connection_security_policy", UNKNOWN.into()),
+        ];
+        for (k, v) in pairs {
+            (k, v.as_str()).encode(encoder.encode_label())?;
+        }
+        Ok(())
+    }
+}
+
+/// Counters of one connection, resolved once.
+pub struct TcpCounters {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent: Counter,
+    pub received: Counter,
+}
+
+/// The data path's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    /// Bytes of the response direction (upstream to client), as Istio defines "sent".
+    tcp_sent: Family<TcpLabels, Counter>,
+    /// Bytes of the request direction (client to upstream).
+    tcp_received: Family<TcpLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+impl Metrics {
+    pub fn tcp(&self, labels: &TcpLabels) -> TcpCounters {
+        TcpCounters {
+            opened: self.tcp_opened.get_or_create_owned(labels),
+            closed: self.tcp_closed.get_or_create_owned(labels),
+            sent: self.tcp_sent.get_or_create_owned(labels),
+            received: self.tcp_received.get_or_create_owned(labels),
+        }
+    }
+
+    /// A registry exposing these metrics plus `istio_build`; `extra` adds collectors.
+    pub fn registry(self: &Arc<Self>) -> Registry {
+        let mut r = Registry::default();
+        r.register(
+            "istio_tcp_connections_opened",
+            "Total TCP connections opened",
+            self.tcp_opened.clone(),
+        );
+        r.register(
+            "istio_tcp_connections_closed",
+            "Total TCP connections closed",
+            self.tcp_closed.clone(),
+        );
+        r.register(
+            "istio_tcp_sent_bytes",
+            "Total bytes sent during response of a TCP connection",
+            self.tcp_sent.clone(),
+        );
+        r.register(
+            "istio_tcp_received_bytes",
+            "Total bytes received during request of a TCP connection",
+            self.tcp_received.clone(),
+        );
+        let build: Family<BuildLabels, prometheus_client::metrics::gauge::Gauge> =
+            Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "proxy",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register("istio_build", "Istio component build info", build);
+        r
+    }
+}
+
+/// Rewrites prometheus-client's OpenMetrics text into the Prometheus text format 0.0.4 that
+/// Envoy's `/stats/prometheus` serves (and that promtool checks): counters are named with
+/// their `_total` suffix in HELP/TYPE, and the OpenMetrics-only `# UNIT` and `# EOF` lines go.
+/// Hand-written because prometheus-client only encodes OpenMetrics.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_become_prometheus_total_names() {
+        let om = "# HELP a_bytes Bytes.\n# TYPE a_bytes counter\n# UNIT a_bytes bytes\na_bytes_total{x=\"1\"} 5\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_bytes_total Bytes.\n# TYPE a_bytes_total counter\na_bytes_total{x=\"1\"} 5\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+
+    fn pod(labels: &[(&str, &str)]) -> Pod {
+        Pod {
+            id: crate::config::model::ObjectRef {
+                namespace: "default".into(),
+                name: "reviews-v2-abc".into(),
+            },
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            node: None,
+            ip: None,
+            host_network: false,
+            ready: true,
+            service_account: "default".into(),
+            netns: None,
+            ports: vec![],
+        }
+    }
+
+    #[test]
+    fn canonical_labels_follow_istio() {
+        let m = WorkloadMeta::of(&pod(&[("app", "reviews"), ("version", "v2")]));
+        assert_eq!(
+            (m.canonical_service.as_str(), m.canonical_revision.as_str()),
+            ("reviews", "v2")
+        );
+        let m = WorkloadMeta::of(&pod(&[
+            ("app", "reviews"),
+            ("service.istio.io/canonical-name", "reviews-svc"),
+            ("app.kubernetes.io/version", "2.0"),
+        ]));
+        assert_eq!(
+            (m.canonical_service.as_str(), m.canonical_revision.as_str()),
+            ("reviews-svc", "2.0")
+        );
+        let m = WorkloadMeta::of(&pod(&[]));
+        assert_eq!(m.app, "unknown");
+        assert_eq!(
+            (m.canonical_service.as_str(), m.canonical_revision.as_str()),
+            ("reviews-v2-abc", "latest")
+        );
+    }
+}

@@ -1,0 +1,4 @@
+//! Telemetry: Istio-compatible metrics (`metrics`) and the agent's own health (`health`).
+
+pub mod health;
+pub mod metrics;
