@@ -45,6 +45,22 @@ enum Command {
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// The running agent: version, readiness, config generation and errors, workloads,
+    /// eBPF counters.
+    Status {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// This binary's version and, if it answers, the running agent's.
+    Version {
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Check the kernel prerequisites (cgroup2, bpffs, BTF, program and map types,
     /// privileges); exits non-zero if any is missing.
     Check {
@@ -68,6 +84,11 @@ fn main() -> ExitCode {
             output,
             admin_socket,
         } => client_command(cli::workloads::run(&admin_socket, output)),
+        Command::Status {
+            output,
+            admin_socket,
+        } => client_command(cli::status::status(&admin_socket, output)),
+        Command::Version { admin_socket } => client_command(cli::status::version(&admin_socket)),
         Command::Check { json } => {
             if check::print(&check::run_checks(), json) {
                 ExitCode::SUCCESS

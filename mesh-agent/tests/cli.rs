@@ -157,6 +157,36 @@ fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
     let json: serde_json::Value = serde_json::from_str(&workloads("json")).expect("json");
     assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
 
+    let status = |format: &str| {
+        let out = Command::new(AGENT)
+            .args(["status", "-o", format, "--admin-socket"])
+            .arg(&socket)
+            .output()
+            .expect("status");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = status("table");
+    assert!(table.contains("on node node-1"), "{table}");
+    assert!(table.contains("ready:        yes"), "{table}");
+    assert!(table.contains("2 enrolled, 0 failing"), "{table}");
+    let json: serde_json::Value = serde_json::from_str(&status("json")).expect("status json");
+    assert_eq!(json["ebpf"]["enrolled_entries"], 2, "{json}");
+    let out = Command::new(AGENT)
+        .args(["version", "--admin-socket"])
+        .arg(&socket)
+        .output()
+        .expect("version");
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.contains("agent:  mesh-agent 0.1.0 (node node-1)"),
+        "{version}"
+    );
+
     // Removing the pod from the manifests unenrolls it.
     tb.apply(
         "pods.yaml",

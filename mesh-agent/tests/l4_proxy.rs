@@ -249,3 +249,50 @@ fn refused_upstream_resets_the_client_promptly_and_is_logged() {
     );
     tb.down().expect("down");
 }
+
+#[test]
+fn unanswered_upstream_times_out_resets_the_client_and_is_logged() {
+    let yaml = web_manifests(&[("web-1", "node-1")]);
+    let Some(tb) = up_with_args(
+        "l4_connect_timeout",
+        2,
+        &[("app.yaml", &yaml)],
+        &["--connect-timeout", "1s"],
+    ) else {
+        return;
+    };
+    // node-1 silently drops everything for this address: the SYN is never answered.
+    let black = "10.244.9.9";
+    let mut cmd = tb.node_command("node-1", "ip").expect("node command");
+    cmd.args(["route", "add", "blackhole", &format!("{black}/32")]);
+    let out = run_bounded(cmd, Duration::from_secs(5)).expect("ip route");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let target = format!("{black}:80");
+    let started = Instant::now();
+    let result = read_from(&tb, "client", &target);
+    let took = started.elapsed();
+    assert!(
+        result.is_err(),
+        "an unanswered upstream must fail the client: {result:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "the client must be reset right after the 1s connect timeout, took {took:?}"
+    );
+    let log = tb.agent_log("node-1");
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream connect failed") && l.contains(&target))
+        .unwrap_or_else(|| panic!("no connect timeout logged:\n{log}"));
+    assert!(line.contains("timed out"), "{line}");
+    assert!(
+        line.contains(&tb.pod_ip("default", "client").expect("ip").to_string()),
+        "{line}"
+    );
+    tb.down().expect("down");
+}

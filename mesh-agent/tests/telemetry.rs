@@ -55,14 +55,26 @@ fn node_get(tb: &Testbed, url: &str, query: Option<&str>) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Sends traffic with known counts: 4 connections to the Service, 1 refused connection.
-fn send_traffic(tb: &Testbed) {
+/// Starts the web servers and sends traffic with known counts: 4 connections to the Service,
+/// 1 refused connection. Returns the servers (stopped on drop).
+fn send_traffic(tb: &Testbed) -> Vec<PodProcess> {
+    let servers = ["web-1", "web-2"]
+        .iter()
+        .map(|p| {
+            serve(
+                tb,
+                p,
+                &["http", "--listen", "0.0.0.0:8080", "--service", "web"],
+            )
+        })
+        .collect();
     let svc = tb.service_ip("default", "web").expect("service ip");
     for _ in 0..4 {
         curl(tb, "client", &format!("http://{svc}/")).expect("curl through the mesh");
     }
     let web1 = tb.pod_ip("default", "web-1").expect("ip");
     assert!(read_from(tb, "client", &format!("{web1}:8081")).is_err());
+    servers
 }
 
 #[test]
@@ -70,17 +82,7 @@ fn exposition_has_istio_tcp_metrics_and_passes_promtool() {
     let Some(tb) = up("tm_promtool", 2, &[("app.yaml", &manifests())]) else {
         return;
     };
-    let _servers: Vec<PodProcess> = ["web-1", "web-2"]
-        .iter()
-        .map(|p| {
-            serve(
-                &tb,
-                p,
-                &["http", "--listen", "0.0.0.0:8080", "--service", "web"],
-            )
-        })
-        .collect();
-    send_traffic(&tb);
+    let _servers = send_traffic(&tb);
     let text = node_get(&tb, "http://127.0.0.1:15020/stats/prometheus", None);
 
     for name in [
@@ -176,17 +178,7 @@ fn prometheus_scrapes_the_agent_and_promql_returns_the_counts_sent() {
     let Some(tb) = up("tm_prometheus", 2, &[("app.yaml", &manifests())]) else {
         return;
     };
-    let _servers: Vec<PodProcess> = ["web-1", "web-2"]
-        .iter()
-        .map(|p| {
-            serve(
-                &tb,
-                p,
-                &["http", "--listen", "0.0.0.0:8080", "--service", "web"],
-            )
-        })
-        .collect();
-    send_traffic(&tb);
+    let _servers = send_traffic(&tb);
 
     let dir = tb.state_dir().join("prometheus");
     std::fs::create_dir_all(&dir).expect("prometheus dir");

@@ -61,6 +61,21 @@ struct StatsDoc<'a> {
 }
 
 #[derive(Serialize)]
+struct StatusDoc<'a> {
+    version: &'static str,
+    node: &'a str,
+    ready: bool,
+    not_ready_reason: Option<&'a str>,
+    config_generation: u64,
+    config_error: Option<&'a str>,
+    config_errors_total: u64,
+    enrolled_pods: usize,
+    failed_pods: usize,
+    active_connections: u64,
+    ebpf: &'a EbpfStats,
+}
+
+#[derive(Serialize)]
 struct ConfigDump<'a> {
     node: &'a str,
     generation: u64,
@@ -166,6 +181,24 @@ pub fn handle(
             }
         }
         "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
+        "/status" => {
+            let enrolled = view.workloads.iter().filter(|w| w.state == "enrolled").count();
+            let ebpf = state.maps.read();
+            let doc = StatusDoc {
+                version: env!("CARGO_PKG_VERSION"),
+                node: &view.node,
+                ready: view.ready,
+                not_ready_reason: view.not_ready_reason.as_deref(),
+                config_generation: view.config_generation,
+                config_error: view.config_error.as_deref(),
+                config_errors_total: view.config_errors_total,
+                enrolled_pods: enrolled,
+                failed_pods: view.workloads.len() - enrolled,
+                active_connections: state.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                ebpf: &ebpf,
+            };
+            json(StatusCode::OK, &doc)
+        }
         "/stats" => {
             let routes = state.routes.load();
             let ebpf = state.maps.read();
@@ -201,7 +234,7 @@ pub fn handle(
         }
         "/" => text(
             StatusCode::OK,
-            "nodemesh admin: /healthz/ready /config_dump /workloads /stats /stats/prometheus\n"
+            "nodemesh admin: /healthz/ready /status /config_dump /workloads /stats /stats/prometheus\n"
                 .into(),
         ),
         other => text(

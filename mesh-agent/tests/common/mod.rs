@@ -35,10 +35,21 @@ pub fn testapp() -> PathBuf {
 /// A testbed with one agent per node, or `None` when the test must skip (not root and
 /// MESH_REQUIRE_PRIVILEGED unset; with it set, a missing privilege fails the test).
 pub fn up(test: &str, nodes: usize, manifests: &[(&str, &str)]) -> Option<Testbed> {
+    up_with_args(test, nodes, manifests, &[])
+}
+
+/// [`up`] with extra arguments for every agent.
+pub fn up_with_args(
+    test: &str,
+    nodes: usize,
+    manifests: &[(&str, &str)],
+    agent_args: &[&str],
+) -> Option<Testbed> {
     if !mesh_testbed::require_root(test) {
         return None;
     }
     let mut cfg = TestbedConfig::new(nodes).agent(AGENT).name_hint(test);
+    cfg.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     for (name, yaml) in manifests {
         cfg = cfg.manifest(*name, *yaml);
     }

@@ -1,0 +1,94 @@
+//! `mesh-agent status` and `mesh-agent version`.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use super::Output;
+
+pub async fn status(socket: &Path, output: Output) -> anyhow::Result<()> {
+    let body = super::client::get_ok(socket, "/status").await?;
+    if output == Output::Json {
+        print!("{body}");
+        return Ok(());
+    }
+    let v: Value =
+        serde_json::from_str(&body).context("the agent's /status answer is not valid JSON")?;
+    print!("{}", render(&v));
+    Ok(())
+}
+
+fn render(v: &Value) -> String {
+    let s = |k: &str| match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let e = |k: &str| v["ebpf"][k].to_string();
+    let ready = if v["ready"] == true {
+        "yes".to_string()
+    } else {
+        format!("no ({})", s("not_ready_reason"))
+    };
+    let config = match &v["config_error"] {
+        Value::String(err) => format!(
+            "generation {} in force; newest config REJECTED ({} rejected so far):\n  {}",
+            s("config_generation"),
+            s("config_errors_total"),
+            err.replace('\n', "\n  ")
+        ),
+        _ => format!("generation {}, ok", s("config_generation")),
+    };
+    format!(
+        "agent:        {} on node {}\nready:        {ready}\nconfig:       {config}\nworkloads:    {} enrolled, {} failing\nconnections:  {} active\neBPF:         {} redirected, {} recorded, {} map errors; maps: {} enrolled, {} in flight\n",
+        s("version"),
+        s("node"),
+        s("enrolled_pods"),
+        s("failed_pods"),
+        s("active_connections"),
+        e("redirected"),
+        e("recorded"),
+        e("map_errors"),
+        e("enrolled_entries"),
+        e("orig_dst_entries"),
+    )
+}
+
+/// Prints this binary's version, and the running agent's when it answers.
+pub async fn version(socket: &Path) -> anyhow::Result<()> {
+    println!("client: mesh-agent {}", env!("CARGO_PKG_VERSION"));
+    match super::client::get_ok(socket, "/status").await {
+        Ok(body) => {
+            let v: Value = serde_json::from_str(&body).context("invalid /status JSON")?;
+            println!(
+                "agent:  mesh-agent {} (node {})",
+                v["version"].as_str().unwrap_or("unknown"),
+                v["node"].as_str().unwrap_or("unknown")
+            );
+        }
+        Err(e) => println!("agent:  not reachable ({e:#})"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_rejected_config_prominently() {
+        let v: Value = serde_json::json!({
+            "version": "0.1.0", "node": "node-1", "ready": true, "not_ready_reason": null,
+            "config_generation": 3, "config_error": "m/app.yaml: document 1: bad\nsecond",
+            "config_errors_total": 2, "enrolled_pods": 4, "failed_pods": 0,
+            "active_connections": 1,
+            "ebpf": {"redirected": 10, "recorded": 10, "map_errors": 0,
+                     "enrolled_entries": 4, "orig_dst_entries": 0}
+        });
+        let out = render(&v);
+        assert!(out.contains("agent:        0.1.0 on node node-1"), "{out}");
+        assert!(out.contains("generation 3 in force; newest config REJECTED (2 rejected so far):\n  m/app.yaml: document 1: bad\n  second"), "{out}");
+        assert!(out.contains("workloads:    4 enrolled, 0 failing"), "{out}");
+    }
+}
