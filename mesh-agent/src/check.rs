@@ -137,7 +137,7 @@ pub fn run_checks() -> Vec<Check> {
         "eBPF programs load",
         verified.is_ok(),
         match &verified {
-            Ok(()) => "connect4, connect6, sock_ops accepted by the verifier".to_string(),
+            Ok(()) => "connect4/6, getpeername4/6, sock_ops accepted by the verifier".to_string(),
             Err(e) => format!("{e}"),
         },
         "see the verifier message; the kernel may lack a helper the programs use",

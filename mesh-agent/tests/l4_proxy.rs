@@ -296,3 +296,35 @@ fn unanswered_upstream_times_out_resets_the_client_and_is_logged() {
     );
     tb.down().expect("down");
 }
+
+#[test]
+fn the_application_sees_the_original_destination_as_its_peer() {
+    let yaml = web_manifests(&[("web-2", "node-2")]);
+    let Some(tb) = up("l4_getpeername", 2, &[("app.yaml", &yaml)]) else {
+        return;
+    };
+    let _echo = serve(&tb, "web-2", &["echo", "--listen", "0.0.0.0:8080"]);
+    let svc = format!(
+        "{}:80",
+        tb.service_ip("default", "web").expect("service ip")
+    );
+    let before = counter(&tb, "node-1", "ebpf", "sock_orig_dst_entries");
+    let mut chat = Chat::open(&tb, "client", &svc);
+    assert_eq!(
+        chat.peer, svc,
+        "getpeername must return the Service, not the agent's listener"
+    );
+    assert!(chat.echo("hello"));
+    assert_eq!(
+        counter(&tb, "node-1", "ebpf", "sock_orig_dst_entries"),
+        before + 1
+    );
+    drop(chat);
+    // The entry goes with the socket.
+    wait_until(
+        "the closed socket's entry to go",
+        Duration::from_secs(5),
+        || counter(&tb, "node-1", "ebpf", "sock_orig_dst_entries") == before,
+    );
+    tb.down().expect("down");
+}

@@ -22,12 +22,14 @@ pub const AGENT_MARK: u32 = 0x0000_5eed;
 /// object defines.
 pub mod names {
     pub const MAP_ENROLLED: &str = "ENROLLED";
-    pub const MAP_PENDING: &str = "PENDING_ORIG_DST";
+    pub const MAP_SOCK_ORIG_DST: &str = "SOCK_ORIG_DST";
     pub const MAP_ORIG_DST: &str = "ORIG_DST";
     pub const MAP_STATS: &str = "STATS";
     pub const PROG_CONNECT4: &str = "capture_connect4";
     pub const PROG_CONNECT6: &str = "capture_connect6";
     pub const PROG_SOCK_OPS: &str = "record_orig_dst";
+    pub const PROG_GETPEERNAME4: &str = "peer_getpeername4";
+    pub const PROG_GETPEERNAME6: &str = "peer_getpeername6";
 }
 
 /// Capacity of the ENROLLED map: pods per node.
@@ -80,7 +82,7 @@ pub mod stats {
     pub const REDIRECTED: u32 = 0;
     /// connect() calls skipped because the socket carries the agent's mark.
     pub const SKIPPED_AGENT_MARK: u32 = 1;
-    /// sock_ops moved an original destination from PENDING to ORIG_DST.
+    /// sock_ops copied an original destination from SOCK_ORIG_DST to ORIG_DST.
     pub const RECORDED: u32 = 2;
     /// A map update failed (map full, ...): the connection was still redirected.
     pub const MAP_ERRORS: u32 = 3;

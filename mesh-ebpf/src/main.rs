@@ -4,9 +4,12 @@
 //!   enrolled pod's network namespace to a non-loopback IPv4 destination (or an IPv4-mapped
 //!   IPv6 one) is rewritten to 127.0.0.1:15001 inside that same namespace, where the agent
 //!   listens. The original destination is saved under the socket cookie.
-//! * `sockops` (sock_ops, TCP_CONNECT_CB): once the kernel has chosen the source port, the
-//!   original destination moves to ORIG_DST keyed by (netns cookie, source ip, source port):
-//!   exactly what the agent sees as the peer of the accepted connection.
+//! * `record_orig_dst` (sock_ops, TCP_CONNECT_CB): once the kernel has chosen the source
+//!   port, the original destination is copied to ORIG_DST keyed by (netns cookie, source ip,
+//!   source port): exactly what the agent sees as the peer of the accepted connection. It
+//!   also asks for state callbacks on that socket, to forget it when it closes.
+//! * `getpeername4` / `getpeername6`: the application asking for its peer sees the original
+//!   destination (the Service), not 127.0.0.1:15001.
 //!
 //! Every program is `match try_x(..) { Ok(v) => v, Err(_) => SAFE }`; no path can panic, all
 //! work is bounded (a few map operations), and the stack holds two small structs.
@@ -15,7 +18,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_ANY, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray},
@@ -36,9 +42,10 @@ const LOOPBACK_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 #[map(name = "ENROLLED")]
 static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(ENROLLED_CAPACITY, 0);
 
-/// Original destinations by socket cookie, between connect() and sock_ops' TCP_CONNECT_CB.
-#[map(name = "PENDING_ORIG_DST")]
-static PENDING_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
+/// Original destinations by socket cookie, from connect() until the socket closes (sock_ops'
+/// state callback removes it); read by getpeername.
+#[map(name = "SOCK_ORIG_DST")]
+static SOCK_ORIG_DST: LruHashMap<u64, OrigDst> = LruHashMap::pinned(ORIG_DST_CAPACITY, 0);
 
 /// Original destinations by (netns cookie, source ip, source port); the agent looks each up
 /// after accept() and deletes it.
@@ -99,7 +106,7 @@ fn remember(ctx: &SockAddrContext, netns_cookie: u64, ip4: u32, port_be: u32) {
     };
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PENDING_ORIG_DST
+    if SOCK_ORIG_DST
         .insert(cookie, orig, u64::from(BPF_ANY))
         .is_err()
     {
@@ -168,14 +175,26 @@ pub fn record_orig_dst(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
-    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
-        return Ok(1);
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        // Only sockets that asked for it (captured ones) get state callbacks.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // SAFETY: helper valid for sock_ops programs.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let _ = SOCK_ORIG_DST.remove(cookie);
+        }
+        _ => {}
     }
+    Ok(1)
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the value is copied out before the map is touched again.
-    let Some(orig) = (unsafe { PENDING_ORIG_DST.get(cookie) }).copied() else {
-        return Ok(1);
+    let Some(orig) = (unsafe { SOCK_ORIG_DST.get(cookie) }).copied() else {
+        return;
     };
     let key = OrigDstKey {
         netns_cookie: orig.netns_cookie,
@@ -189,8 +208,44 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
     } else {
         count(stats::RECORDED);
     }
-    let _ = PENDING_ORIG_DST.remove(cookie);
-    Ok(1)
+    // Forget the socket when it closes; without the callback the LRU still bounds the map.
+    if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
+        count(stats::MAP_ERRORS);
+    }
+}
+
+/// The original destination of a captured socket, by its cookie.
+#[inline(always)]
+fn original_peer(ctx: &SockAddrContext) -> Option<OrigDst> {
+    // SAFETY: helper valid for cgroup sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    unsafe { SOCK_ORIG_DST.get(cookie) }.copied()
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn peer_getpeername4(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = original_peer(&ctx) {
+        // SAFETY: context pointer from the kernel; these fields are writable here.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip4 = orig.ip4;
+        sa.user_port = u32::from(orig.port.to_be());
+    }
+    CONNECT_ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn peer_getpeername6(ctx: SockAddrContext) -> i32 {
+    if let Some(orig) = original_peer(&ctx) {
+        // SAFETY: as above.
+        let sa = unsafe { &mut *ctx.sock_addr };
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = 0x0000_ffffu32.to_be();
+        sa.user_ip6[3] = orig.ip4;
+        sa.user_port = u32::from(orig.port.to_be());
+    }
+    CONNECT_ALLOW
 }
 
 #[cfg(not(test))]

@@ -24,6 +24,14 @@ use tracing::{debug, info, warn};
 /// The eBPF object built from `mesh-ebpf` by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
+/// The cgroup/sock_addr programs: capture on connect, the original peer on getpeername.
+const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] = [
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+    names::PROG_GETPEERNAME4,
+    names::PROG_GETPEERNAME6,
+];
+
 /// Magic number of a bpf filesystem (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -103,7 +111,7 @@ impl Capture {
         // With bpf links the kernel always attaches in multi mode and rejects explicit
         // flags, so `Single` (flags 0) is the right mode here.
         let mut links = Vec::new();
-        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+        for name in CGROUP_SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             let id = prog
                 .attach(&cgroup, CgroupAttachMode::Single)
@@ -123,7 +131,7 @@ impl Capture {
         info!(
             cgroup = %cfg.cgroup.display(),
             pin_dir = %cfg.pin_dir.display(),
-            "capture attached (connect4, connect6, sock_ops)"
+            "capture attached (connect4/6, getpeername4/6, sock_ops)"
         );
         Ok(Capture {
             _ebpf: ebpf,
@@ -169,6 +177,7 @@ impl Capture {
             stats: PerCpuArray::try_from(stats).map_err(map_err(names::MAP_STATS))?,
             enrolled: open_pinned_hash(&self.pin_dir, names::MAP_ENROLLED)?,
             orig_dst: open_pinned_hash(&self.pin_dir, names::MAP_ORIG_DST)?,
+            sock_orig_dst: open_pinned_hash(&self.pin_dir, names::MAP_SOCK_ORIG_DST)?,
         })
     }
 }
@@ -182,6 +191,8 @@ pub struct EbpfStats {
     pub map_errors: u64,
     pub enrolled_entries: usize,
     pub orig_dst_entries: usize,
+    /// Captured sockets still open (their original destination serves getpeername).
+    pub sock_orig_dst_entries: usize,
 }
 
 /// Read-only view of the pinned maps; safe to share (every operation takes `&self`).
@@ -189,6 +200,7 @@ pub struct MapReader {
     stats: PerCpuArray<MapData, u64>,
     enrolled: BpfHashMap<MapData, u64, EnrolledPod>,
     orig_dst: BpfHashMap<MapData, OrigDstKey, OrigDst>,
+    sock_orig_dst: BpfHashMap<MapData, u64, OrigDst>,
 }
 
 impl MapReader {
@@ -206,6 +218,7 @@ impl MapReader {
             map_errors: counter(stats::MAP_ERRORS),
             enrolled_entries: self.enrolled.keys().count(),
             orig_dst_entries: self.orig_dst.keys().count(),
+            sock_orig_dst_entries: self.sock_orig_dst.keys().count(),
         }
     }
 }
@@ -220,7 +233,7 @@ fn load_programs(pin_dir: &Path) -> Result<Ebpf, CaptureError> {
             pin_dir: pin_dir.to_owned(),
             source: Box::new(source),
         })?;
-    for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+    for name in CGROUP_SOCK_ADDR_PROGRAMS {
         let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
         prog.load().map_err(prog_err(name))?;
     }

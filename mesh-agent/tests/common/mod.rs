@@ -189,6 +189,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// A long-lived connection from a pod to an echo server, driven line by line.
 pub struct Chat {
+    /// What `getpeername()` returned in the client after connecting.
+    pub peer: String,
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
@@ -205,12 +207,19 @@ impl Chat {
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut chat = Chat {
+            peer: String::new(),
             child,
             stdin,
             stdout,
         };
         let line = chat.line();
         assert!(line.starts_with("connected "), "chat to {addr}: {line:?}");
+        chat.peer = line
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         chat
     }
 

@@ -212,7 +212,13 @@ pub fn chat(args: &ChatArgs) -> Result<()> {
     let mut sock = connect(&args.connect)?;
     sock.set_read_timeout(Some(Duration::from_secs(args.timeout.max(1))))?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "connected {}", sock.local_addr()?)?;
+    // The peer as getpeername() reports it: through the mesh, the original destination.
+    writeln!(
+        out,
+        "connected {} peer {}",
+        sock.local_addr()?,
+        sock.peer_addr()?
+    )?;
     out.flush()?;
     for line in std::io::stdin().lock().lines() {
         let line = line.context("reading stdin")?;
