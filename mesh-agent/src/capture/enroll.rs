@@ -187,7 +187,7 @@ impl Enroller {
         let accept = self.data_plane.spawn(outbound::serve(
             self.inputs.clone(),
             OutboundListener {
-                pod: pod.id.clone(),
+                pod: Arc::new(pod.id.clone()),
                 pod_ip: pod.ip,
                 netns_cookie: netns.cookie(),
                 listener,

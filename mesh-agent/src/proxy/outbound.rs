@@ -17,7 +17,7 @@ use crate::telemetry::metrics::{ResponseFlags, TcpLabels};
 
 /// What one enrolled pod's outbound listener needs.
 pub struct OutboundListener {
-    pub pod: ObjectRef,
+    pub pod: Arc<ObjectRef>,
     /// The pod's IP, for logs: the address the upstream sees as the source.
     pub pod_ip: Option<std::net::Ipv4Addr>,
     pub netns_cookie: u64,
@@ -68,7 +68,8 @@ pub async fn serve(inputs: ProxyInputs, mut l: OutboundListener) {
 
 struct Connection {
     inputs: ProxyInputs,
-    pod: ObjectRef,
+    /// Shared with the listener: no per-connection copy of the names.
+    pod: Arc<ObjectRef>,
     /// The pod's IP (the source the upstream sees), for logs.
     src: std::net::Ipv4Addr,
     peer: SocketAddrV4,
