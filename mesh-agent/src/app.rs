@@ -72,13 +72,24 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub buffer_size: usize,
 
-    /// Worker threads of the data-path runtime.
-    #[arg(long, value_name = "N", default_value_t = 2)]
+    /// Worker threads of the data-path runtime; 0 picks a quarter of the CPUs (at least 1,
+    /// at most 4), leaving the rest to the workloads whose traffic the agent carries. On a
+    /// 2-CPU machine one thread measured better than two (docs/performance.md).
+    #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
 
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
+}
+
+/// Data-path threads: as asked, or for 0 a quarter of the CPUs within [1, 4].
+fn data_workers(asked: usize) -> usize {
+    if asked > 0 {
+        return asked;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cpus / 4).clamp(1, 4)
 }
 
 /// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
@@ -128,7 +139,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let snapshot = Arc::new(initial.snapshot);
 
     let data_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.workers.max(1))
+        .worker_threads(data_workers(args.workers))
         .thread_name("mesh-data")
         .enable_all()
         .build()
