@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, AdminState, ControlView, Surface};
+use crate::admin::{self, AdminState, ControlView, LogControl, Surface};
 use crate::capture::enroll::Enroller;
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::model::Snapshot;
@@ -114,18 +114,27 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+fn init_logging(default: &str) -> Arc<LogControl> {
+    use tracing_subscriber::prelude::*;
+    let text = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_string());
+    let filter = tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {
+        eprintln!("mesh-agent: invalid log filter {text:?} ({e}); using \"info\"");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
+    Arc::new(LogControl::new(handle, text))
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_logging(&args.log_level);
+    let logging = init_logging(&args.log_level);
     let cgroup = match &args.cgroup {
         Some(c) => c.clone(),
         None => crate::sys::cgroup2_mount()
@@ -170,15 +179,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let enroller = Enroller::new(args.node.clone(), capture, data_rt.handle().clone(), inputs);
 
-    let result = control_rt.block_on(control(
-        args.clone(),
+    let result = control_rt.block_on(control(ControlInputs {
+        args: args.clone(),
         snapshot,
         fingerprint,
         enroller,
         routes,
-        stats.clone(),
+        stats: stats.clone(),
         metrics,
-    ));
+        logging,
+    }));
 
     // Drain: accept loops are stopped; give live connections until the deadline.
     let deadline = Instant::now() + args.drain_timeout;
@@ -197,15 +207,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn control(
+/// What the control plane runs with, passed explicitly.
+struct ControlInputs {
     args: RunArgs,
+    /// The startup snapshot and the fingerprint of the content it was loaded from.
     snapshot: Arc<Snapshot>,
     fingerprint: u64,
-    mut enroller: Enroller,
+    enroller: Enroller,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<ProxyStats>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<()> {
+    logging: Arc<LogControl>,
+}
+
+async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
+    let ControlInputs {
+        args,
+        snapshot,
+        fingerprint,
+        mut enroller,
+        routes,
+        stats,
+        metrics,
+        logging,
+    } = inputs;
     let (view_tx, view_rx) = watch::channel(Arc::new(ControlView {
         node: args.node.clone(),
         not_ready_reason: Some("starting".into()),
@@ -226,6 +251,7 @@ async fn control(
                 .context("opening the pinned maps for the admin API")?,
         ),
         metrics,
+        logging,
     };
     let unix = admin::bind_unix(&args.admin_socket)
         .with_context(|| format!("binding the admin socket {}", args.admin_socket.display()))?;

@@ -45,12 +45,31 @@ enum Command {
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Services with their ports, protocol selection and ready endpoints.
+    Services {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// The running agent: version, readiness, config generation and errors, workloads,
     /// eBPF counters.
     Status {
         /// Output format.
         #[arg(short, long, value_enum, default_value_t)]
         output: cli::Output,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
+    /// Show the running agent's log filter, or change it without a restart.
+    Logging {
+        /// New filter in tracing's EnvFilter syntax: a level (`debug`) or per-module
+        /// directives (`info,mesh_agent::proxy=debug`). Without it, prints the current one.
+        #[arg(long, value_name = "FILTER")]
+        level: Option<String>,
         /// Admin unix socket of the agent to ask.
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
@@ -84,10 +103,18 @@ fn main() -> ExitCode {
             output,
             admin_socket,
         } => client_command(cli::workloads::run(&admin_socket, output)),
+        Command::Services {
+            output,
+            admin_socket,
+        } => client_command(cli::services::run(&admin_socket, output)),
         Command::Status {
             output,
             admin_socket,
         } => client_command(cli::status::status(&admin_socket, output)),
+        Command::Logging {
+            level,
+            admin_socket,
+        } => client_command(cli::status::logging(&admin_socket, level.as_deref())),
         Command::Version { admin_socket } => client_command(cli::status::version(&admin_socket)),
         Command::Check { json } => {
             if check::print(&check::run_checks(), json) {

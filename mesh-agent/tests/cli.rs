@@ -123,17 +123,19 @@ fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
         &[
             ("ns.yaml", &namespace("default", true)),
             ("pods.yaml", &pods),
+            ("svc.yaml", &service("default", "worker", "worker", 80)),
         ],
     ) else {
         return;
     };
     let socket = tb.node("node-1").expect("node").admin_socket.clone();
-    let workloads = |format: &str| {
+    // `mesh-agent <command> -o <format>` against node-1's agent; must succeed.
+    let cli = |command: &str, format: &str| {
         let out = Command::new(AGENT)
-            .args(["workloads", "-o", format, "--admin-socket"])
+            .args([command, "-o", format, "--admin-socket"])
             .arg(&socket)
             .output()
-            .expect("workloads");
+            .expect(command);
         assert!(
             out.status.success(),
             "{}",
@@ -141,6 +143,19 @@ fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    let workloads = |format: &str| cli("workloads", format);
+    let status = |format: &str| cli("status", format);
+    let services = cli("services", "table");
+    let worker_ep = format!(
+        "{}:9999 (node-1)",
+        tb.pod_ip("default", "worker").expect("ip")
+    );
+    assert!(
+        services.lines().any(|l| l.starts_with("default    worker")
+            && l.contains("tcp")
+            && l.contains(&worker_ep)),
+        "{services}"
+    );
     let table = workloads("table");
     let mut lines = table.lines();
     assert!(
@@ -157,19 +172,6 @@ fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
     let json: serde_json::Value = serde_json::from_str(&workloads("json")).expect("json");
     assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
 
-    let status = |format: &str| {
-        let out = Command::new(AGENT)
-            .args(["status", "-o", format, "--admin-socket"])
-            .arg(&socket)
-            .output()
-            .expect("status");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     let table = status("table");
     assert!(table.contains("on node node-1"), "{table}");
     assert!(table.contains("ready:        yes"), "{table}");
@@ -187,6 +189,37 @@ fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
         "{version}"
     );
 
+    // The log filter changes at runtime, and a bad one is refused.
+    let logging = |level: Option<&str>| {
+        let mut cmd = Command::new(AGENT);
+        cmd.args(["logging", "--admin-socket"]).arg(&socket);
+        if let Some(l) = level {
+            cmd.args(["--level", l]);
+        }
+        cmd.output().expect("logging")
+    };
+    assert_eq!(String::from_utf8_lossy(&logging(None).stdout), "info\n");
+    assert!(logging(Some("info,mesh_agent=debug")).status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&logging(None).stdout),
+        "info,mesh_agent=debug\n"
+    );
+    // Any captured connection logs at debug; nothing listens on the worker's port 9.
+    let worker = tb.pod_ip("default", "worker").expect("ip");
+    let _ = read_from(&tb, "client", &format!("{worker}:9"));
+    wait_until(
+        "a debug line in the agent log",
+        Duration::from_secs(5),
+        || tb.agent_log("node-1").contains("DEBUG"),
+    );
+    let bad = logging(Some("info,=[bad"));
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid log filter"));
+    assert_eq!(
+        String::from_utf8_lossy(&logging(None).stdout),
+        "info,mesh_agent=debug\n"
+    );
+
     // Removing the pod from the manifests unenrolls it.
     tb.apply(
         "pods.yaml",
@@ -196,6 +229,7 @@ fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
     wait_until("worker unenrolled", Duration::from_secs(10), || {
         !workloads("table").contains("worker")
     });
+    assert!(cli("services", "table").contains("none ready"));
 
     // No agent at that socket: a clear error naming the socket.
     let out = Command::new(AGENT)

@@ -33,6 +33,75 @@ pub struct ControlView {
     pub workloads: Vec<WorkloadView>,
 }
 
+type LogHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// The agent's log filter, changeable at runtime through `POST /logging?level=FILTER`.
+pub struct LogControl {
+    handle: LogHandle,
+    /// The filter text in force (EnvFilter does not print back what it parsed).
+    current: std::sync::Mutex<String>,
+}
+
+impl LogControl {
+    pub fn new(handle: LogHandle, current: String) -> LogControl {
+        LogControl {
+            handle,
+            current: std::sync::Mutex::new(current),
+        }
+    }
+
+    pub fn current(&self) -> String {
+        self.current
+            .lock()
+            .map(|c| c.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Replaces the filter; an invalid one is refused and the old one stays.
+    pub fn set(&self, text: &str) -> Result<(), String> {
+        let filter = tracing_subscriber::EnvFilter::try_new(text)
+            .map_err(|e| format!("invalid log filter {text:?}: {e}"))?;
+        self.handle
+            .reload(filter)
+            .map_err(|e| format!("cannot change the log filter: {e}"))?;
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        *current = text.to_string();
+        Ok(())
+    }
+}
+
+/// `level=...` from a query string, percent-decoded.
+fn query_level(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("level="))
+        .map(|v| {
+            let bytes = v.as_bytes();
+            let mut out = Vec::with_capacity(bytes.len());
+            let mut i = 0;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'%' if i + 2 < bytes.len() => {
+                        let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                        match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                            Some(b) => {
+                                out.push(b);
+                                i += 3;
+                                continue;
+                            }
+                            None => out.push(b'%'),
+                        }
+                    }
+                    b'+' => out.push(b' '),
+                    b => out.push(b),
+                }
+                i += 1;
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        })
+}
+
 #[derive(Clone)]
 pub struct AdminState {
     pub view: watch::Receiver<Arc<ControlView>>,
@@ -41,6 +110,7 @@ pub struct AdminState {
     pub stats: Arc<ProxyStats>,
     pub maps: Arc<MapReader>,
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
+    pub logging: Arc<LogControl>,
 }
 
 #[derive(Serialize)]
@@ -156,14 +226,32 @@ pub fn handle(
     surface: Surface,
     req: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
-    }
     let path = req.uri().path();
     if !allowed(surface, path) {
         return text(
             StatusCode::NOT_FOUND,
             format!("no such path here: {path}\n"),
+        );
+    }
+    if path == "/logging" && req.method() == Method::POST {
+        let Some(level) = query_level(req.uri().query()) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "POST /logging?level=FILTER (e.g. debug, or info,mesh_agent=debug)\n".into(),
+            );
+        };
+        return match state.logging.set(&level) {
+            Ok(()) => {
+                info!(filter = %level, "log filter changed through the admin API");
+                text(StatusCode::OK, format!("{level}\n"))
+            }
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+    }
+    if req.method() != Method::GET {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET (and POST /logging)\n".into(),
         );
     }
     let view = state.view.borrow().clone();
@@ -181,6 +269,7 @@ pub fn handle(
             }
         }
         "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
+        "/logging" => text(StatusCode::OK, format!("{}\n", state.logging.current())),
         "/status" => {
             let enrolled = view.workloads.iter().filter(|w| w.state == "enrolled").count();
             let ebpf = state.maps.read();
@@ -234,7 +323,7 @@ pub fn handle(
         }
         "/" => text(
             StatusCode::OK,
-            "nodemesh admin: /healthz/ready /status /config_dump /workloads /stats /stats/prometheus\n"
+            "nodemesh admin: /healthz/ready /status /config_dump /workloads /stats /stats/prometheus /logging\n"
                 .into(),
         ),
         other => text(
@@ -309,5 +398,22 @@ pub async fn serve_tcp(
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_level;
+
+    #[test]
+    fn level_from_query() {
+        assert_eq!(query_level(Some("level=debug")), Some("debug".into()));
+        assert_eq!(
+            query_level(Some("x=1&level=info%2Cmesh_agent%3Ddebug")),
+            Some("info,mesh_agent=debug".into())
+        );
+        assert_eq!(query_level(Some("level=%zz%")), Some("%zz%".into()));
+        assert_eq!(query_level(Some("other=1")), None);
+        assert_eq!(query_level(None), None);
     }
 }

@@ -10,6 +10,23 @@ use hyper_util::rt::TokioIo;
 
 /// GET `path` from the admin socket; returns (status, body).
 pub async fn get(socket: &Path, path: &str) -> anyhow::Result<(u16, String)> {
+    request(socket, hyper::Method::GET, path).await
+}
+
+/// POST `path` (no body) and fail unless the agent answered 200.
+pub async fn post_ok(socket: &Path, path: &str) -> anyhow::Result<String> {
+    let (status, body) = request(socket, hyper::Method::POST, path).await?;
+    if status != 200 {
+        bail!("agent answered {status} for POST {path}: {}", body.trim());
+    }
+    Ok(body)
+}
+
+async fn request(
+    socket: &Path,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<(u16, String)> {
     let stream = tokio::net::UnixStream::connect(socket).await.with_context(|| {
         format!(
             "cannot connect to the agent's admin socket {} (is `mesh-agent run` running on this node? --admin-socket selects another path)",
@@ -20,7 +37,9 @@ pub async fn get(socket: &Path, path: &str) -> anyhow::Result<(u16, String)> {
         .await
         .context("admin socket handshake")?;
     tokio::spawn(conn);
-    let req = Request::get(path)
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "localhost")
         .body(Empty::<Bytes>::new())
         .context("building the admin request")?;

@@ -1,6 +1,7 @@
 //! Inspection commands: they talk to a running agent over its admin unix socket.
 
 pub mod client;
+pub mod services;
 pub mod status;
 pub mod workloads;
 

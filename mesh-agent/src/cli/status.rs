@@ -55,6 +55,28 @@ fn render(v: &Value) -> String {
     )
 }
 
+/// Prints the agent's log filter, or sets it (`level`), e.g. `debug` or
+/// `info,mesh_agent::proxy=debug`.
+pub async fn logging(socket: &Path, level: Option<&str>) -> anyhow::Result<()> {
+    let body = match level {
+        Some(level) => {
+            let encoded: String = level
+                .bytes()
+                .map(|b| match b {
+                    b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect();
+            super::client::post_ok(socket, &format!("/logging?level={encoded}")).await?
+        }
+        None => super::client::get_ok(socket, "/logging").await?,
+    };
+    print!("{body}");
+    Ok(())
+}
+
 /// Prints this binary's version, and the running agent's when it answers.
 pub async fn version(socket: &Path) -> anyhow::Result<()> {
     println!("client: mesh-agent {}", env!("CARGO_PKG_VERSION"));

@@ -87,6 +87,7 @@ impl Connection {
             .fetch_add(1, Ordering::Relaxed);
         self.stats.outbound_active.fetch_add(1, Ordering::Relaxed);
 
+        debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, "captured connection");
         let routes = self.inputs.routes.load();
         let mut labels = TcpLabels {
             source: routes.workload(&self.src).cloned(),

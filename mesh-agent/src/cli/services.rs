@@ -1,0 +1,184 @@
+//! `mesh-agent services`: the Services this agent knows, their ports, how each port's
+//! protocol would be chosen, and the ready endpoints behind it.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::Output;
+
+#[derive(Debug, Deserialize)]
+struct Ref {
+    namespace: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Port {
+    name: Option<String>,
+    port: u16,
+    target_port: Value,
+    app_protocol: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Endpoint {
+    addr: String,
+    node: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Service {
+    id: Ref,
+    cluster_ip: Option<String>,
+    ports: Vec<Port>,
+    endpoints: Vec<Vec<Endpoint>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Dump {
+    services: Vec<Service>,
+}
+
+pub async fn run(socket: &Path, output: Output) -> anyhow::Result<()> {
+    let body = super::client::get_ok(socket, "/config_dump").await?;
+    let dump: Dump =
+        serde_json::from_str(&body).context("the agent's /config_dump answer is not valid")?;
+    if output == Output::Json {
+        let v: Value = serde_json::from_str(&body).context("invalid JSON")?;
+        println!("{}", serde_json::to_string_pretty(&v["services"])?);
+        return Ok(());
+    }
+    print!("{}", table(&dump.services));
+    Ok(())
+}
+
+/// Istio's protocol selection, as far as configuration decides it: `appProtocol`, then the
+/// port name's prefix before the first `-`; otherwise the first bytes decide (`auto`).
+fn protocol(p: &Port) -> String {
+    if let Some(a) = &p.app_protocol {
+        return a.to_ascii_lowercase();
+    }
+    let prefix = p
+        .name
+        .as_deref()
+        .and_then(|n| n.split('-').next())
+        .map(str::to_ascii_lowercase);
+    match prefix.as_deref() {
+        Some(
+            p @ ("http" | "http2" | "https" | "grpc" | "grpc-web" | "tcp" | "tls" | "mongo"
+            | "mysql" | "redis" | "udp"),
+        ) => p.to_string(),
+        _ => "auto".to_string(),
+    }
+}
+
+fn table(services: &[Service]) -> String {
+    let mut rows = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "CLUSTER-IP",
+            "PORT",
+            "TARGET",
+            "PROTOCOL",
+            "ENDPOINTS",
+        ]
+        .map(String::from),
+    ];
+    for s in services {
+        for (i, p) in s.ports.iter().enumerate() {
+            let target = match &p.target_port {
+                Value::Object(o) => o
+                    .values()
+                    .next()
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                    .unwrap_or_default(),
+                other => other.to_string(),
+            };
+            let eps = s.endpoints.get(i).map(Vec::as_slice).unwrap_or_default();
+            let eps = if eps.is_empty() {
+                "none ready".to_string()
+            } else {
+                eps.iter()
+                    .map(|e| match &e.node {
+                        Some(n) => format!("{} ({n})", e.addr),
+                        None => e.addr.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            rows.push([
+                s.id.namespace.clone(),
+                s.id.name.clone(),
+                s.cluster_ip.clone().unwrap_or_else(|| "None".into()),
+                p.port.to_string(),
+                target,
+                protocol(p),
+                eps,
+            ]);
+        }
+    }
+    let mut widths = [0usize; 7];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_table() {
+        let dump: Dump = serde_json::from_value(serde_json::json!({"services": [{
+            "id": {"namespace": "default", "name": "reviews"},
+            "cluster_ip": "10.96.0.12",
+            "selector": {"app": "reviews"},
+            "ports": [
+                {"name": "http", "port": 9080, "target_port": {"Number": 9080}, "app_protocol": null},
+                {"name": "metrics", "port": 15090, "target_port": {"Name": "stats"}, "app_protocol": "HTTP"}
+            ],
+            "endpoints": [
+                [{"pod": {"namespace": "default", "name": "reviews-v1"}, "addr": "10.244.1.3:9080", "node": "node-1"},
+                 {"pod": {"namespace": "default", "name": "reviews-v2"}, "addr": "10.244.2.3:9080", "node": "node-2"}],
+                []
+            ]
+        }]})).expect("dump");
+        assert_eq!(
+            table(&dump.services),
+            "NAMESPACE  NAME     CLUSTER-IP  PORT   TARGET  PROTOCOL  ENDPOINTS\n\
+             default    reviews  10.96.0.12  9080   9080    http      10.244.1.3:9080 (node-1), 10.244.2.3:9080 (node-2)\n\
+             default    reviews  10.96.0.12  15090  stats   http      none ready\n"
+        );
+    }
+
+    #[test]
+    fn protocol_selection_order() {
+        let port = |name: Option<&str>, app: Option<&str>| Port {
+            name: name.map(String::from),
+            port: 80,
+            target_port: Value::Null,
+            app_protocol: app.map(String::from),
+        };
+        assert_eq!(protocol(&port(Some("tcp-db"), Some("http"))), "http");
+        assert_eq!(protocol(&port(Some("grpc-api"), None)), "grpc");
+        assert_eq!(protocol(&port(Some("web"), None)), "auto");
+        assert_eq!(protocol(&port(None, None)), "auto");
+    }
+}
