@@ -72,6 +72,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub buffer_size: usize,
 
+    /// Proxied connections kept open at most; new ones beyond are reset and counted. Each
+    /// holds two --buffer-size buffers, so this bounds the data path's memory.
+    #[arg(long, value_name = "N", default_value_t = 16384)]
+    pub max_connections: u64,
+
     /// Worker threads of the data-path runtime; 0 picks a quarter of the CPUs (at least 1,
     /// at most 4), leaving the rest to the workloads whose traffic the agent carries. On a
     /// 2-CPU machine one thread measured better than two (docs/performance.md).
@@ -176,6 +181,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout: args.connect_timeout,
         buffer_size: args.buffer_size.clamp(4096, 4 << 20),
         metrics: metrics.clone(),
+        max_connections: args.max_connections.max(1),
     };
     let enroller = Enroller::new(args.node.clone(), capture, data_rt.handle().clone(), inputs);
 

@@ -26,6 +26,9 @@ fn help_explains_every_run_flag() {
         "--connect-timeout",
         "--drain-timeout",
         "--buffer-size",
+        "--max-connections",
+        "--metrics-addr",
+        "--readiness-addr",
     ] {
         let line = help
             .lines()

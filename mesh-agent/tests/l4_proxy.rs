@@ -328,3 +328,36 @@ fn the_application_sees_the_original_destination_as_its_peer() {
     );
     tb.down().expect("down");
 }
+
+#[test]
+fn connection_limit_resets_new_connections_and_keeps_open_ones() {
+    let yaml = web_manifests(&[("web-1", "node-1")]);
+    let Some(tb) = up_with_args(
+        "l4_max_connections",
+        2,
+        &[("app.yaml", &yaml)],
+        &["--max-connections", "1"],
+    ) else {
+        return;
+    };
+    let _echo = serve(&tb, "web-1", &["echo", "--listen", "0.0.0.0:8080"]);
+    let target = format!("{}:8080", tb.pod_ip("default", "web-1").expect("ip"));
+    let mut first = Chat::open(&tb, "client", &target);
+    assert!(first.echo("one"));
+    let refused = read_from(&tb, "client", &target);
+    assert!(
+        refused.is_err(),
+        "over the limit the connection must be reset: {refused:?}"
+    );
+    assert_eq!(counter(&tb, "node-1", "proxy", "over_limit"), 1);
+    assert!(first.echo("the open connection is untouched"));
+    drop(first);
+    wait_until("the connection to close", Duration::from_secs(5), || {
+        counter(&tb, "node-1", "proxy", "active") == 0
+    });
+    let mut again = Chat::open(&tb, "client", &target);
+    assert!(again.echo("room again"));
+    assert!(tb.agent_log("node-1").contains("connection limit reached"));
+    drop(again);
+    tb.down().expect("down");
+}

@@ -141,7 +141,11 @@ pub struct ProxyStats {
     pub completed: AtomicU64,
     pub connect_errors: AtomicU64,
     pub no_orig_dst: AtomicU64,
+    /// Connections refused because `--max-connections` were already open.
+    pub over_limit: AtomicU64,
+    /// Bytes from clients to upstreams.
     pub bytes_sent: AtomicU64,
+    /// Bytes from upstreams to clients.
     pub bytes_received: AtomicU64,
 }
 
@@ -162,6 +166,9 @@ pub struct ProxyInputs {
     /// Bytes buffered per direction of a proxied connection.
     pub buffer_size: usize,
     pub metrics: Arc<Metrics>,
+    /// Proxied connections the agent keeps open at most; each holds two buffers, so this
+    /// bounds the data path's memory.
+    pub max_connections: u64,
 }
 
 #[cfg(test)]

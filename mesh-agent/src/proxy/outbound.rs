@@ -52,6 +52,19 @@ pub async fn serve(inputs: ProxyInputs, mut l: OutboundListener) {
             reset(client);
             continue;
         };
+        // Count the connection as open before its task runs, so a burst cannot overshoot.
+        let open = inputs.stats.active.fetch_add(1, Ordering::Relaxed);
+        if open >= inputs.max_connections {
+            inputs.stats.active.fetch_sub(1, Ordering::Relaxed);
+            let refused = inputs.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+            // Logged for the first refusal and then every 1000th, not once per connection.
+            if refused.is_multiple_of(1000) {
+                warn!(pod = %l.pod, client = %peer, limit = inputs.max_connections, refused = refused + 1,
+                    "connection limit reached (--max-connections), resetting new connections");
+            }
+            reset(client);
+            continue;
+        }
         let dst = SocketAddrV4::new(std::net::Ipv4Addr::from(orig.ip4.to_ne_bytes()), orig.port);
         let conn = Connection {
             inputs: inputs.clone(),
@@ -81,7 +94,6 @@ struct Connection {
 impl Connection {
     async fn run(self, mut client: TcpStream) {
         let proxy_stats = &self.inputs.stats;
-        proxy_stats.active.fetch_add(1, Ordering::Relaxed);
         self.stats
             .outbound_connections
             .fetch_add(1, Ordering::Relaxed);

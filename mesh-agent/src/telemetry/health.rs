@@ -90,6 +90,12 @@ impl Collector for Health {
             "Captured connections refused because no original destination was recorded",
             s.no_orig_dst.load(Ordering::Relaxed),
         )?;
+        counter(
+            &mut enc,
+            "nodemesh_connections_over_limit",
+            "Captured connections reset because --max-connections were open",
+            s.over_limit.load(Ordering::Relaxed),
+        )?;
         let e = self.0.maps.read();
         counter(
             &mut enc,
