@@ -14,3 +14,25 @@ pub enum Output {
     /// JSON, as the admin API returns it.
     Json,
 }
+
+/// Left-aligned columns separated by two spaces, trailing blanks trimmed: the layout of
+/// `kubectl get`.
+pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}

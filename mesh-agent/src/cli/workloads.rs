@@ -56,23 +56,7 @@ fn table(list: &[Workload]) -> String {
             w.outbound_active.to_string(),
         ]);
     }
-    let mut widths = [0usize; 7];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::render_table(&rows)
 }
 
 #[cfg(test)]
