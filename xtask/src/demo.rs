@@ -4,6 +4,7 @@
 //! on Ctrl-C (or right away with `--no-wait`).
 
 mod bookinfo;
+mod prom;
 mod report;
 
 use anyhow::{Result, bail};

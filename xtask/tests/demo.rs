@@ -19,6 +19,10 @@ mod report;
 #[path = "../src/demo/bookinfo.rs"]
 mod bookinfo;
 
+#[allow(dead_code)]
+#[path = "../src/demo/prom.rs"]
+mod prom;
+
 use std::path::Path;
 
 use mesh_testbed::{STATE_ROOT, require_root};

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use mesh_testbed::{PodProcess, Testbed, TestbedConfig};
 
+use super::prom;
 use super::report::{self, Traffic};
 use crate::util::cargo;
 
@@ -223,6 +224,13 @@ fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
     report::print_traffic(tb, &traffic);
     println!();
     report::print_agents(tb)?;
+    println!();
+    // Kept running while the demo waits, so it can be queried by hand.
+    let _prometheus = prom::start(tb)?;
+    if _prometheus.is_some() {
+        prom::print_answers(tb)?;
+    }
+    println!();
     report::print_inspect(tb, &opts.agent_bin, &curl_args, opts.wait);
     if opts.wait {
         println!();
