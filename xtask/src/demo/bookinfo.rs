@@ -13,7 +13,7 @@ use mesh_testbed::{PodProcess, Testbed, TestbedConfig};
 
 use super::prom;
 use super::report::{self, Traffic};
-use crate::util::cargo;
+use crate::util::build_bin;
 
 /// Istio's bookinfo as Pods, plus the sleep client.
 pub const BOOKINFO_YAML: &str = include_str!("../../demo/bookinfo.yaml");
@@ -122,48 +122,13 @@ fn check_interrupted(during: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds mesh-agent and mesh-testapp in one cargo invocation (debug profile) and returns
-/// (mesh-agent, mesh-testapp) as cargo reports them.
+/// Builds mesh-agent and mesh-testapp (debug profile) and returns (mesh-agent, mesh-testapp)
+/// as cargo reports them.
 pub fn build_bins() -> Result<(PathBuf, PathBuf)> {
-    let args = [
-        "build",
-        "-p",
-        "mesh-agent",
-        "-p",
-        "mesh-testbed",
-        "--bins",
-        "--message-format=json-render-diagnostics",
-    ];
-    eprintln!("+ cargo {}", args.join(" "));
-    let out = cargo()
-        .args(args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running cargo {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "building mesh-agent and mesh-testapp failed ({})",
-            out.status
-        );
-    }
-    let mut exes: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && let (Some(name), Some(exe)) =
-                (msg["target"]["name"].as_str(), msg["executable"].as_str())
-        {
-            exes.insert(name.to_string(), PathBuf::from(exe));
-        }
-    }
-    let mut get = |bin: &str| {
-        exes.remove(bin)
-            .with_context(|| format!("cargo did not report an executable for {bin}"))
-    };
-    Ok((get("mesh-agent")?, get("mesh-testapp")?))
+    Ok((
+        build_bin("mesh-agent", "mesh-agent", false)?,
+        build_bin("mesh-testbed", "mesh-testapp", false)?,
+    ))
 }
 
 /// Runs the whole demo; the testbed and every process it started are gone when this returns.
