@@ -297,12 +297,15 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
                 routes.store(Arc::new(RouteTable::build(&snap, &routes.load())));
                 enroller.reconcile(&snap);
             }
-            _ = status_rx.changed() => {}
+            _ = status_rx.changed(), if config_alive => {}
             _ = tick.tick() => {
-                if enroller.has_failures() {
-                    let snap = snap_rx.borrow().clone();
-                    enroller.reconcile(&snap);
+                // Only failed enrollments need the tick; counters are read live by the
+                // admin API, so an unchanged view is not published again.
+                if !enroller.has_failures() {
+                    continue;
                 }
+                let snap = snap_rx.borrow().clone();
+                enroller.reconcile(&snap);
             }
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }

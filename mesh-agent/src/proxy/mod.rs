@@ -52,9 +52,7 @@ impl ServiceRoute {
 pub enum Target<'a> {
     /// A Service ClusterIP:port, balanced over its endpoints.
     Service(&'a ServiceRoute),
-    /// A known pod's IP.
-    Pod,
-    /// Anything else: passed through unchanged.
+    /// A pod IP or anything else: connected to unchanged.
     Passthrough,
 }
 
@@ -68,15 +66,18 @@ pub struct RouteTable {
 impl RouteTable {
     /// Builds the table for `snap`, carrying service counters over from `prev`.
     pub fn build(snap: &Snapshot, prev: &RouteTable) -> RouteTable {
+        let prev_stats: HashMap<&ObjectRef, &Arc<ServiceStats>> = prev
+            .services
+            .values()
+            .map(|r| (&r.service, &r.stats))
+            .collect();
         let mut services = HashMap::new();
         for svc in snap.services.values() {
             let Some(ip) = svc.cluster_ip else { continue };
             let meta = Arc::new(ServiceMeta::of(svc));
-            let stats = prev
-                .services
-                .values()
-                .find(|r| r.service == svc.id)
-                .map(|r| r.stats.clone())
+            let stats = prev_stats
+                .get(&svc.id)
+                .map(|s| Arc::clone(s))
                 .unwrap_or_default();
             for (i, port) in svc.ports.iter().enumerate() {
                 let endpoints = svc.endpoints.get(i).cloned().unwrap_or_default();
@@ -108,9 +109,6 @@ impl RouteTable {
     pub fn target(&self, dst: SocketAddrV4) -> Target<'_> {
         if let Some(route) = self.services.get(&dst) {
             return Target::Service(route);
-        }
-        if self.pods.contains_key(dst.ip()) {
-            return Target::Pod;
         }
         Target::Passthrough
     }

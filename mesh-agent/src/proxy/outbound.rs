@@ -123,7 +123,7 @@ impl Connection {
                     }
                 }
             }
-            Target::Pod | Target::Passthrough => (self.dst, None),
+            Target::Passthrough => (self.dst, None),
         };
         labels.destination = routes.workload(upstream_addr.ip()).cloned();
         drop(routes);

@@ -197,7 +197,7 @@ impl Metrics {
         }
     }
 
-    /// A registry exposing these metrics plus `istio_build`; `extra` adds collectors.
+    /// A registry exposing these metrics plus `istio_build`.
     pub fn registry(self: &Arc<Self>) -> Registry {
         let mut r = Registry::default();
         r.register(
