@@ -119,7 +119,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn init_logging(default: &str) -> Arc<LogControl> {
+pub fn init_logging(default: &str) -> Arc<LogControl> {
     use tracing_subscriber::prelude::*;
     let text = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_string());
     let filter = tracing_subscriber::EnvFilter::try_new(&text).unwrap_or_else(|e| {

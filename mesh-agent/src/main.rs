@@ -2,10 +2,12 @@
 
 mod admin;
 mod app;
+mod ca;
 mod capture;
 mod check;
 mod cli;
 mod config;
+mod identity;
 mod proxy;
 mod sys;
 mod telemetry;
@@ -36,6 +38,9 @@ struct Cli {
 enum Command {
     /// Run the agent (needs root: loads eBPF, enters pods' network namespaces).
     Run(Box<app::RunArgs>),
+    /// The mesh certificate authority: serve the signing API, or issue certificates offline
+    /// (`ca issue`, `ca root`).
+    Ca(Box<ca::CaArgs>),
     /// List this node's enrolled pods, as the running agent sees them.
     Workloads {
         /// Output format.
@@ -96,6 +101,13 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mesh-agent: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Ca(args) => match ca::run(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-agent ca: {e:#}");
                 ExitCode::FAILURE
             }
         },
