@@ -9,6 +9,8 @@ pub mod auth;
 pub mod authority;
 pub mod policy;
 pub mod server;
+#[cfg(test)]
+pub mod testing;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

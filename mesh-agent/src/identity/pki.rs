@@ -31,7 +31,8 @@ pub fn cert_to_pem(der: &[u8]) -> String {
     pem_block("CERTIFICATE", der)
 }
 
-fn pem_block(label: &str, der: &[u8]) -> String {
+/// One PEM block.
+pub fn pem_block(label: &str, der: &[u8]) -> String {
     use std::fmt::Write as _;
     let b64 = base64_encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
