@@ -45,8 +45,16 @@ impl Testbed {
             .arg("--bpffs-dir")
             .arg(&n.bpffs_dir)
             .arg("--admin-socket")
-            .arg(&n.admin_socket)
-            .args(&self.state.agent_args);
+            .arg(&n.admin_socket);
+        if self.state.ca_enabled {
+            cmd.arg("--ca-addr")
+                .arg(self.ca_addr().to_string())
+                .arg("--ca-root")
+                .arg(self.ca_root())
+                .arg("--ca-token-file")
+                .arg(self.node_token_path(&n.name)?);
+        }
+        cmd.args(&self.state.agent_args);
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

@@ -15,6 +15,7 @@
 mod access;
 mod admin_client;
 mod agent;
+mod ca;
 mod cgroup;
 mod cmd;
 mod ipam;
@@ -28,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+pub use ca::{CA_IP, CA_PORT};
 pub use cgroup::{cgroup2_mount, of_pid as cgroup_of_pid};
 pub use ipam::{POD_GATEWAY, node_ip, node_name, pod_cidr};
 pub use netns::{NETNS_DIR, netns_path, sysctl_get as netns_sysctl};
@@ -61,6 +63,10 @@ pub struct TestbedConfig {
     pub prefix: Option<String>,
     /// Start agents in their own session so they outlive the invoking process (the CLI).
     pub detach: bool,
+    /// Run the mesh CA (`<agent_bin> ca`) in the fabric namespace on 10.250.0.254:15012
+    /// (root generated into `<state>/ca`, one random token per node) before the agents, and
+    /// give every agent `--ca-addr`, `--ca-root` and `--ca-token-file`. Needs `agent_bin`.
+    pub ca: bool,
 }
 
 impl Default for TestbedConfig {
@@ -74,6 +80,7 @@ impl Default for TestbedConfig {
             name_hint: None,
             prefix: None,
             detach: false,
+            ca: false,
         }
     }
 }

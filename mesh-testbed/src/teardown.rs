@@ -36,6 +36,7 @@ impl Testbed {
         Ok(Testbed {
             state,
             children: HashMap::new(),
+            ca_child: None,
             armed: false,
         })
     }
@@ -47,6 +48,7 @@ impl Testbed {
         self.armed = false;
         // Children are left running; their handles are dropped without waiting.
         self.children.clear();
+        self.ca_child = None;
         Ok(())
     }
 
@@ -66,6 +68,9 @@ impl Testbed {
             if let Err(e) = self.stop_agent_with(node, AGENT_GRACE) {
                 errors.push(format!("{e:#}"));
             }
+        }
+        if let Err(e) = self.stop_ca_with(AGENT_GRACE) {
+            errors.push(format!("{e:#}"));
         }
         // Agents recorded for nodes that no longer exist in the state (should not happen).
         for (_, id) in std::mem::take(&mut self.state.agents) {
@@ -114,6 +119,14 @@ impl Testbed {
     }
 
     fn dump_agent_logs(&self) {
+        if self.state.ca_enabled {
+            eprintln!(
+                "----- testbed {}: last lines of {} (CA) -----\n{}",
+                self.state.prefix,
+                self.ca_log_path().display(),
+                crate::agent::tail(&self.ca_log(), 60)
+            );
+        }
         for n in &self.state.nodes {
             if let Ok(text) = std::fs::read_to_string(&n.agent_log) {
                 eprintln!(

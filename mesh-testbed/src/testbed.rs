@@ -79,6 +79,12 @@ pub(crate) struct State {
     pub detach: bool,
     /// Node name -> running agent.
     pub agents: BTreeMap<String, ProcId>,
+    /// The testbed runs a CA (`TestbedConfig::ca`).
+    #[serde(default)]
+    pub ca_enabled: bool,
+    /// The running CA.
+    #[serde(default)]
+    pub ca: Option<ProcId>,
 }
 
 /// A running testbed. Dropping it removes everything it created (unless it was loaded with
@@ -87,6 +93,8 @@ pub struct Testbed {
     pub(crate) state: State,
     /// Agents started by this process (node name -> child), reaped on stop.
     pub(crate) children: HashMap<String, Child>,
+    /// The CA, when started by this process.
+    pub(crate) ca_child: Option<Child>,
     /// Whether Drop tears the testbed down.
     pub(crate) armed: bool,
 }
@@ -172,6 +180,9 @@ impl Testbed {
         {
             bail!("agent binary {} does not exist", bin.display());
         }
+        if cfg.ca && cfg.agent_bin.is_none() {
+            bail!("a testbed with a CA needs the mesh-agent binary (agent_bin)");
+        }
         let (prefix, state_dir) = reserve(cfg.prefix.as_deref())?;
         let mut tb = Testbed {
             state: State {
@@ -191,8 +202,11 @@ impl Testbed {
                 agent_args: cfg.agent_args.clone(),
                 detach: cfg.detach,
                 agents: BTreeMap::new(),
+                ca_enabled: false,
+                ca: None,
             },
             children: HashMap::new(),
+            ca_child: None,
             armed: true,
         };
         // From here on an error drops `tb`, which tears down whatever exists.
@@ -223,6 +237,10 @@ impl Testbed {
         self.persist()?;
         for (file, docs) in parsed {
             self.apply_docs(&file, docs)?;
+        }
+        if cfg.ca {
+            self.setup_ca()?;
+            self.start_ca()?;
         }
         if self.state.agent_bin.is_some() && cfg.start_agents {
             let names = self.node_names();
