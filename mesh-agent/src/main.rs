@@ -40,6 +40,7 @@ enum Command {
     Run(Box<app::RunArgs>),
     /// The mesh certificate authority: serve the signing API, or issue certificates offline
     /// (`ca issue`, `ca root`).
+    #[command(long_about = ca::LONG_ABOUT)]
     Ca(Box<ca::CaArgs>),
     /// List this node's enrolled pods, as the running agent sees them.
     Workloads {

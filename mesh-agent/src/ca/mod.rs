@@ -24,6 +24,18 @@ use tracing::info;
 use crate::identity::{Identity, pki};
 use authority::{Authority, write_file};
 
+/// `mesh-agent ca --help`.
+pub const LONG_ABOUT: &str = "The nodemesh certificate authority.\n\n\
+Without a subcommand, serves the signing API over TLS 1.3 (POST /v1/sign, GET /v1/roots, \
+GET /healthz/ready). An agent authenticates with its node credential (`Authorization: Bearer \
+<token>`) and sends a CSR whose only SAN is spiffe://<trust-domain>/ns/<ns>/sa/<sa>; the CA \
+signs it only if a pod of that namespace and service account is scheduled on the agent's node.\n\n\
+The root is either a Kubernetes TLS Secret's files (--root-dir: tls.crt, tls.key as PKCS#8, \
+optional ca.crt; cert-manager compatible) or generated once into --state-dir (root.crt, \
+root.key mode 0600) and reused.\n\n\
+`ca issue` signs a certificate offline with the root on disk (tests, break-glass); `ca root` \
+prints the root, generating it if the state directory is empty.";
+
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
 pub const DEFAULT_SERVER_NAME: &str = "nodemesh-ca.nodemesh-system.svc";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -34,20 +46,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Args, Debug)]
-#[command(
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true,
-    long_about = "The nodemesh certificate authority.\n\n\
-Without a subcommand, serves the signing API over TLS 1.3 (POST /v1/sign, GET /v1/roots, \
-GET /healthz/ready). An agent authenticates with its node credential (`Authorization: Bearer \
-<token>`) and sends a CSR whose only SAN is spiffe://<trust-domain>/ns/<ns>/sa/<sa>; the CA \
-signs it only if a pod of that namespace and service account is scheduled on the agent's node.\n\n\
-The root is either a Kubernetes TLS Secret's files (--root-dir: tls.crt, tls.key as PKCS#8, \
-optional ca.crt; cert-manager compatible) or generated once into --state-dir (root.crt, \
-root.key mode 0600) and reused.\n\n\
-`ca issue` signs a certificate offline with the root on disk (tests, break-glass); `ca root` \
-prints the root, generating it if the state directory is empty."
-)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct CaArgs {
     #[command(subcommand)]
     pub command: Option<CaCommand>,

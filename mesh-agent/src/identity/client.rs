@@ -51,7 +51,7 @@ pub struct ErrorResponse {
 pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert, CertError> {
     let addr = shared.cfg.ca_addr;
     let csr_err = |source| CertError::Csr {
-        identity: id.clone(),
+        identity: id.to_string(),
         source,
     };
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(csr_err)?;
@@ -74,7 +74,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
         })??;
     let bad_reply = |reason: String| CertError::BadReply {
         addr,
-        identity: id.clone(),
+        identity: id.to_string(),
         reason,
     };
     if status != 200 {
@@ -83,7 +83,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
             .unwrap_or_else(|_| String::from_utf8_lossy(&reply).trim().to_string());
         return Err(CertError::Refused {
             addr,
-            identity: id.clone(),
+            identity: id.to_string(),
             status,
             reason,
         });
@@ -97,7 +97,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
 
     let bad_chain = |reason: String| CertError::BadChain {
         addr,
-        identity: id.clone(),
+        identity: id.to_string(),
         reason,
     };
     let leaf = chain
@@ -123,7 +123,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
         .key_provider
         .load_private_key(der)
         .map_err(|source| CertError::Key {
-            identity: id.clone(),
+            identity: id.to_string(),
             source,
         })?;
     Ok(WorkloadCert {
@@ -205,7 +205,7 @@ async fn post(shared: &Shared, id: &Identity, body: String) -> Result<(u16, Byte
             .await
             .map_err(|e| CertError::BadReply {
                 addr,
-                identity: id.clone(),
+                identity: id.to_string(),
                 reason: format!("reading the reply: {e}"),
             })?
             .to_bytes();

@@ -65,12 +65,12 @@ pub enum CertError {
     TokenInvalid { path: PathBuf },
     #[error("cannot make a key or CSR for {identity}: {source}")]
     Csr {
-        identity: Identity,
+        identity: String,
         source: rcgen::Error,
     },
     #[error("cannot load the new key of {identity}: {source}")]
     Key {
-        identity: Identity,
+        identity: String,
         source: rustls::Error,
     },
     #[error("cannot connect to the CA at {addr}: {source}")]
@@ -93,20 +93,20 @@ pub enum CertError {
     #[error("the CA at {addr} refused {identity} (HTTP {status}): {reason}")]
     Refused {
         addr: SocketAddr,
-        identity: Identity,
+        identity: String,
         status: u16,
         reason: String,
     },
     #[error("the CA at {addr} sent a malformed reply for {identity}: {reason}")]
     BadReply {
         addr: SocketAddr,
-        identity: Identity,
+        identity: String,
         reason: String,
     },
     #[error("the certificate the CA at {addr} issued for {identity} is not acceptable: {reason}")]
     BadChain {
         addr: SocketAddr,
-        identity: Identity,
+        identity: String,
         reason: String,
     },
 }
