@@ -14,10 +14,12 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, ControlView, LogControl, Surface};
-use crate::capture::enroll::Enroller;
+use crate::capture::enroll::{Enroller, Mtls};
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::model::Snapshot;
 use crate::config::watch as config_watch;
+use crate::identity::{CertManager, CertManagerConfig};
+use crate::proxy::hbone::PoolSettings;
 use crate::proxy::{ProxyInputs, ProxyStats, RouteTable};
 use crate::telemetry::metrics::Metrics;
 
@@ -83,6 +85,47 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub workers: usize,
 
+    /// The mesh CA (`mesh-agent ca`). With it, traffic between meshed pods goes over mutual
+    /// TLS (HBONE) and every enrolled pod gets a certificate for its service account first.
+    /// Without it the agent proxies plaintext TCP and says so at startup.
+    #[arg(long, value_name = "ADDR", requires_all = ["ca_root", "ca_token_file"])]
+    pub ca_addr: Option<SocketAddr>,
+
+    /// PEM file with the mesh root certificate(s): trusted for the CA's own TLS and as the
+    /// anchor of every workload certificate.
+    #[arg(long, value_name = "FILE")]
+    pub ca_root: Option<PathBuf>,
+
+    /// The node credential presented to the CA (in a cluster: a projected service-account
+    /// token).
+    #[arg(long, value_name = "FILE")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// DNS name in the CA's serving certificate.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "nodemesh-ca.nodemesh-system.svc"
+    )]
+    pub ca_server_name: String,
+
+    /// SPIFFE trust domain of this mesh.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Lifetime asked for workload certificates; they are renewed at half-life.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+
+    /// CONNECT streams one HBONE (mutual TLS) connection carries at most before another is
+    /// opened to the same destination.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub hbone_max_streams: usize,
+
+    /// An HBONE connection with no stream for this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub hbone_idle_timeout: Duration,
+
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
@@ -97,7 +140,7 @@ fn data_workers(asked: usize) -> usize {
     (cpus / 4).clamp(1, 4)
 }
 
-/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+/// Parses `500ms`, `5s`, `2m`, `24h` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -111,7 +154,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("invalid duration {s:?}"));
@@ -169,11 +213,34 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     })
     .context("starting eBPF capture (see `mesh-agent check`)")?;
 
+    let mtls = match mtls_config(&args)? {
+        Some(cfg) => {
+            info!(ca = %cfg.ca_addr, trust_domain = %cfg.trust_domain, "mutual TLS on: meshed pods talk over HBONE");
+            // The manager's renewal tasks live on the control runtime.
+            let _guard = control_rt.enter();
+            Some(Mtls {
+                certs: CertManager::new(cfg).context("setting up workload certificates")?,
+                pool: PoolSettings {
+                    max_streams: args.hbone_max_streams.max(1),
+                    idle_timeout: args.hbone_idle_timeout,
+                    connect_timeout: args.connect_timeout,
+                },
+            })
+        }
+        None => {
+            warn!("no --ca-addr: mutual TLS is OFF, traffic between meshed pods is plaintext TCP");
+            None
+        }
+    };
+    let trust_domain = mtls.as_ref().map(|m| m.certs.trust_domain().to_string());
+
     let stats = Arc::new(ProxyStats::default());
+    let inbound = Arc::new(crate::proxy::inbound::InboundStats::default());
     let metrics = Arc::new(Metrics::default());
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
         &snapshot,
         &RouteTable::default(),
+        trust_domain.as_deref(),
     )));
     let inputs = ProxyInputs {
         routes: routes.clone(),
@@ -182,8 +249,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         buffer_size: args.buffer_size.clamp(4096, 4 << 20),
         metrics: metrics.clone(),
         max_connections: args.max_connections.max(1),
+        inbound: inbound.clone(),
     };
-    let enroller = Enroller::new(args.node.clone(), capture, data_rt.handle().clone(), inputs);
+    let certs = mtls.as_ref().map(|m| m.certs.clone());
+    let enroller = Enroller::new(
+        args.node.clone(),
+        capture,
+        data_rt.handle().clone(),
+        inputs,
+        mtls,
+    );
 
     let result = control_rt.block_on(control(ControlInputs {
         args: args.clone(),
@@ -194,6 +269,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         stats: stats.clone(),
         metrics,
         logging,
+        certs,
+        trust_domain,
+        inbound,
     }));
 
     // Drain: accept loops are stopped; give live connections until the deadline.
@@ -224,6 +302,27 @@ struct ControlInputs {
     stats: Arc<ProxyStats>,
     metrics: Arc<Metrics>,
     logging: Arc<LogControl>,
+    certs: Option<CertManager>,
+    trust_domain: Option<String>,
+    inbound: Arc<crate::proxy::inbound::InboundStats>,
+}
+
+/// The CA client settings, if mutual TLS is configured.
+fn mtls_config(args: &RunArgs) -> anyhow::Result<Option<CertManagerConfig>> {
+    let Some(ca_addr) = args.ca_addr else {
+        return Ok(None);
+    };
+    let (Some(ca_root), Some(token_file)) = (&args.ca_root, &args.ca_token_file) else {
+        anyhow::bail!("--ca-addr needs --ca-root and --ca-token-file");
+    };
+    Ok(Some(CertManagerConfig {
+        ca_addr,
+        ca_server_name: args.ca_server_name.clone(),
+        ca_root: ca_root.clone(),
+        token_file: token_file.clone(),
+        trust_domain: args.trust_domain.clone(),
+        ttl: args.cert_ttl,
+    }))
 }
 
 async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
@@ -236,7 +335,11 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         stats,
         metrics,
         logging,
+        certs,
+        trust_domain,
+        inbound,
     } = inputs;
+    let mut certs_rx = certs.as_ref().map(CertManager::changed);
     let (view_tx, view_rx) = watch::channel(Arc::new(ControlView {
         node: args.node.clone(),
         not_ready_reason: Some("starting".into()),
@@ -258,6 +361,8 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         ),
         metrics,
         logging,
+        inbound,
+        certs: certs.clone(),
     };
     let unix = admin::bind_unix(&args.admin_socket)
         .with_context(|| format!("binding the admin socket {}", args.admin_socket.display()))?;
@@ -278,8 +383,22 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
     ));
 
     enroller.reconcile(&snapshot);
-    publish(&view_tx, &enroller, &args.node, &status_rx.borrow(), true);
-    info!(node = %args.node, generation = snapshot.generation, "agent ready");
+    let mut readiness = Readiness {
+        initialised: false,
+        stopping: false,
+    };
+    publish(
+        &view_tx,
+        &enroller,
+        &args.node,
+        &status_rx.borrow(),
+        &mut readiness,
+    );
+    if readiness.initialised {
+        info!(node = %args.node, generation = snapshot.generation, "agent ready");
+    } else {
+        info!(node = %args.node, generation = snapshot.generation, "agent started; ready once the pods' certificates arrive");
+    }
 
     let mut config_alive = true;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -294,7 +413,15 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
                     continue;
                 }
                 let snap = snap_rx.borrow_and_update().clone();
-                routes.store(Arc::new(RouteTable::build(&snap, &routes.load())));
+                routes.store(Arc::new(RouteTable::build(&snap, &routes.load(), trust_domain.as_deref())));
+                enroller.reconcile(&snap);
+            }
+            // A certificate arrived or changed: pods waiting for theirs can be enrolled.
+            Ok(()) = async { match certs_rx.as_mut() {
+                Some(rx) => rx.changed().await,
+                None => std::future::pending().await,
+            } } => {
+                let snap = snap_rx.borrow().clone();
                 enroller.reconcile(&snap);
             }
             _ = status_rx.changed(), if config_alive => {}
@@ -310,11 +437,51 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => { info!("SIGINT: shutting down"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break; }
         }
-        publish(&view_tx, &enroller, &args.node, &status_rx.borrow(), true);
+        let was_ready = readiness.initialised;
+        publish(
+            &view_tx,
+            &enroller,
+            &args.node,
+            &status_rx.borrow(),
+            &mut readiness,
+        );
+        if readiness.initialised && !was_ready {
+            info!(node = %args.node, "agent ready: the pods' certificates arrived");
+        }
     }
     enroller.stop_accepting();
-    publish(&view_tx, &enroller, &args.node, &status_rx.borrow(), false);
+    readiness.stopping = true;
+    publish(
+        &view_tx,
+        &enroller,
+        &args.node,
+        &status_rx.borrow(),
+        &mut readiness,
+    );
     Ok(())
+}
+
+/// Readiness: not before every pod of the first config has its certificate (so "ready"
+/// means the node's pods are really meshed), then latched until shutdown.
+struct Readiness {
+    initialised: bool,
+    stopping: bool,
+}
+
+impl Readiness {
+    fn check(&mut self, enroller: &Enroller) -> Result<(), String> {
+        if self.stopping {
+            return Err("shutting down".into());
+        }
+        if !self.initialised {
+            let waiting = enroller.waiting_for_certificates();
+            if waiting > 0 {
+                return Err(format!("waiting for the certificates of {waiting} pod(s)"));
+            }
+            self.initialised = true;
+        }
+        Ok(())
+    }
 }
 
 fn publish(
@@ -322,12 +489,13 @@ fn publish(
     enroller: &Enroller,
     node: &str,
     status: &config_watch::ConfigStatus,
-    ready: bool,
+    readiness: &mut Readiness,
 ) {
+    let ready = readiness.check(enroller);
     let view = ControlView {
         node: node.to_string(),
-        ready,
-        not_ready_reason: (!ready).then(|| "shutting down".to_string()),
+        ready: ready.is_ok(),
+        not_ready_reason: ready.err(),
         config_generation: status.generation,
         config_error: status.last_error.clone(),
         config_errors_total: status.errors_total,
@@ -347,7 +515,8 @@ mod tests {
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("5d").is_err());
         assert!(parse_duration("abc").is_err());
     }
 }

@@ -51,6 +51,16 @@ enum Command {
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Workload certificates: identity, serial, validity and state (valid, renewing after a
+    /// failed renewal, expired, pending).
+    Certs {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Services with their ports, protocol selection and ready endpoints.
     Services {
         /// Output format.
@@ -116,6 +126,10 @@ fn main() -> ExitCode {
             output,
             admin_socket,
         } => client_command(cli::workloads::run(&admin_socket, output)),
+        Command::Certs {
+            output,
+            admin_socket,
+        } => client_command(cli::certs::run(&admin_socket, output)),
         Command::Services {
             output,
             admin_socket,

@@ -98,8 +98,35 @@ fn exposition_has_istio_tcp_metrics_and_passes_promtool() {
     }
     let opened: Vec<&str> = text
         .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"source\"")
+        })
         .collect();
+    // web-1 runs on node-1: its side of the tunnel is reported there too, as mutual TLS,
+    // with the service the connection was for.
+    let destination: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("response_flags=\"-\"")
+        })
+        .collect();
+    assert_eq!(destination.len(), 1, "{destination:#?}");
+    for label in [
+        "destination_workload=\"web-1\"",
+        "destination_service=\"web.default.svc.cluster.local\"",
+        "connection_security_policy=\"mutual_tls\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/default\"",
+    ] {
+        assert!(
+            destination[0].contains(label),
+            "{label}: {}",
+            destination[0]
+        );
+    }
+    assert!(destination[0].ends_with(" 2"), "{}", destination[0]);
     let web = opened
         .iter()
         .filter(|l| l.contains("destination_service=\"web.default.svc.cluster.local\""))
@@ -226,7 +253,7 @@ fn prometheus_scrapes_the_agent_and_promql_returns_the_counts_sent() {
     }
     let per_backend = |w: &str| {
         query(&format!(
-            "sum(istio_tcp_connections_opened_total{{destination_workload=\"{w}\",response_flags=\"-\"}})"
+            "sum(istio_tcp_connections_opened_total{{reporter=\"source\",destination_workload=\"{w}\",response_flags=\"-\"}})"
         ))
     };
     assert_eq!(
@@ -240,7 +267,7 @@ fn prometheus_scrapes_the_agent_and_promql_returns_the_counts_sent() {
         "round-robin: 2 of 4 to web-2"
     );
     assert_eq!(
-        query("sum(istio_tcp_connections_closed_total{response_flags=\"UF\"})"),
+        query("sum(istio_tcp_connections_closed_total{reporter=\"source\",response_flags=\"UF\"})"),
         Some(1.0)
     );
     let received = query(

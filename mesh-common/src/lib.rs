@@ -18,6 +18,13 @@ pub mod ports {
 /// a socket with this mark, so the agent's own upstream connections cannot loop back to it.
 pub const AGENT_MARK: u32 = 0x0000_5eed;
 
+/// `SO_MARK` of the agent's sockets that deliver inbound connections to an app in its pod,
+/// bound to the client's IP (`IP_TRANSPARENT`). The pod's namespace routes replies carrying
+/// this mark back to the agent (`tcp_fwmark_accept` plus a policy rule). Like [`AGENT_MARK`]
+/// it is never captured, and it must differ from it, or the agent's own outbound traffic in
+/// that namespace would be routed back to itself.
+pub const DELIVER_MARK: u32 = 0x0000_5eee;
+
 /// Names of the maps and programs, shared so that the agent looks up exactly what the eBPF
 /// object defines.
 pub mod names {

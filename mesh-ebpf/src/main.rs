@@ -28,8 +28,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use mesh_common::{
-    AF_INET, AGENT_MARK, ENROLLED_CAPACITY, EnrolledPod, ORIG_DST_CAPACITY, OrigDst, OrigDstKey,
-    ports, stats,
+    AF_INET, AGENT_MARK, DELIVER_MARK, ENROLLED_CAPACITY, EnrolledPod, ORIG_DST_CAPACITY, OrigDst,
+    OrigDstKey, ports, stats,
 };
 
 /// Allow the `connect()` (possibly rewritten). cgroup/connect programs return 1 to allow.
@@ -85,7 +85,8 @@ fn should_capture(ctx: &SockAddrContext, dst_ip_be: u32) -> Option<u64> {
         return None;
     }
     // SAFETY: non-null kernel socket pointer, `mark` is a readable field.
-    if unsafe { (*sk).mark } == AGENT_MARK {
+    let mark = unsafe { (*sk).mark };
+    if mark == AGENT_MARK || mark == DELIVER_MARK {
         count(stats::SKIPPED_AGENT_MARK);
         return None;
     }

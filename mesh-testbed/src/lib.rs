@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+pub use agent::tail;
 pub use ca::{CA_IP, CA_PORT};
 pub use cgroup::{cgroup2_mount, of_pid as cgroup_of_pid};
 pub use ipam::{POD_GATEWAY, node_ip, node_name, pod_cidr};

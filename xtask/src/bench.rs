@@ -39,8 +39,13 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["runs", "duration"])]
     quick: bool,
     /// Where to write the report (a relative path is taken from the workspace root).
-    #[arg(long, default_value = "docs/benchmarks.md")]
-    output: PathBuf,
+    /// Defaults to docs/benchmarks.md, or docs/benchmarks-plaintext.md with --plaintext.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Run the agents without the mesh CA: plaintext L4 proxying instead of mutual TLS
+    /// (HBONE), to see what TLS and HTTP/2 framing cost.
+    #[arg(long)]
+    plaintext: bool,
     /// Extra argument for every agent (repeatable), e.g. `--agent-arg=--workers=1`, to
     /// compare agent settings.
     #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -66,10 +71,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         (args.runs, args.duration)
     };
-    let output = if args.output.is_absolute() {
-        args.output.clone()
+    let output = args.output.clone().unwrap_or_else(|| {
+        PathBuf::from(if args.plaintext {
+            "docs/benchmarks-plaintext.md"
+        } else {
+            "docs/benchmarks.md"
+        })
+    });
+    let output = if output.is_absolute() {
+        output
     } else {
-        workspace_root().join(&args.output)
+        workspace_root().join(output)
     };
     setup::run(&args.setup)?;
     let agent_bin = build_bin("mesh-agent", "mesh-agent", true)?;
@@ -90,6 +102,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .name_hint("cargo xtask bench")
         .manifest("bench.yaml", bed::manifest());
     cfg.agent_args.clone_from(&args.agent_args);
+    cfg.ca = !args.plaintext;
     let tb = Testbed::up(cfg)?;
     bed::wait_enrolled(&tb)?;
     let servers = bed::start_servers(&tb, &http)?;
@@ -100,6 +113,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ticks: bed::clock_ticks(),
         agent_pid: agent_pid(&tb, CLIENT_NODE)?,
         other_pid: agent_pid(&tb, "node-2")?,
+        mtls: !args.plaintext,
     };
     let scenarios = vec![
         bench.scenario("same-node", &SERVERS[0])?,
@@ -194,6 +208,7 @@ struct Bench<'a> {
     ticks: f64,
     agent_pid: u32,
     other_pid: u32,
+    mtls: bool,
 }
 
 impl Bench<'_> {
@@ -205,6 +220,7 @@ impl Bench<'_> {
         );
         let mut sc = Scenario {
             title,
+            mtls: self.mtls,
             description,
             gbps: Default::default(),
             wrk: Default::default(),

@@ -105,6 +105,8 @@ fn up(
     cfg.name_hint = Some("cargo xtask testbed".to_string());
     cfg.agent_args = agent_args;
     if !no_agent {
+        // Agents run with the mesh CA, as the mesh is meant to run: mutual TLS between pods.
+        cfg.ca = true;
         let bin = match agent {
             Some(path) => path
                 .canonicalize()

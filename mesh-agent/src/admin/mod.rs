@@ -111,6 +111,14 @@ pub struct AdminState {
     pub maps: Arc<MapReader>,
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
     pub logging: Arc<LogControl>,
+    pub inbound: Arc<crate::proxy::inbound::InboundStats>,
+    /// Workload certificates, with mutual TLS on.
+    pub certs: Option<crate::identity::CertManager>,
+}
+
+/// Workload certificates (empty with mutual TLS off).
+fn certs(state: &AdminState) -> Vec<crate::identity::CertView> {
+    state.certs.as_ref().map(|c| c.view()).unwrap_or_default()
 }
 
 #[derive(Serialize)]
@@ -126,6 +134,8 @@ struct StatsDoc<'a> {
     /// Config generation the data path is routing with.
     routes_generation: u64,
     proxy: &'a ProxyStats,
+    /// The HBONE side (15008): TLS handshakes and CONNECT streams.
+    inbound: &'a crate::proxy::inbound::InboundStats,
     ebpf: &'a EbpfStats,
     services: Vec<ServiceCounters<'a>>,
 }
@@ -142,6 +152,10 @@ struct StatusDoc<'a> {
     enrolled_pods: usize,
     failed_pods: usize,
     active_connections: u64,
+    /// Mutual TLS between agents (HBONE): on when a CA is configured.
+    mtls: bool,
+    /// Certificates not in the `valid` state (pending, renewing after a failure, expired).
+    certificates_unhealthy: usize,
     ebpf: &'a EbpfStats,
 }
 
@@ -151,6 +165,7 @@ struct ConfigDump<'a> {
     generation: u64,
     config_error: Option<&'a str>,
     workloads: &'a [WorkloadView],
+    certificates: Vec<crate::identity::CertView>,
     namespaces: Vec<&'a crate::config::model::Namespace>,
     services: Vec<&'a crate::config::model::Service>,
     pods: Vec<&'a crate::config::model::Pod>,
@@ -269,6 +284,7 @@ pub fn handle(
             }
         }
         "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
+        "/certs" => json(StatusCode::OK, &certs(state)),
         "/logging" => text(StatusCode::OK, format!("{}\n", state.logging.current())),
         "/status" => {
             let enrolled = view.workloads.iter().filter(|w| w.state == "enrolled").count();
@@ -284,6 +300,8 @@ pub fn handle(
                 enrolled_pods: enrolled,
                 failed_pods: view.workloads.len() - enrolled,
                 active_connections: state.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                mtls: state.certs.is_some(),
+                certificates_unhealthy: certs(state).iter().filter(|c| c.state != crate::identity::CertState::Valid).count(),
                 ebpf: &ebpf,
             };
             json(StatusCode::OK, &doc)
@@ -296,6 +314,7 @@ pub fn handle(
                 node: &view.node,
                 routes_generation: routes.generation,
                 proxy: &state.stats,
+                inbound: &state.inbound,
                 ebpf: &ebpf,
                 services: services
                     .iter()
@@ -315,6 +334,7 @@ pub fn handle(
                 generation: snap.generation,
                 config_error: view.config_error.as_deref(),
                 workloads: &workloads,
+                certificates: certs(state),
                 namespaces: snap.namespaces.values().collect(),
                 services: snap.services.values().collect(),
                 pods: snap.pods.values().collect(),
@@ -323,7 +343,7 @@ pub fn handle(
         }
         "/" => text(
             StatusCode::OK,
-            "nodemesh admin: /healthz/ready /status /config_dump /workloads /stats /stats/prometheus /logging\n"
+            "nodemesh admin: /healthz/ready /status /config_dump /workloads /certs /stats /stats/prometheus /logging\n"
                 .into(),
         ),
         other => text(

@@ -20,7 +20,12 @@ use tracing::{error, info, warn};
 use super::Capture;
 use super::netns::PodNetns;
 use crate::config::model::{ObjectRef, Pod, Snapshot};
-use crate::proxy::outbound::{self, OutboundListener};
+use crate::identity::{CertManager, Identity};
+use crate::proxy::hbone::PoolSettings;
+use crate::proxy::hbone::pool::{Pool, PoolInputs, PoolStats};
+use crate::proxy::hbone::tls;
+use crate::proxy::inbound::{self, HboneListener};
+use crate::proxy::outbound::{self, Hbone, OutboundListener};
 use crate::proxy::{ProxyInputs, WorkloadStats};
 use mesh_common::ports;
 
@@ -33,15 +38,45 @@ pub enum EnrollError {
     Netns(#[from] super::netns::NetnsError),
     #[error(transparent)]
     Capture(#[from] super::CaptureError),
-    #[error("registering the outbound listener with the runtime: {0}")]
+    #[error("registering the pod's listeners with the runtime: {0}")]
     Listener(std::io::Error),
+    #[error("waiting for a certificate for {0} from the CA")]
+    // Keep the message's start equal to WAITING_FOR_CERTIFICATE.
+    NoCertificate(Identity),
+    #[error("the pod has no IP to serve mutual TLS (15008) on")]
+    NoPodIp,
+    #[error("building the pod's TLS config: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Start of [`EnrollError::NoCertificate`]'s message.
+const WAITING_FOR_CERTIFICATE: &str = "waiting for a certificate";
+
+/// Mutual TLS between agents: where certificates come from and the pool settings.
+#[derive(Clone)]
+pub struct Mtls {
+    pub certs: CertManager,
+    pub pool: PoolSettings,
+}
+
+impl Mtls {
+    pub fn identity_of(&self, pod: &Pod) -> Identity {
+        Identity {
+            trust_domain: self.certs.trust_domain().to_string(),
+            namespace: pod.id.namespace.clone(),
+            service_account: pod.service_account.clone(),
+        }
+    }
 }
 
 struct Enrolled {
     pod: Pod,
     netns: PodNetns,
-    accept: JoinHandle<()>,
+    /// The accept loops: outbound, and with mutual TLS, inbound HBONE.
+    accept: Vec<JoinHandle<()>>,
     stats: Arc<WorkloadStats>,
+    identity: Option<Arc<Identity>>,
+    pool: Option<Arc<PoolStats>>,
 }
 
 /// A workload as the admin API and CLI show it.
@@ -59,9 +94,22 @@ pub struct WorkloadView {
     pub outbound_connections: u64,
     pub outbound_active: u64,
     pub outbound_errors: u64,
+    /// Outbound connections carried over HBONE (mutual TLS).
+    pub outbound_hbone: u64,
+    pub inbound_connections: u64,
+    pub inbound_active: u64,
+    /// SPIFFE identity, with mutual TLS on.
+    pub identity: Option<String>,
+    /// `HBONE` with mutual TLS on, else `TCP`.
+    pub protocol: &'static str,
+    /// TLS connections of the pod's HBONE pool: open now, and opened in total.
+    pub hbone_connections_open: u64,
+    pub hbone_connections_opened: u64,
     /// Live counters, read again whenever the view is served.
     #[serde(skip)]
     pub stats: Option<Arc<WorkloadStats>>,
+    #[serde(skip)]
+    pub pool: Option<Arc<PoolStats>>,
 }
 
 impl WorkloadView {
@@ -72,6 +120,13 @@ impl WorkloadView {
             v.outbound_connections = s.outbound_connections.load(Ordering::Relaxed);
             v.outbound_active = s.outbound_active.load(Ordering::Relaxed);
             v.outbound_errors = s.outbound_errors.load(Ordering::Relaxed);
+            v.outbound_hbone = s.outbound_hbone.load(Ordering::Relaxed);
+            v.inbound_connections = s.inbound_connections.load(Ordering::Relaxed);
+            v.inbound_active = s.inbound_active.load(Ordering::Relaxed);
+        }
+        if let Some(p) = &self.pool {
+            v.hbone_connections_open = p.connections_open.load(Ordering::Relaxed);
+            v.hbone_connections_opened = p.connections_opened.load(Ordering::Relaxed);
         }
         v
     }
@@ -84,6 +139,7 @@ pub struct Enroller {
     capture: Capture,
     data_plane: Handle,
     inputs: ProxyInputs,
+    mtls: Option<Mtls>,
     enrolled: BTreeMap<ObjectRef, Enrolled>,
     failed: BTreeMap<ObjectRef, (Pod, String)>,
     /// ENROLLED entries left by a previous agent, removed after the first reconcile.
@@ -91,12 +147,19 @@ pub struct Enroller {
 }
 
 impl Enroller {
-    pub fn new(node: String, capture: Capture, data_plane: Handle, inputs: ProxyInputs) -> Self {
+    pub fn new(
+        node: String,
+        capture: Capture,
+        data_plane: Handle,
+        inputs: ProxyInputs,
+        mtls: Option<Mtls>,
+    ) -> Self {
         Enroller {
             node,
             capture,
             data_plane,
             inputs,
+            mtls,
             enrolled: BTreeMap::new(),
             failed: BTreeMap::new(),
             stale_checked: false,
@@ -115,6 +178,12 @@ impl Enroller {
             .enrolled_pods(&node)
             .map(|p| (p.id.clone(), p))
             .collect();
+        // Certificates for every identity with a pod here; a pod is enrolled only once its
+        // identity has one (the manager signals `changed` when it arrives).
+        if let Some(m) = &self.mtls {
+            m.certs
+                .want(desired.values().map(|p| m.identity_of(p)).collect());
+        }
 
         // Unenroll pods no longer desired, or whose namespace path changed.
         let gone: Vec<ObjectRef> = self
@@ -144,7 +213,11 @@ impl Enroller {
                 Err(e) => {
                     let reason = e.to_string();
                     let first = self.failed.get(&id).is_none_or(|(_, r)| *r != reason);
-                    if first {
+                    if first && matches!(e, EnrollError::NoCertificate(_)) {
+                        // The normal first step of every pod with mutual TLS, not a fault:
+                        // the certificate manager wakes the reconcile when it arrives.
+                        info!(pod = %id, %reason, "enrolling once the certificate arrives");
+                    } else if first {
                         error!(pod = %id, %reason, "cannot enroll pod; will retry");
                     }
                     self.failed.insert(id, (pod.clone(), reason));
@@ -169,6 +242,14 @@ impl Enroller {
         }
     }
 
+    /// Desired pods still waiting for their first certificate.
+    pub fn waiting_for_certificates(&self) -> usize {
+        self.failed
+            .values()
+            .filter(|(_, reason)| reason.starts_with(WAITING_FOR_CERTIFICATE))
+            .count()
+    }
+
     /// True if some desired pod could not be enrolled (the caller retries later).
     pub fn has_failures(&self) -> bool {
         !self.failed.is_empty()
@@ -176,29 +257,85 @@ impl Enroller {
 
     fn enroll(&mut self, pod: &Pod) -> Result<Enrolled, EnrollError> {
         let path = pod.netns.clone().ok_or(EnrollError::NoNetns)?;
-        let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, ports::OUTBOUND);
-        let (netns, listener) = PodNetns::open(&path, listen)?;
+        // With mutual TLS, the pod's certificate must be there before anything else.
+        let mtls = match &self.mtls {
+            Some(m) => {
+                let identity = m.identity_of(pod);
+                let cert = m
+                    .certs
+                    .handle(&identity)
+                    .ok_or_else(|| EnrollError::NoCertificate(identity.clone()))?;
+                let ip = pod.ip.ok_or(EnrollError::NoPodIp)?;
+                Some((m, Arc::new(identity), cert, ip))
+            }
+            None => None,
+        };
+        let mut listen = vec![SocketAddrV4::new(Ipv4Addr::LOCALHOST, ports::OUTBOUND)];
+        if let Some((_, _, _, ip)) = &mtls {
+            listen.push(SocketAddrV4::new(*ip, ports::INBOUND_HBONE));
+        }
+        let (netns, listeners) = PodNetns::open(&path, &listen, mtls.is_some())?;
         let orig_dst = self.capture.orig_dst_table()?;
         let stats = Arc::new(WorkloadStats::default());
-        let listener = {
-            let _guard = self.data_plane.enter();
-            tokio::net::TcpListener::from_std(listener).map_err(EnrollError::Listener)?
+        let pod_ref = Arc::new(pod.id.clone());
+        let _guard = self.data_plane.enter();
+        let mut listeners = listeners
+            .into_iter()
+            .map(tokio::net::TcpListener::from_std)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(EnrollError::Listener)?
+            .into_iter();
+        let (Some(outbound_listener), hbone_listener) = (listeners.next(), listeners.next()) else {
+            return Err(EnrollError::Listener(std::io::Error::other(
+                "no outbound listener was made",
+            )));
         };
-        let accept = self.data_plane.spawn(outbound::serve(
+        let mut accept = Vec::with_capacity(2);
+        let mut hbone = None;
+        let mut pool_stats = None;
+        if let (Some((m, identity, cert, ip)), Some(listener)) = (&mtls, hbone_listener) {
+            let tls = tls::server_config(cert.clone(), m.certs.roots(), m.certs.provider())?;
+            accept.push(self.data_plane.spawn(inbound::serve(
+                self.inputs.clone(),
+                HboneListener {
+                    pod: pod_ref.clone(),
+                    pod_ip: *ip,
+                    listener,
+                    tls: tokio_rustls::TlsAcceptor::from(tls),
+                    trust_domain: Arc::from(m.certs.trust_domain()),
+                    sockets: netns.sockets(),
+                    stats: stats.clone(),
+                },
+            )));
+            let pool = Pool::start(PoolInputs {
+                source: cert.clone(),
+                roots: m.certs.roots(),
+                provider: m.certs.provider(),
+                sockets: netns.sockets(),
+                settings: m.pool.clone(),
+            });
+            pool_stats = Some(pool.stats.clone());
+            hbone = Some(Hbone {
+                identity: identity.clone(),
+                pool,
+            });
+        }
+        accept.push(self.data_plane.spawn(outbound::serve(
             self.inputs.clone(),
             OutboundListener {
-                pod: Arc::new(pod.id.clone()),
+                pod: pod_ref,
                 pod_ip: pod.ip,
                 netns_cookie: netns.cookie(),
-                listener,
+                listener: outbound_listener,
                 orig_dst,
                 sockets: netns.sockets(),
                 stats: stats.clone(),
+                hbone,
             },
-        ));
-        // Listener first, then capture.
+        )));
+        // Listeners first, then capture.
         if let Err(e) = self.capture.enroll(netns.cookie()) {
-            accept.abort();
+            accept.iter().for_each(JoinHandle::abort);
             return Err(e.into());
         }
         Ok(Enrolled {
@@ -206,6 +343,8 @@ impl Enroller {
             netns,
             accept,
             stats,
+            identity: mtls.map(|(_, id, _, _)| id),
+            pool: pool_stats,
         })
     }
 
@@ -214,7 +353,7 @@ impl Enroller {
         if let Err(err) = self.capture.unenroll(e.netns.cookie()) {
             error!(pod = %id, error = %err, "cannot remove the pod from ENROLLED");
         }
-        e.accept.abort();
+        e.accept.iter().for_each(JoinHandle::abort);
         info!(pod = %id, active = e.stats.outbound_active.load(Ordering::Relaxed), "unenrolled");
     }
 
@@ -222,7 +361,7 @@ impl Enroller {
     /// the pods' new connections fail closed.
     pub fn stop_accepting(&mut self) {
         for e in self.enrolled.values() {
-            e.accept.abort();
+            e.accept.iter().for_each(JoinHandle::abort);
         }
     }
 
@@ -230,20 +369,31 @@ impl Enroller {
         let mut out: Vec<WorkloadView> = self
             .enrolled
             .values()
-            .map(|e| WorkloadView {
-                namespace: e.pod.id.namespace.clone(),
-                name: e.pod.id.name.clone(),
-                node: self.node.clone(),
-                ip: e.pod.ip,
-                service_account: e.pod.service_account.clone(),
-                netns: e.netns.path().to_owned(),
-                netns_cookie: e.netns.cookie(),
-                state: "enrolled",
-                error: None,
-                outbound_connections: e.stats.outbound_connections.load(Ordering::Relaxed),
-                outbound_active: e.stats.outbound_active.load(Ordering::Relaxed),
-                outbound_errors: e.stats.outbound_errors.load(Ordering::Relaxed),
-                stats: Some(e.stats.clone()),
+            .map(|e| {
+                WorkloadView {
+                    namespace: e.pod.id.namespace.clone(),
+                    name: e.pod.id.name.clone(),
+                    node: self.node.clone(),
+                    ip: e.pod.ip,
+                    service_account: e.pod.service_account.clone(),
+                    netns: e.netns.path().to_owned(),
+                    netns_cookie: e.netns.cookie(),
+                    state: "enrolled",
+                    error: None,
+                    outbound_connections: e.stats.outbound_connections.load(Ordering::Relaxed),
+                    outbound_active: e.stats.outbound_active.load(Ordering::Relaxed),
+                    outbound_errors: e.stats.outbound_errors.load(Ordering::Relaxed),
+                    outbound_hbone: 0,
+                    inbound_connections: 0,
+                    inbound_active: 0,
+                    identity: e.identity.as_ref().map(|i| i.to_string()),
+                    protocol: if e.identity.is_some() { "HBONE" } else { "TCP" },
+                    hbone_connections_open: 0,
+                    hbone_connections_opened: 0,
+                    stats: Some(e.stats.clone()),
+                    pool: e.pool.clone(),
+                }
+                .fresh()
             })
             .collect();
         out.extend(self.failed.values().map(|(pod, reason)| WorkloadView {
@@ -259,7 +409,15 @@ impl Enroller {
             outbound_connections: 0,
             outbound_active: 0,
             outbound_errors: 0,
+            outbound_hbone: 0,
+            inbound_connections: 0,
+            inbound_active: 0,
+            identity: self.mtls.as_ref().map(|m| m.identity_of(pod).to_string()),
+            protocol: if self.mtls.is_some() { "HBONE" } else { "TCP" },
+            hbone_connections_open: 0,
+            hbone_connections_opened: 0,
             stats: None,
+            pool: None,
         }));
         out
     }

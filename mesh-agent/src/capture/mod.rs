@@ -7,6 +7,7 @@
 //! restarted agent attaches fresh programs first and only then drops the old links, so there
 //! is no gap.
 
+pub mod delivery;
 pub mod enroll;
 pub mod netns;
 

@@ -39,6 +39,11 @@ pub enum NetnsError {
     Cookie { path: PathBuf, source: io::Error },
     #[error("the socket thread of network namespace {path} is gone")]
     ThreadGone { path: PathBuf },
+    #[error("cannot set up local delivery in network namespace {path}: {source}")]
+    Delivery {
+        path: PathBuf,
+        source: super::delivery::DeliveryError,
+    },
 }
 
 /// Enters `ns` on the current thread (`setns(CLONE_NEWNET)`).
@@ -109,12 +114,15 @@ impl std::fmt::Debug for PodNetns {
 }
 
 impl PodNetns {
-    /// Opens the namespace at `path`, creates a listener on `listen` inside it and starts the
-    /// socket thread. Returns the namespace handle and the (non-blocking) listener.
+    /// Opens the namespace at `path`, creates a listener on each of `listen` inside it (and,
+    /// with `local_delivery`, the routing that lets the agent connect to the pod's apps with
+    /// a client's source IP) and starts the socket thread. Returns the namespace handle and
+    /// the (non-blocking) listeners, in the order asked.
     pub fn open(
         path: &Path,
-        listen: SocketAddrV4,
-    ) -> Result<(PodNetns, std::net::TcpListener), NetnsError> {
+        listen: &[SocketAddrV4],
+        local_delivery: bool,
+    ) -> Result<(PodNetns, Vec<std::net::TcpListener>), NetnsError> {
         let ns = File::open(path).map_err(|source| NetnsError::Open {
             path: path.to_owned(),
             source,
@@ -122,6 +130,7 @@ impl PodNetns {
         let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL_SIZE);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread_path = path.to_owned();
+        let listen = listen.to_vec();
         // The thread is not joined: it ends by itself once every SocketSource is dropped, so
         // an unenroll never waits for live connections.
         std::thread::Builder::new()
@@ -129,12 +138,23 @@ impl PodNetns {
             .spawn(move || {
                 let setup = (|| {
                     enter(&ns, &thread_path)?;
-                    let l =
-                        listener(SocketAddr::V4(listen)).map_err(|source| NetnsError::Listen {
+                    if local_delivery {
+                        super::delivery::install().map_err(|source| NetnsError::Delivery {
                             path: thread_path.clone(),
-                            addr: SocketAddr::V4(listen),
                             source,
                         })?;
+                    }
+                    let mut listeners = Vec::with_capacity(listen.len());
+                    for addr in &listen {
+                        let l = listener(SocketAddr::V4(*addr)).map_err(|source| {
+                            NetnsError::Listen {
+                                path: thread_path.clone(),
+                                addr: SocketAddr::V4(*addr),
+                                source,
+                            }
+                        })?;
+                        listeners.push(std::net::TcpListener::from(l));
+                    }
                     let probe =
                         agent_socket(Domain::IPV4).map_err(|source| NetnsError::Cookie {
                             path: thread_path.clone(),
@@ -144,7 +164,7 @@ impl PodNetns {
                         path: thread_path.clone(),
                         source,
                     })?;
-                    Ok::<_, NetnsError>((std::net::TcpListener::from(l), cookie))
+                    Ok::<_, NetnsError>((listeners, cookie))
                 })();
                 let ok = setup.is_ok();
                 if ready_tx.send(setup).is_err() || !ok {
@@ -162,7 +182,7 @@ impl PodNetns {
                 path: path.to_owned(),
                 source,
             })?;
-        let (listener, cookie) = ready_rx.recv().map_err(|_| NetnsError::ThreadGone {
+        let (listeners, cookie) = ready_rx.recv().map_err(|_| NetnsError::ThreadGone {
             path: path.to_owned(),
         })??;
         Ok((
@@ -171,7 +191,7 @@ impl PodNetns {
                 cookie,
                 pool: pool_rx,
             },
-            listener,
+            listeners,
         ))
     }
 

@@ -1,5 +1,6 @@
 //! Inspection commands: they talk to a running agent over its admin unix socket.
 
+pub mod certs;
 pub mod client;
 pub mod services;
 pub mod status;

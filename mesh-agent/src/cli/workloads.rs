@@ -17,6 +17,10 @@ struct Workload {
     error: Option<String>,
     outbound_connections: u64,
     outbound_active: u64,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
 }
 
 pub async fn run(socket: &Path, output: Output) -> anyhow::Result<()> {
@@ -36,7 +40,8 @@ fn table(list: &[Workload]) -> String {
         "NAMESPACE".to_string(),
         "NAME".to_string(),
         "IP".to_string(),
-        "SERVICE ACCOUNT".to_string(),
+        "IDENTITY".to_string(),
+        "PROTOCOL".to_string(),
         "STATE".to_string(),
         "CONNECTIONS".to_string(),
         "ACTIVE".to_string(),
@@ -50,7 +55,10 @@ fn table(list: &[Workload]) -> String {
             w.namespace.clone(),
             w.name.clone(),
             w.ip.clone().unwrap_or_else(|| "-".into()),
-            w.service_account.clone(),
+            w.identity
+                .clone()
+                .unwrap_or_else(|| w.service_account.clone()),
+            w.protocol.clone().unwrap_or_else(|| "TCP".into()),
             state,
             w.outbound_connections.to_string(),
             w.outbound_active.to_string(),
@@ -74,6 +82,8 @@ mod tests {
             error: None,
             outbound_connections: 3,
             outbound_active: 1,
+            identity: Some("spiffe://cluster.local/ns/default/sa/bookinfo-productpage".into()),
+            protocol: Some("HBONE".into()),
         }];
         let t = table(&list);
         let lines: Vec<&str> = t.lines().collect();

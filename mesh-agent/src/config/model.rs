@@ -121,15 +121,20 @@ impl Snapshot {
     /// Pods this node must enroll: scheduled here, in an enrolled namespace, not
     /// hostNetwork, not opted out.
     pub fn enrolled_pods<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
-        self.pods.values().filter(move |p| {
-            p.node.as_deref() == Some(node)
-                && !p.host_network
-                && !p.opted_out()
-                && self
-                    .namespaces
-                    .get(&p.id.namespace)
-                    .is_some_and(Namespace::enrolled)
-        })
+        self.pods
+            .values()
+            .filter(move |p| p.node.as_deref() == Some(node) && self.is_meshed(p))
+    }
+
+    /// Whether the pod is in the mesh on whatever node it runs: in an enrolled namespace,
+    /// not hostNetwork, not opted out. Traffic to a meshed pod goes through its agent.
+    pub fn is_meshed(&self, p: &Pod) -> bool {
+        !p.host_network
+            && !p.opted_out()
+            && self
+                .namespaces
+                .get(&p.id.namespace)
+                .is_some_and(Namespace::enrolled)
     }
 
     /// The service port a ClusterIP:port belongs to.

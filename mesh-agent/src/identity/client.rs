@@ -64,19 +64,22 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
         .and_then(|c| c.pem())
         .map_err(csr_err)?;
 
-    let body =
-        serde_json::json!({ "csr": csr, "ttl_seconds": shared.cfg.ttl.as_secs() }).to_string();
+    let bad_reply = |reason: String| CertError::BadReply {
+        addr,
+        identity: id.to_string(),
+        reason,
+    };
+    let body = serde_json::to_string(&SignRequest {
+        csr,
+        ttl_seconds: shared.cfg.ttl.as_secs(),
+    })
+    .map_err(|e| bad_reply(format!("encoding the request: {e}")))?;
     let (status, reply) = tokio::time::timeout(REQUEST_TIMEOUT, post(shared, id, body))
         .await
         .map_err(|_| CertError::Timeout {
             addr,
             timeout: REQUEST_TIMEOUT,
         })??;
-    let bad_reply = |reason: String| CertError::BadReply {
-        addr,
-        identity: id.to_string(),
-        reason,
-    };
     if status != 200 {
         let reason = serde_json::from_slice::<ErrorResponse>(&reply)
             .map(|e| e.error)

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use super::{Identity, pki};
 
 /// Certificate lifetime asked for by default.
+#[cfg(test)]
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// First retry delay after a failure; doubles up to [`BACKOFF_CAP`].
 const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -134,6 +135,20 @@ pub struct CertHandle {
 impl CertHandle {
     pub fn current(&self) -> Arc<WorkloadCert> {
         self.slot.load_full()
+    }
+
+    /// A handle holding `cert`, outside any manager (tests of the TLS configs).
+    #[cfg(test)]
+    pub fn new(cert: WorkloadCert) -> CertHandle {
+        CertHandle {
+            slot: Arc::new(ArcSwap::from_pointee(cert)),
+        }
+    }
+
+    /// Replaces the certificate, as a renewal does.
+    #[cfg(test)]
+    pub fn store(&self, cert: WorkloadCert) {
+        self.slot.store(Arc::new(cert));
     }
 }
 

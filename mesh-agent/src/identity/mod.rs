@@ -6,13 +6,6 @@
 //! key locally, sends a CSR to the mesh CA (`mesh-agent ca`), and renews at half-life with a
 //! new key. A failed renewal keeps the still-valid certificate in use.
 
-// The HBONE data path and the pod enroller wire the manager into `run`; until then parts of
-// the API are only used by tests.
-#![allow(
-    dead_code,
-    reason = "API consumed by the HBONE work, wired into `run` separately"
-)]
-
 mod client;
 mod manager;
 pub mod pki;
@@ -21,13 +14,10 @@ use std::fmt;
 
 use serde::Serialize;
 
-#[allow(unused_imports, reason = "public API for the HBONE work")]
-pub use client::{ErrorResponse, SIGN_PATH, SignRequest, SignResponse};
-#[allow(unused_imports, reason = "public API for the HBONE work")]
-pub use manager::{
-    CertError, CertHandle, CertManager, CertManagerConfig, CertState, CertView, DEFAULT_TTL,
-    WorkloadCert,
-};
+pub use client::SIGN_PATH;
+pub use manager::{CertHandle, CertManager, CertManagerConfig, CertState, CertView};
+#[cfg(test)]
+pub use manager::{DEFAULT_TTL, WorkloadCert};
 
 /// URI scheme of SPIFFE IDs.
 pub const SPIFFE_SCHEME: &str = "spiffe://";

@@ -4,6 +4,8 @@
 //! by the control plane for each config snapshot and published with `ArcSwap`: a connection
 //! loads it without taking a lock.
 
+pub mod hbone;
+pub mod inbound;
 pub mod outbound;
 
 use std::collections::HashMap;
@@ -16,6 +18,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::config::model::{Endpoint, ObjectRef, Snapshot};
+use crate::identity::Identity;
 use crate::telemetry::metrics::{Metrics, ServiceMeta, WorkloadMeta};
 
 /// Counters of one service, kept across config changes.
@@ -61,17 +64,25 @@ pub struct RouteTable {
     pub generation: u64,
     services: HashMap<SocketAddrV4, Arc<ServiceRoute>>,
     pods: HashMap<Ipv4Addr, Arc<WorkloadMeta>>,
+    /// Meshed pods (reached through their agent over HBONE) and the identity each must prove.
+    /// Empty when mutual TLS is off.
+    identities: HashMap<Ipv4Addr, Arc<Identity>>,
+    /// Endpoint (pod IP, target port) -> the one Service it serves, for the destination
+    /// side's telemetry; None where several Services share the endpoint.
+    endpoint_services: HashMap<SocketAddrV4, Option<Arc<ServiceMeta>>>,
 }
 
 impl RouteTable {
-    /// Builds the table for `snap`, carrying service counters over from `prev`.
-    pub fn build(snap: &Snapshot, prev: &RouteTable) -> RouteTable {
+    /// Builds the table for `snap`, carrying service counters over from `prev`. With a
+    /// `trust_domain` (mutual TLS on), meshed pods are reached over HBONE.
+    pub fn build(snap: &Snapshot, prev: &RouteTable, trust_domain: Option<&str>) -> RouteTable {
         let prev_stats: HashMap<&ObjectRef, &Arc<ServiceStats>> = prev
             .services
             .values()
             .map(|r| (&r.service, &r.stats))
             .collect();
         let mut services = HashMap::new();
+        let mut endpoint_services: HashMap<SocketAddrV4, Option<Arc<ServiceMeta>>> = HashMap::new();
         for svc in snap.services.values() {
             let Some(ip) = svc.cluster_ip else { continue };
             let meta = Arc::new(ServiceMeta::of(svc));
@@ -81,6 +92,16 @@ impl RouteTable {
                 .unwrap_or_default();
             for (i, port) in svc.ports.iter().enumerate() {
                 let endpoints = svc.endpoints.get(i).cloned().unwrap_or_default();
+                for ep in &endpoints {
+                    endpoint_services
+                        .entry(ep.addr)
+                        .and_modify(|m| {
+                            if m.as_ref().is_some_and(|m| **m != *meta) {
+                                *m = None;
+                            }
+                        })
+                        .or_insert_with(|| Some(meta.clone()));
+                }
                 services.insert(
                     SocketAddrV4::new(ip, port.port),
                     Arc::new(ServiceRoute {
@@ -99,10 +120,28 @@ impl RouteTable {
             .filter(|p| !p.host_network)
             .filter_map(|p| p.ip.map(|ip| (ip, Arc::new(WorkloadMeta::of(p)))))
             .collect();
+        let identities = match trust_domain {
+            None => HashMap::new(),
+            Some(td) => snap
+                .pods
+                .values()
+                .filter(|p| snap.is_meshed(p))
+                .filter_map(|p| {
+                    let id = Identity {
+                        trust_domain: td.to_string(),
+                        namespace: p.id.namespace.clone(),
+                        service_account: p.service_account.clone(),
+                    };
+                    p.ip.map(|ip| (ip, Arc::new(id)))
+                })
+                .collect(),
+        };
         RouteTable {
             generation: snap.generation,
             services,
             pods,
+            identities,
+            endpoint_services,
         }
     }
 
@@ -116,6 +155,18 @@ impl RouteTable {
     /// The workload with this pod IP, for telemetry.
     pub fn workload(&self, ip: &Ipv4Addr) -> Option<&Arc<WorkloadMeta>> {
         self.pods.get(ip)
+    }
+
+    /// The identity a meshed pod must prove; None if the pod is outside the mesh (or mutual
+    /// TLS is off), in which case it is reached directly.
+    pub fn identity(&self, ip: &Ipv4Addr) -> Option<&Arc<Identity>> {
+        self.identities.get(ip)
+    }
+
+    /// The Service a connection to this endpoint was for, if exactly one Service selects it
+    /// on that port (the destination side does not see the ClusterIP the client used).
+    pub fn service_of_endpoint(&self, ep: &SocketAddrV4) -> Option<&Arc<ServiceMeta>> {
+        self.endpoint_services.get(ep).and_then(Option::as_ref)
     }
 
     /// Per-service counters, for the admin API.
@@ -153,6 +204,10 @@ pub struct WorkloadStats {
     pub outbound_connections: AtomicU64,
     pub outbound_active: AtomicU64,
     pub outbound_errors: AtomicU64,
+    /// Of the outbound connections, those carried over HBONE.
+    pub outbound_hbone: AtomicU64,
+    pub inbound_connections: AtomicU64,
+    pub inbound_active: AtomicU64,
 }
 
 /// Everything the data path depends on, passed explicitly.
@@ -167,6 +222,8 @@ pub struct ProxyInputs {
     /// Proxied connections the agent keeps open at most; each holds two buffers, so this
     /// bounds the data path's memory.
     pub max_connections: u64,
+    /// Inbound (15008) counters.
+    pub inbound: Arc<inbound::InboundStats>,
 }
 
 #[cfg(test)]
@@ -213,7 +270,7 @@ mod tests {
 
     #[test]
     fn round_robin_visits_every_endpoint_in_turn() {
-        let table = RouteTable::build(&snapshot(3), &RouteTable::default());
+        let table = RouteTable::build(&snapshot(3), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         let Target::Service(route) = table.target(dst) else {
             panic!("ClusterIP:port must route to the service");
@@ -227,7 +284,7 @@ mod tests {
 
     #[test]
     fn service_without_endpoints_picks_none() {
-        let table = RouteTable::build(&snapshot(0), &RouteTable::default());
+        let table = RouteTable::build(&snapshot(0), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         let Target::Service(route) = table.target(dst) else {
             panic!("still a service");
@@ -237,7 +294,7 @@ mod tests {
 
     #[test]
     fn other_ports_and_addresses_pass_through() {
-        let table = RouteTable::build(&snapshot(1), &RouteTable::default());
+        let table = RouteTable::build(&snapshot(1), &RouteTable::default(), None);
         let other_port = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 81);
         assert!(matches!(table.target(other_port), Target::Passthrough));
         let outside = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80);
@@ -246,14 +303,100 @@ mod tests {
 
     #[test]
     fn service_counters_survive_a_rebuild() {
-        let first = RouteTable::build(&snapshot(1), &RouteTable::default());
+        let first = RouteTable::build(&snapshot(1), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         if let Target::Service(r) = first.target(dst) {
             r.stats.connections.fetch_add(5, Ordering::Relaxed);
         }
-        let second = RouteTable::build(&snapshot(2), &first);
+        let second = RouteTable::build(&snapshot(2), &first, None);
         let stats = second.service_stats();
         assert_eq!(stats.len(), 1);
         assert_eq!(stats[0].1.connections.load(Ordering::Relaxed), 5);
+    }
+
+    #[test]
+    fn an_endpoint_names_its_service_unless_two_share_it() {
+        let ep = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 8080);
+        let table = RouteTable::build(&snapshot(1), &RouteTable::default(), None);
+        let meta = table.service_of_endpoint(&ep).expect("one service");
+        assert_eq!(meta.fqdn, "web.default.svc.cluster.local");
+
+        let mut snap = snapshot(1);
+        let mut other = snap.services[&id("web")].clone();
+        other.id = id("web-canary");
+        other.cluster_ip = Some(Ipv4Addr::new(10, 96, 0, 11));
+        snap.services.insert(other.id.clone(), other);
+        let table = RouteTable::build(&snap, &RouteTable::default(), None);
+        assert!(table.service_of_endpoint(&ep).is_none(), "ambiguous");
+    }
+
+    #[test]
+    fn meshed_pods_get_an_identity_only_with_mutual_tls() {
+        use crate::config::model::{Namespace, Pod};
+        let mut snap = snapshot(0);
+        let labels = |v: &str| {
+            [(
+                crate::config::model::ENROLL_LABEL.to_string(),
+                v.to_string(),
+            )]
+            .into()
+        };
+        snap.namespaces.insert(
+            "default".into(),
+            Namespace {
+                name: "default".into(),
+                labels: labels("true"),
+            },
+        );
+        snap.namespaces.insert(
+            "plain".into(),
+            Namespace {
+                name: "plain".into(),
+                labels: Default::default(),
+            },
+        );
+        let pod = |ns: &str, name: &str, ip: u8, opt_out: bool| Pod {
+            id: ObjectRef {
+                namespace: ns.into(),
+                name: name.into(),
+            },
+            labels: if opt_out {
+                labels("false")
+            } else {
+                Default::default()
+            },
+            node: Some("node-2".into()),
+            ip: Some(Ipv4Addr::new(10, 244, 2, ip)),
+            host_network: false,
+            ready: true,
+            service_account: "web".into(),
+            netns: None,
+            ports: vec![],
+        };
+        for p in [
+            pod("default", "a", 1, false),
+            pod("plain", "b", 2, false),
+            pod("default", "c", 3, true),
+        ] {
+            snap.pods.insert(p.id.clone(), p);
+        }
+        let table = RouteTable::build(&snap, &RouteTable::default(), Some("example.org"));
+        let a = table
+            .identity(&Ipv4Addr::new(10, 244, 2, 1))
+            .expect("meshed pod");
+        assert_eq!(a.to_string(), "spiffe://example.org/ns/default/sa/web");
+        assert!(
+            table.identity(&Ipv4Addr::new(10, 244, 2, 2)).is_none(),
+            "namespace not enrolled"
+        );
+        assert!(
+            table.identity(&Ipv4Addr::new(10, 244, 2, 3)).is_none(),
+            "pod opted out"
+        );
+        let plain = RouteTable::build(&snap, &RouteTable::default(), None);
+        assert!(
+            plain.identity(&Ipv4Addr::new(10, 244, 2, 1)).is_none(),
+            "mTLS off"
+        );
     }
 }

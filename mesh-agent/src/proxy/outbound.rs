@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use super::hbone::pool::Pool;
 use super::{ProxyInputs, Target, WorkloadStats};
 use crate::capture::OrigDstTable;
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
+use crate::identity::Identity;
 use crate::telemetry::metrics::{ResponseFlags, TcpLabels};
 
 /// What one enrolled pod's outbound listener needs.
@@ -25,6 +27,16 @@ pub struct OutboundListener {
     pub orig_dst: OrigDstTable,
     pub sockets: SocketSource,
     pub stats: Arc<WorkloadStats>,
+    /// With mutual TLS on: the pod's identity and its HBONE pool, through which connections
+    /// to meshed pods go.
+    pub hbone: Option<Hbone>,
+}
+
+/// A pod's side of HBONE.
+#[derive(Clone)]
+pub struct Hbone {
+    pub identity: Arc<Identity>,
+    pub pool: Arc<Pool>,
 }
 
 /// Accepts until the task is aborted (unenroll or shutdown). Each connection runs in its own
@@ -74,6 +86,7 @@ pub async fn serve(inputs: ProxyInputs, mut l: OutboundListener) {
             dst,
             sockets: l.sockets.clone(),
             stats: l.stats.clone(),
+            hbone: l.hbone.clone(),
         };
         tokio::spawn(conn.run(client));
     }
@@ -89,10 +102,11 @@ struct Connection {
     dst: SocketAddrV4,
     sockets: SocketSource,
     stats: Arc<WorkloadStats>,
+    hbone: Option<Hbone>,
 }
 
 impl Connection {
-    async fn run(self, mut client: TcpStream) {
+    async fn run(self, client: TcpStream) {
         let proxy_stats = &self.inputs.stats;
         self.stats
             .outbound_connections
@@ -101,12 +115,8 @@ impl Connection {
 
         debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, "captured connection");
         let routes = self.inputs.routes.load();
-        let mut labels = TcpLabels {
-            source: routes.workload(&self.src).cloned(),
-            destination: None,
-            service: None,
-            flags: ResponseFlags::None,
-        };
+        let mut labels = TcpLabels::source();
+        labels.source = routes.workload(&self.src).cloned();
         let (upstream_addr, service) = match routes.target(self.dst) {
             Target::Service(route) => {
                 route.stats.connections.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +136,39 @@ impl Connection {
             Target::Passthrough => (self.dst, None),
         };
         labels.destination = routes.workload(upstream_addr.ip()).cloned();
+        // A meshed destination is reached through its agent, over mutual TLS.
+        let tunnel_to = match &self.hbone {
+            Some(h) => {
+                labels.source_principal = Some(h.identity.clone());
+                routes
+                    .identity(upstream_addr.ip())
+                    .map(|id| (h.pool.clone(), id.clone()))
+            }
+            None => None,
+        };
         drop(routes);
+
+        if let Some((pool, identity)) = tunnel_to {
+            labels.destination_principal = Some(identity.clone());
+            match pool.connect(&identity, upstream_addr).await {
+                Ok(mut tunnel) => {
+                    self.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
+                    self.relay(client, &mut tunnel.io, &labels, upstream_addr)
+                        .await;
+                }
+                Err(e) => {
+                    if let Some(s) = &service {
+                        s.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    proxy_stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    warn!(pod = %self.pod, src = %self.src, dst = %self.dst, upstream = %upstream_addr,
+                        via = "HBONE", %identity, error = %e, "upstream connect failed, resetting the client");
+                    labels.flags = ResponseFlags::UpstreamConnectFailure;
+                    self.finish_error(client, &labels);
+                }
+            }
+            return;
+        }
 
         let mut upstream = match self.connect(upstream_addr).await {
             Ok(s) => s,
@@ -142,14 +184,28 @@ impl Connection {
                 return;
             }
         };
-        let counters = self.inputs.metrics.tcp(&labels);
+        self.relay(client, &mut upstream, &labels, upstream_addr)
+            .await;
+    }
+
+    /// Moves bytes both ways until both directions are done, then counts the connection.
+    async fn relay<U>(
+        &self,
+        mut client: TcpStream,
+        upstream: &mut U,
+        labels: &TcpLabels,
+        upstream_addr: SocketAddrV4,
+    ) where
+        U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        let proxy_stats = &self.inputs.stats;
+        let counters = self.inputs.metrics.tcp(labels);
         counters.opened.inc();
         debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr, "proxying");
         let size = self.inputs.buffer_size;
         // copy_bidirectional honours half-close: EOF on one side shuts down the write side of
         // the other, and the reverse direction keeps flowing until its own EOF.
-        match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, size, size).await
-        {
+        match tokio::io::copy_bidirectional_with_sizes(&mut client, upstream, size, size).await {
             Ok((to_upstream, to_client)) => {
                 proxy_stats
                     .bytes_sent

@@ -16,6 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use crate::config::model::{Pod, Service};
+use crate::identity::Identity;
 
 /// Istio's default cluster id.
 const CLUSTER: &str = "Kubernetes";
@@ -100,14 +101,45 @@ impl ResponseFlags {
     }
 }
 
+/// Which end of a connection reports it.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reporter {
+    /// The agent of the client pod.
+    Source,
+    /// The agent of the server pod.
+    Destination,
+}
+
 /// The label set of one proxied TCP connection. Cheap to clone and hash: the strings live
 /// in shared metadata built once per config snapshot.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct TcpLabels {
+    pub reporter: Reporter,
     pub source: Option<Arc<WorkloadMeta>>,
     pub destination: Option<Arc<WorkloadMeta>>,
     pub service: Option<Arc<ServiceMeta>>,
     pub flags: ResponseFlags,
+    /// SPIFFE identities, when known (mutual TLS between agents).
+    pub source_principal: Option<Arc<Identity>>,
+    pub destination_principal: Option<Arc<Identity>>,
+    /// The connection arrived over mutual TLS (only the destination can tell).
+    pub mutual_tls: bool,
+}
+
+impl TcpLabels {
+    /// A source-reported connection with nothing known yet.
+    pub fn source() -> TcpLabels {
+        TcpLabels {
+            reporter: Reporter::Source,
+            source: None,
+            destination: None,
+            service: None,
+            flags: ResponseFlags::None,
+            source_principal: None,
+            destination_principal: None,
+            mutual_tls: false,
+        }
+    }
 }
 
 impl EncodeLabelSet for TcpLabels {
@@ -120,12 +152,23 @@ impl EncodeLabelSet for TcpLabels {
         };
         let src = &self.source;
         let dst = &self.destination;
+        let p =
+            |id: &Option<Arc<Identity>>| id.as_deref().map_or(UNKNOWN.into(), |i| i.to_string());
         // The source agent cannot know the peer's security policy: Istio reports `unknown`.
+        let policy = match (self.reporter, self.mutual_tls) {
+            (Reporter::Source, _) => UNKNOWN,
+            (Reporter::Destination, true) => "mutual_tls",
+            (Reporter::Destination, false) => "none",
+        };
+        let reporter = match self.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        };
         let pairs: [(&str, String); 23] = [
-            ("reporter", "source".into()),
+            ("reporter", reporter.into()),
             ("source_workload", w(src, |m| &m.name)),
             ("source_workload_namespace", w(src, |m| &m.namespace)),
-            ("source_principal", UNKNOWN.into()),
+            ("source_principal", p(&self.source_principal)),
             ("source_app", w(src, |m| &m.app)),
             ("source_version", w(src, |m| &m.version)),
             ("source_canonical_service", w(src, |m| &m.canonical_service)),
@@ -136,7 +179,7 @@ impl EncodeLabelSet for TcpLabels {
             ("source_cluster", CLUSTER.into()),
             ("destination_workload", w(dst, |m| &m.name)),
             ("destination_workload_namespace", w(dst, |m| &m.namespace)),
-            ("destination_principal", UNKNOWN.into()),
+            ("destination_principal", p(&self.destination_principal)),
             ("destination_app", w(dst, |m| &m.app)),
             ("destination_version", w(dst, |m| &m.version)),
             ("destination_service", s(|m| &m.fqdn)),
@@ -153,7 +196,7 @@ impl EncodeLabelSet for TcpLabels {
             ("destination_cluster", CLUSTER.into()),
             ("request_protocol", "tcp".into()),
             ("response_flags", self.flags.as_str().into()),
-            ("connection_security_policy", UNKNOWN.into()),
+            ("connection_security_policy", policy.into()),
         ];
         for (k, v) in pairs {
             (k, v.as_str()).encode(encoder.encode_label())?;

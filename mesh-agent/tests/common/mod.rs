@@ -49,6 +49,8 @@ pub fn up_with_args(
         return None;
     }
     let mut cfg = TestbedConfig::new(nodes).agent(AGENT).name_hint(test);
+    // The mesh as users run it: with its CA, so meshed pods talk over mutual TLS.
+    cfg.ca = true;
     cfg.agent_args = agent_args.iter().map(|a| a.to_string()).collect();
     for (name, yaml) in manifests {
         cfg = cfg.manifest(*name, *yaml);
@@ -271,6 +273,12 @@ pub fn pod(ns: &str, name: &str, node: &str, labels: &[(&str, &str)], port: u16)
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:{l}\nspec:\n  nodeName: {node}\n  containers:\n  - name: app\n    image: app\n    ports:\n    - name: tcp-app\n      containerPort: {port}\n"
     )
+}
+
+/// A pod like [`pod`] running as service account `sa`.
+pub fn pod_sa(ns: &str, name: &str, node: &str, sa: &str, port: u16) -> String {
+    pod(ns, name, node, &[("app", name)], port)
+        .replace("spec:\n", &format!("spec:\n  serviceAccountName: {sa}\n"))
 }
 
 /// A Service selecting `app=<selector>` on `port`, targeting the named port `tcp-app`.

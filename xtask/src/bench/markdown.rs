@@ -181,6 +181,16 @@ pub fn document(r: &Report) -> String {
     );
     let _ = writeln!(out, "- date: {}", r.date);
     let _ = writeln!(out, "- command: `{}`", r.command);
+    let mtls = r.scenarios.first().is_some_and(|s| s.mtls);
+    let _ = writeln!(
+        out,
+        "- mesh traffic: {}",
+        if mtls {
+            "mutual TLS 1.3 between the agents (HBONE: HTTP/2 CONNECT on 15008, rustls with ring, AES-GCM)"
+        } else {
+            "plaintext TCP between the agents (`--plaintext`: no CA)"
+        }
+    );
     let _ = writeln!(
         out,
         "- machine: {} CPUs ({}), {:.1} GiB RAM, Linux {}",

@@ -93,6 +93,8 @@ impl AgentUse {
 pub struct Scenario {
     /// `same-node` or `cross-node`.
     pub title: &'static str,
+    /// Mesh traffic went over mutual TLS (HBONE) rather than plaintext TCP.
+    pub mtls: bool,
     pub description: String,
     /// iperf3 receiver throughput, Gbit/s.
     pub gbps: Samples,
@@ -122,13 +124,19 @@ pub struct Report {
 /// One of the issue's targets, evaluated.
 pub struct Target {
     pub name: &'static str,
-    pub required: &'static str,
+    pub required: String,
     pub got: String,
     pub pass: bool,
 }
 
-/// The issue's targets, for the cross-node scenario.
+/// The issues' targets, for the cross-node scenario: with mutual TLS (HBONE, issue 4, set
+/// against Istio ztunnel's figures on this kind of machine), or plaintext L4 (issue 3).
 pub fn targets(s: &Scenario) -> Vec<Target> {
+    let (gbps, rps, p50) = if s.mtls {
+        (0.45, 0.50, 35.0)
+    } else {
+        (0.50, 0.60, 30.0)
+    };
     let mut out = Vec::new();
     let mut add = |name, required, got, pass| {
         out.push(Target {
@@ -142,24 +150,29 @@ pub fn targets(s: &Scenario) -> Vec<Target> {
         let r = m / d;
         add(
             "iperf3 throughput, mesh/direct",
-            "≥ 0.50",
+            format!("≥ {gbps:.2}"),
             format!("{r:.2}"),
-            r >= 0.5,
+            r >= gbps,
         );
     }
     if let Some((d, m)) = s.wrk[1].rps.medians() {
         let r = m / d;
         let name = "wrk 32 conns, requests/s mesh/direct";
-        add(name, "≥ 0.60", format!("{r:.2}"), r >= 0.6);
+        add(name, format!("≥ {rps:.2}"), format!("{r:.2}"), r >= rps);
     }
     if let Some((d, m)) = s.wrk[0].p50_us.medians() {
         let added = m - d;
         let got = format!("{added:+.1} µs");
-        add("wrk 1 conn, added p50", "≤ 30 µs", got, added <= 30.0);
+        add(
+            "wrk 1 conn, added p50",
+            format!("≤ {p50:.0} µs"),
+            got,
+            added <= p50,
+        );
     }
     let rss = s.agent.peak_rss_mb();
     let name = "agent peak RSS under that load";
-    add(name, "≤ 20 MB", format!("{rss:.1} MB"), rss <= 20.0);
+    add(name, "≤ 20 MB".into(), format!("{rss:.1} MB"), rss <= 20.0);
     out
 }
 
@@ -178,6 +191,7 @@ pub mod tests {
     pub fn scenario() -> Scenario {
         let mut s = Scenario {
             title: "cross-node",
+            mtls: false,
             description: String::new(),
             gbps: Samples {
                 direct: vec![18.0],

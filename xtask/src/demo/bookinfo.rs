@@ -137,10 +137,12 @@ pub fn run(opts: &Options) -> Result<Outcome> {
         "==> bringing up a 2-node testbed with bookinfo (agents: {})",
         opts.agent_bin.display()
     );
-    let cfg = TestbedConfig::new(2)
+    let mut cfg = TestbedConfig::new(2)
         .agent(&opts.agent_bin)
         .manifest("bookinfo.yaml", BOOKINFO_YAML)
         .name_hint("cargo xtask demo");
+    // The mesh CA runs beside the nodes: every hop between bookinfo pods is mutual TLS.
+    cfg.ca = true;
     let tb = Testbed::up(cfg).context("bringing up the demo testbed")?;
     let prefix = tb.prefix().to_string();
     // The servers live inside `demo` and are stopped when it returns, before the testbed goes.

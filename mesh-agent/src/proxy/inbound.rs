@@ -1,0 +1,254 @@
+//! Inbound HBONE: the destination pod's 15008. A peer agent's mutual-TLS connection carries
+//! HTTP/2 CONNECT streams, each one TCP connection to this pod; each is delivered to the app
+//! from inside the pod's namespace with the client pod's IP as its source.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
+use super::{ProxyInputs, WorkloadStats};
+use crate::capture::netns::SocketSource;
+use crate::config::model::ObjectRef;
+use crate::identity::Identity;
+use crate::telemetry::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_common::DELIVER_MARK;
+
+/// Time a peer gets to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one enrolled pod's HBONE listener needs.
+pub struct HboneListener {
+    pub pod: Arc<ObjectRef>,
+    pub pod_ip: Ipv4Addr,
+    pub listener: TcpListener,
+    pub tls: TlsAcceptor,
+    pub trust_domain: Arc<str>,
+    pub sockets: SocketSource,
+    pub stats: Arc<WorkloadStats>,
+}
+
+/// Counters of the inbound side, agent-wide.
+#[derive(Debug, Default, Serialize)]
+pub struct InboundStats {
+    pub tls_accepted: std::sync::atomic::AtomicU64,
+    pub tls_refused: std::sync::atomic::AtomicU64,
+    pub streams: std::sync::atomic::AtomicU64,
+    pub streams_refused: std::sync::atomic::AtomicU64,
+}
+
+/// Accepts until aborted (unenroll or shutdown); each connection runs in its own task.
+pub async fn serve(inputs: ProxyInputs, l: HboneListener) {
+    let ctx = Arc::new(Ctx {
+        inputs,
+        pod: l.pod,
+        pod_ip: l.pod_ip,
+        trust_domain: l.trust_domain,
+        sockets: l.sockets,
+        stats: l.stats,
+    });
+    loop {
+        let (tcp, peer) = match l.listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pod = %ctx.pod, error = %e, "HBONE accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let SocketAddr::V4(peer) = peer else { continue };
+        tokio::spawn(connection(ctx.clone(), l.tls.clone(), tcp, peer));
+    }
+}
+
+struct Ctx {
+    inputs: ProxyInputs,
+    pod: Arc<ObjectRef>,
+    pod_ip: Ipv4Addr,
+    trust_domain: Arc<str>,
+    sockets: SocketSource,
+    stats: Arc<WorkloadStats>,
+}
+
+/// One mutual-TLS connection from a peer agent.
+async fn connection(ctx: Arc<Ctx>, acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddrV4) {
+    let inbound = &ctx.inputs.inbound;
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            inbound.tls_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %ctx.pod, %peer, error = %e, "refused an mTLS connection on 15008");
+            return;
+        }
+        Err(_) => {
+            inbound.tls_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %ctx.pod, %peer, "mTLS handshake on 15008 timed out");
+            return;
+        }
+    };
+    let source = match tls::peer_identity(tls.get_ref().1.peer_certificates()) {
+        Some(id) if *id.trust_domain == *ctx.trust_domain => Arc::new(id),
+        other => {
+            inbound.tls_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %ctx.pod, %peer, identity = ?other.map(|i| i.to_string()),
+                trust_domain = %ctx.trust_domain, "refused an mTLS peer outside the trust domain");
+            return;
+        }
+    };
+    inbound.tls_accepted.fetch_add(1, Ordering::Relaxed);
+    debug!(pod = %ctx.pod, %peer, %source, "mTLS connection accepted");
+    let service = {
+        let ctx = ctx.clone();
+        let source = source.clone();
+        hyper::service::service_fn(move |req| {
+            let ctx = ctx.clone();
+            let source = source.clone();
+            async move { Ok::<_, Infallible>(stream(ctx, source, peer, req).await) }
+        })
+    };
+    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .serve_connection(TokioIo::new(tls), service)
+        .await;
+    if let Err(e) = served {
+        debug!(pod = %ctx.pod, %peer, error = %e, "HBONE connection ended with an error");
+    }
+}
+
+fn reply(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::copy_from_slice(reason.as_bytes())));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// One CONNECT stream: checks the target, connects to the app, answers, then relays.
+async fn stream(
+    ctx: Arc<Ctx>,
+    source: Arc<Identity>,
+    peer: SocketAddrV4,
+    mut req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let inbound = &ctx.inputs.inbound;
+    if req.method() != Method::CONNECT {
+        inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
+        return reply(StatusCode::BAD_REQUEST, "only CONNECT is served on 15008");
+    }
+    let target: Option<SocketAddrV4> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
+    let Some(target) = target else {
+        inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "the :authority must be the destination pod's ip:port",
+        );
+    };
+    if *target.ip() != ctx.pod_ip {
+        inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
+        warn!(pod = %ctx.pod, %peer, %source, %target, "CONNECT for an address that is not this pod's");
+        return reply(
+            StatusCode::BAD_REQUEST,
+            &format!("{target} is not an address of this pod"),
+        );
+    }
+    let routes = ctx.inputs.routes.load();
+    let mut labels = TcpLabels {
+        reporter: Reporter::Destination,
+        source: routes.workload(peer.ip()).cloned(),
+        destination: routes.workload(&ctx.pod_ip).cloned(),
+        service: routes.service_of_endpoint(&target).cloned(),
+        flags: ResponseFlags::None,
+        source_principal: Some(source.clone()),
+        destination_principal: routes.identity(&ctx.pod_ip).cloned(),
+        mutual_tls: true,
+    };
+    drop(routes);
+    let app = match deliver(&ctx.sockets, *peer.ip(), target, ctx.inputs.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(pod = %ctx.pod, %peer, %source, %target, error = %e, "cannot reach the app, answering 503");
+            labels.flags = ResponseFlags::UpstreamConnectFailure;
+            let counters = ctx.inputs.metrics.tcp(&labels);
+            counters.opened.inc();
+            counters.closed.inc();
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("connect to {target} failed: {e}"),
+            );
+        }
+    };
+    inbound.streams.fetch_add(1, Ordering::Relaxed);
+    let upgrade = hyper::upgrade::on(&mut req);
+    let size = ctx.inputs.buffer_size;
+    tokio::spawn(async move {
+        let counters = ctx.inputs.metrics.tcp(&labels);
+        counters.opened.inc();
+        ctx.stats.inbound_active.fetch_add(1, Ordering::Relaxed);
+        ctx.stats
+            .inbound_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let mut app = app;
+        match upgrade.await {
+            Ok(up) => {
+                let mut tunnel = TokioIo::new(up);
+                match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut app, size, size)
+                    .await
+                {
+                    Ok((to_app, from_app)) => {
+                        counters.received.inc_by(to_app);
+                        counters.sent.inc_by(from_app);
+                    }
+                    Err(e) => {
+                        debug!(pod = %ctx.pod, %peer, %target, error = %e, "inbound stream ended with an error")
+                    }
+                }
+            }
+            Err(e) => {
+                info!(pod = %ctx.pod, %peer, %target, error = %e, "CONNECT stream closed before it was upgraded")
+            }
+        }
+        counters.closed.inc();
+        ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
+    });
+    reply(StatusCode::OK, "")
+}
+
+/// Connects to the app at `target` from inside the pod's namespace, with `client` (the
+/// source pod's IP) as the source address: an `IP_TRANSPARENT` socket carrying
+/// [`DELIVER_MARK`], whose replies the namespace's policy rule routes back to the agent
+/// (see `capture::netns::install_local_delivery`).
+pub async fn deliver(
+    sockets: &SocketSource,
+    client: Ipv4Addr,
+    target: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = sockets.socket().await?;
+    {
+        let s = socket2::SockRef::from(&socket);
+        s.set_mark(DELIVER_MARK)?;
+        s.set_ip_transparent_v4(true)?;
+    }
+    socket.bind(SocketAddrV4::new(client, 0).into())?;
+    match tokio::time::timeout(timeout, socket.connect(target.into())).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        )),
+    }
+}
