@@ -452,3 +452,117 @@ fn certificates_rotate_under_a_live_connection_and_survive_a_ca_outage() {
     );
     assert!(chat.echo("after the outage"));
 }
+
+/// A PeerAuthentication document.
+fn peer_auth(ns: &str, name: &str, body: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{body}"
+    )
+}
+
+/// The outsider (not meshed) connects to `port` of the server pod in plaintext.
+fn outsider_reads(tb: &Testbed, port: u16) -> anyhow::Result<String> {
+    let ip = tb.pod_ip("default", "server").expect("server ip");
+    read_from(tb, "outsider", &format!("{ip}:{port}"))
+}
+
+#[test]
+fn strict_refuses_plaintext_on_every_port_and_mesh_traffic_still_flows() {
+    let yaml = docs(&[
+        manifests(),
+        peer_auth("default", "strict", "  mtls:\n    mode: STRICT\n"),
+    ]);
+    let Some(tb) = up("mtls_strict", 2, &[("app.yaml", &yaml)]) else {
+        return;
+    };
+    let _peer = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7000"]);
+    let _peer2 = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7001"]);
+    let before = inbound(&tb, "node-2", "plaintext_refused");
+    // The app's ports, the agent's inbound port, and a port nobody listens on.
+    for port in [7000, 7001, 15006, 9] {
+        let r = outsider_reads(&tb, port);
+        assert!(r.is_err(), "plaintext to {port} got through: {r:?}");
+    }
+    assert_eq!(inbound(&tb, "node-2", "plaintext_refused"), before + 4);
+    let outsider = tb.pod_ip("other", "outsider").expect("ip").to_string();
+    let log = tb.agent_log("node-2");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("STRICT") && l.contains(&outsider)),
+        "{}",
+        mesh_testbed::tail(&log, 20)
+    );
+    // A meshed client still gets through, over HBONE, with its own IP.
+    let got = read_from(&tb, "client", &server_addr(&tb)).expect("mesh client");
+    let client_ip = tb.pod_ip("default", "client").expect("ip").to_string();
+    assert!(got.starts_with(&format!("{client_ip}:")), "{got}");
+    assert!(counter(&tb, "node-2", "ebpf", "inbound_captured") >= 4);
+}
+
+#[test]
+fn permissive_accepts_plaintext_keeps_the_client_ip_and_records_it() {
+    // No PeerAuthentication at all: PERMISSIVE.
+    let Some(tb) = up("mtls_permissive", 2, &[("app.yaml", &manifests())]) else {
+        return;
+    };
+    let _peer = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7000"]);
+    let before = inbound(&tb, "node-2", "plaintext_accepted");
+    let got = outsider_reads(&tb, 7000).expect("plaintext under PERMISSIVE");
+    let outsider = tb.pod_ip("other", "outsider").expect("ip").to_string();
+    assert!(
+        got.starts_with(&format!("{outsider}:")),
+        "the app saw {got:?}"
+    );
+    assert_eq!(inbound(&tb, "node-2", "plaintext_accepted"), before + 1);
+    let (_, metrics) = tb
+        .admin_get("node-2", "/stats/prometheus")
+        .expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("connection_security_policy=\"none\"")
+                && l.contains("destination_workload=\"server\"")),
+        "plaintext inbound not recorded as such:\n{metrics}"
+    );
+}
+
+#[test]
+fn a_port_level_override_opens_one_port_of_a_strict_workload() {
+    let yaml = docs(&[
+        manifests(),
+        peer_auth(
+            "default",
+            "server-strict",
+            "  selector:\n    matchLabels:\n      app: server\n  mtls:\n    mode: STRICT\n  portLevelMtls:\n    7001:\n      mode: PERMISSIVE\n",
+        ),
+    ]);
+    let Some(tb) = up("mtls_portlevel", 2, &[("app.yaml", &yaml)]) else {
+        return;
+    };
+    let _peer = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7000"]);
+    let _peer2 = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7001"]);
+    assert!(outsider_reads(&tb, 7000).is_err(), "7000 is STRICT");
+    let got = outsider_reads(&tb, 7001).expect("7001 is PERMISSIVE");
+    assert!(!got.is_empty());
+}
+
+#[test]
+fn inbound_fails_closed_while_the_agent_is_away() {
+    let Some(mut tb) = up("mtls_inbound_closed", 2, &[("app.yaml", &manifests())]) else {
+        return;
+    };
+    let _peer = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7000"]);
+    outsider_reads(&tb, 7000).expect("PERMISSIVE with the agent up");
+    tb.stop_agent("node-2").expect("stop");
+    // The pinned tc program stays: no listener on 15006, so the SYN is dropped rather than
+    // delivered to the app around the agent.
+    assert!(
+        outsider_reads(&tb, 7000).is_err(),
+        "reached the app without its agent"
+    );
+    tb.start_agent("node-2").expect("start");
+    outsider_reads(&tb, 7000).expect("back once the agent is");
+    assert!(counter(&tb, "node-2", "ebpf", "inbound_no_listener") >= 1);
+}

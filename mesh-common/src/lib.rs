@@ -37,6 +37,7 @@ pub mod names {
     pub const PROG_SOCK_OPS: &str = "record_orig_dst";
     pub const PROG_GETPEERNAME4: &str = "peer_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "peer_getpeername6";
+    pub const PROG_INBOUND: &str = "inbound_capture";
 }
 
 /// Capacity of the ENROLLED map: pods per node.
@@ -93,7 +94,12 @@ pub mod stats {
     pub const RECORDED: u32 = 2;
     /// A map update failed (map full, ...): the connection was still redirected.
     pub const MAP_ERRORS: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Inbound SYNs (tc ingress of an enrolled pod) handed to the agent's listener on 15006.
+    pub const INBOUND_CAPTURED: u32 = 4;
+    /// Inbound SYNs dropped because the agent's 15006 listener was missing (agent down):
+    /// fail closed, never around the agent.
+    pub const INBOUND_NO_LISTENER: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// `family` values of [`OrigDst`].

@@ -10,11 +10,15 @@
 //!   also asks for state callbacks on that socket, to forget it when it closes.
 //! * `getpeername4` / `getpeername6`: the application asking for its peer sees the original
 //!   destination (the Service), not 127.0.0.1:15001.
+//! * `inbound_capture` (tc ingress, see `inbound`): new inbound TCP connections of an
+//!   enrolled pod go to the agent's listener on 15006.
 //!
 //! Every program is `match try_x(..) { Ok(v) => v, Err(_) => SAFE }`; no path can panic, all
 //! work is bounded (a few map operations), and the stack holds two small structs.
 #![no_std]
 #![no_main]
+
+mod inbound;
 
 use aya_ebpf::{
     EbpfContext as _,

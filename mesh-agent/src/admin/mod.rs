@@ -169,6 +169,7 @@ struct ConfigDump<'a> {
     namespaces: Vec<&'a crate::config::model::Namespace>,
     services: Vec<&'a crate::config::model::Service>,
     pods: Vec<&'a crate::config::model::Pod>,
+    peer_authentications: Vec<&'a crate::config::model::PeerAuthentication>,
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -338,6 +339,7 @@ pub fn handle(
                 namespaces: snap.namespaces.values().collect(),
                 services: snap.services.values().collect(),
                 pods: snap.pods.values().collect(),
+                peer_authentications: snap.peer_authentications.values().collect(),
             };
             json(StatusCode::OK, &doc)
         }

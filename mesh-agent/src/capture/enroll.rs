@@ -18,13 +18,13 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::Capture;
-use super::netns::PodNetns;
+use super::netns::{Listen, PodNetns};
 use crate::config::model::{ObjectRef, Pod, Snapshot};
 use crate::identity::{CertManager, Identity};
 use crate::proxy::hbone::PoolSettings;
 use crate::proxy::hbone::pool::{Pool, PoolInputs, PoolStats};
 use crate::proxy::hbone::tls;
-use crate::proxy::inbound::{self, HboneListener};
+use crate::proxy::inbound::{self, HboneListener, PlaintextListener};
 use crate::proxy::outbound::{self, Hbone, OutboundListener};
 use crate::proxy::{ProxyInputs, WorkloadStats};
 use mesh_common::ports;
@@ -239,6 +239,15 @@ impl Enroller {
                     }
                 }
             }
+            for cookie in self.capture.inbound_cookies() {
+                if !live.contains(&cookie) {
+                    info!(
+                        cookie,
+                        "removing an inbound capture link left by a previous agent"
+                    );
+                    self.capture.detach_inbound(cookie);
+                }
+            }
         }
     }
 
@@ -270,9 +279,19 @@ impl Enroller {
             }
             None => None,
         };
-        let mut listen = vec![SocketAddrV4::new(Ipv4Addr::LOCALHOST, ports::OUTBOUND)];
+        let mut listen = vec![Listen {
+            addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, ports::OUTBOUND),
+            transparent: false,
+        }];
         if let Some((_, _, _, ip)) = &mtls {
-            listen.push(SocketAddrV4::new(*ip, ports::INBOUND_HBONE));
+            listen.push(Listen {
+                addr: SocketAddrV4::new(*ip, ports::INBOUND_HBONE),
+                transparent: false,
+            });
+            listen.push(Listen {
+                addr: SocketAddrV4::new(*ip, ports::INBOUND_PLAINTEXT),
+                transparent: true,
+            });
         }
         let (netns, listeners) = PodNetns::open(&path, &listen, mtls.is_some())?;
         let orig_dst = self.capture.orig_dst_table()?;
@@ -285,12 +304,14 @@ impl Enroller {
             .collect::<Result<Vec<_>, _>>()
             .map_err(EnrollError::Listener)?
             .into_iter();
-        let (Some(outbound_listener), hbone_listener) = (listeners.next(), listeners.next()) else {
+        let (Some(outbound_listener), hbone_listener, plaintext_listener) =
+            (listeners.next(), listeners.next(), listeners.next())
+        else {
             return Err(EnrollError::Listener(std::io::Error::other(
                 "no outbound listener was made",
             )));
         };
-        let mut accept = Vec::with_capacity(2);
+        let mut accept = Vec::with_capacity(3);
         let mut hbone = None;
         let mut pool_stats = None;
         if let (Some((m, identity, cert, ip)), Some(listener)) = (&mtls, hbone_listener) {
@@ -315,6 +336,18 @@ impl Enroller {
                 settings: m.pool.clone(),
             });
             pool_stats = Some(pool.stats.clone());
+            if let Some(listener) = plaintext_listener {
+                accept.push(self.data_plane.spawn(inbound::serve_plaintext(
+                    self.inputs.clone(),
+                    PlaintextListener {
+                        pod: pod_ref.clone(),
+                        pod_ip: *ip,
+                        listener,
+                        sockets: netns.sockets(),
+                        stats: stats.clone(),
+                    },
+                )));
+            }
             hbone = Some(Hbone {
                 identity: identity.clone(),
                 pool,
@@ -333,8 +366,15 @@ impl Enroller {
                 hbone,
             },
         )));
-        // Listeners first, then capture.
+        // Listeners first, then capture: inbound (tc on the pod's interface), then outbound.
+        if mtls.is_some()
+            && let Err(e) = self.capture.attach_inbound(&path, netns.cookie())
+        {
+            accept.iter().for_each(JoinHandle::abort);
+            return Err(e.into());
+        }
         if let Err(e) = self.capture.enroll(netns.cookie()) {
+            self.capture.detach_inbound(netns.cookie());
             accept.iter().for_each(JoinHandle::abort);
             return Err(e.into());
         }
@@ -353,6 +393,7 @@ impl Enroller {
         if let Err(err) = self.capture.unenroll(e.netns.cookie()) {
             error!(pod = %id, error = %err, "cannot remove the pod from ENROLLED");
         }
+        self.capture.detach_inbound(e.netns.cookie());
         e.accept.iter().for_each(JoinHandle::abort);
         info!(pod = %id, active = e.stats.outbound_active.load(Ordering::Relaxed), "unenrolled");
     }

@@ -10,6 +10,7 @@
 pub mod delivery;
 pub mod enroll;
 pub mod netns;
+pub mod tc;
 
 use std::fs::File;
 use std::io;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use mesh_common::{EnrolledPod, OrigDst, OrigDstKey, names, stats};
 use tracing::{debug, info, warn};
@@ -60,6 +61,8 @@ pub enum CaptureError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("entering network namespace {path}: {source}")]
+    Netns { path: PathBuf, source: io::Error },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -92,7 +95,7 @@ pub struct CaptureConfig {
 
 /// Loaded and attached capture programs plus the control-plane handle of ENROLLED.
 pub struct Capture {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     enrolled: BpfHashMap<MapData, u64, EnrolledPod>,
     pin_dir: PathBuf,
     _links: Vec<PinnedLink>,
@@ -135,7 +138,7 @@ impl Capture {
             "capture attached (connect4/6, getpeername4/6, sock_ops)"
         );
         Ok(Capture {
-            _ebpf: ebpf,
+            ebpf,
             enrolled,
             pin_dir: cfg.pin_dir.clone(),
             _links: links,
@@ -190,6 +193,10 @@ pub struct EbpfStats {
     pub skipped_agent_mark: u64,
     pub recorded: u64,
     pub map_errors: u64,
+    /// Inbound SYNs given to the agent's 15006 listener (tc ingress).
+    pub inbound_captured: u64,
+    /// Inbound SYNs dropped because no agent listened on 15006 (fail closed).
+    pub inbound_no_listener: u64,
     pub enrolled_entries: usize,
     pub orig_dst_entries: usize,
     /// Captured sockets still open (their original destination serves getpeername).
@@ -217,6 +224,8 @@ impl MapReader {
             skipped_agent_mark: counter(stats::SKIPPED_AGENT_MARK),
             recorded: counter(stats::RECORDED),
             map_errors: counter(stats::MAP_ERRORS),
+            inbound_captured: counter(stats::INBOUND_CAPTURED),
+            inbound_no_listener: counter(stats::INBOUND_NO_LISTENER),
             enrolled_entries: self.enrolled.keys().count(),
             orig_dst_entries: self.orig_dst.keys().count(),
             sock_orig_dst_entries: self.sock_orig_dst.keys().count(),
@@ -240,6 +249,8 @@ fn load_programs(pin_dir: &Path) -> Result<Ebpf, CaptureError> {
     }
     let prog: &mut SockOps = program(&mut ebpf, names::PROG_SOCK_OPS)?;
     prog.load().map_err(prog_err(names::PROG_SOCK_OPS))?;
+    let prog: &mut SchedClassifier = program(&mut ebpf, names::PROG_INBOUND)?;
+    prog.load().map_err(prog_err(names::PROG_INBOUND))?;
     Ok(ebpf)
 }
 

@@ -89,9 +89,21 @@ pub fn agent_socket(domain: Domain) -> io::Result<Socket> {
     Ok(s)
 }
 
-fn listener(addr: SocketAddr) -> io::Result<Socket> {
+/// A listener the agent makes inside a pod's namespace.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen {
+    pub addr: SocketAddrV4,
+    /// `IP_TRANSPARENT`: accepts connections the tc program assigns to it for other ports.
+    pub transparent: bool,
+}
+
+fn listener(l: Listen) -> io::Result<Socket> {
+    let addr = SocketAddr::V4(l.addr);
     let s = agent_socket(Domain::for_address(addr))?;
     s.set_reuse_address(true)?;
+    if l.transparent {
+        s.set_ip_transparent_v4(true)?;
+    }
     s.bind(&addr.into())?;
     s.listen(1024)?;
     Ok(s)
@@ -120,7 +132,7 @@ impl PodNetns {
     /// the (non-blocking) listeners, in the order asked.
     pub fn open(
         path: &Path,
-        listen: &[SocketAddrV4],
+        listen: &[Listen],
         local_delivery: bool,
     ) -> Result<(PodNetns, Vec<std::net::TcpListener>), NetnsError> {
         let ns = File::open(path).map_err(|source| NetnsError::Open {
@@ -145,13 +157,11 @@ impl PodNetns {
                         })?;
                     }
                     let mut listeners = Vec::with_capacity(listen.len());
-                    for addr in &listen {
-                        let l = listener(SocketAddr::V4(*addr)).map_err(|source| {
-                            NetnsError::Listen {
-                                path: thread_path.clone(),
-                                addr: SocketAddr::V4(*addr),
-                                source,
-                            }
+                    for l in &listen {
+                        let l = listener(*l).map_err(|source| NetnsError::Listen {
+                            path: thread_path.clone(),
+                            addr: SocketAddr::V4(l.addr),
+                            source,
                         })?;
                         listeners.push(std::net::TcpListener::from(l));
                     }

@@ -3,8 +3,9 @@
 //!
 //! Every `*.yaml`/`*.yml` file of the directory (not recursive, sorted by name, hidden and
 //! editor temp files skipped) is a multi-document stream. `v1` Namespace, Pod and Service are
-//! decoded with k8s-openapi (unknown fields are errors); other kinds are ignored. A load
-//! yields either a whole snapshot or a [`ConfigError`] listing every problem found.
+//! decoded with k8s-openapi, Istio's PeerAuthentication by [`istio`] (unknown fields are
+//! errors); other kinds are ignored. A load yields either a whole snapshot or a
+//! [`ConfigError`] listing every problem found.
 
 use std::collections::hash_map::{DefaultHasher, Entry};
 use std::collections::{BTreeMap, HashMap};
@@ -80,6 +81,7 @@ pub struct LoadStats {
     pub namespaces: usize,
     pub pods: usize,
     pub services: usize,
+    pub peer_authentications: usize,
     /// Sum over all service ports.
     pub endpoints: usize,
 }
@@ -92,6 +94,7 @@ impl LoadStats {
             namespaces: snap.namespaces.len(),
             pods: snap.pods.len(),
             services: snap.services.len(),
+            peer_authentications: snap.peer_authentications.len(),
             endpoints: ports.map(Vec::len).sum(),
             ..LoadStats::default()
         }
@@ -278,6 +281,7 @@ enum Object {
     Namespace(model::Namespace),
     Pod(model::Pod),
     Service(model::Service),
+    PeerAuthentication(model::PeerAuthentication),
 }
 
 /// Parse, validate and build a snapshot from already read sources.
@@ -397,7 +401,9 @@ fn parse_document(
     }
     let api_version = text(value.get("apiVersion")).unwrap_or_default();
     let kind = doc.kind.clone().unwrap_or_default();
-    if api_version == "v1" && matches!(kind.as_str(), "Pod" | "Service") {
+    let peer_authentication = kind == "PeerAuthentication"
+        && istio::SECURITY_API_VERSIONS.contains(&api_version.as_str());
+    if peer_authentication || api_version == "v1" && matches!(kind.as_str(), "Pod" | "Service") {
         doc.namespace
             .get_or_insert_with(|| DEFAULT_NAMESPACE.to_owned());
     }
@@ -405,6 +411,11 @@ fn parse_document(
         ("v1", "Namespace") => Object::Namespace(decode(typed, "Namespace", convert_namespace)?),
         ("v1", "Pod") => Object::Pod(decode(typed, "Pod", convert_pod)?),
         ("v1", "Service") => Object::Service(decode(typed, "Service", convert_service)?),
+        _ if peer_authentication => Object::PeerAuthentication(decode(
+            typed,
+            "PeerAuthentication",
+            istio::convert_peer_authentication,
+        )?),
         _ => return Ok(None),
     }))
 }
@@ -687,6 +698,7 @@ fn build(objects: Vec<(Origin, Object)>, errors: &mut Vec<ManifestError>) -> Sna
             Object::Namespace(n) => ("Namespace", n.name.clone()),
             Object::Pod(p) => ("Pod", p.id.to_string()),
             Object::Service(s) => ("Service", s.id.to_string()),
+            Object::PeerAuthentication(p) => ("PeerAuthentication", p.id.to_string()),
         };
         if let Some(first) = first_seen(&mut seen, (kind, name.clone()), &origin) {
             let (first, first_document) = (first.file, first.doc);
@@ -728,6 +740,9 @@ fn build(objects: Vec<(Origin, Object)>, errors: &mut Vec<ManifestError>) -> Sna
                     }
                 }
                 snap.services.insert(s.id.clone(), s);
+            }
+            Object::PeerAuthentication(p) => {
+                snap.peer_authentications.insert(p.id.clone(), p);
             }
         }
     }
@@ -784,5 +799,6 @@ fn endpoints(
     eps
 }
 
+mod istio;
 #[cfg(test)]
 mod tests;

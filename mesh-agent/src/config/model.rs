@@ -14,6 +14,9 @@ pub const ENROLL_LABEL: &str = "nodemesh.io/enabled";
 /// Local mode: pod annotation naming the pod's network namespace (a name under
 /// `/var/run/netns` or an absolute path).
 pub const NETNS_ANNOTATION: &str = "nodemesh.io/netns";
+/// The mesh's root namespace (Istio's `istio-system`): a PeerAuthentication there without
+/// a selector is the mesh-wide policy.
+pub const ROOT_NAMESPACE: &str = "nodemesh-system";
 
 /// `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -101,6 +104,44 @@ pub struct Service {
     pub endpoints: Vec<Vec<Endpoint>>,
 }
 
+/// Istio PeerAuthentication mTLS mode, serialized under its Istio name (`STRICT`, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MtlsMode {
+    /// Inherit from the parent level (port -> workload -> namespace -> mesh).
+    Unset,
+    /// Plain text only.
+    Disable,
+    /// mTLS and plain text accepted.
+    Permissive,
+    /// mTLS only.
+    Strict,
+}
+
+/// An Istio PeerAuthentication (`security.istio.io/v1` or `v1beta1`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerAuthentication {
+    pub id: ObjectRef,
+    /// `spec.selector.matchLabels`; `None` (also for empty labels) makes it a namespace-wide
+    /// policy, or the mesh-wide one in [`ROOT_NAMESPACE`].
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.mtls.mode`.
+    pub mode: MtlsMode,
+    /// `spec.portLevelMtls`, by the workload's own (container) port; only with a selector.
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+    /// `metadata.creationTimestamp`, RFC 3339 in UTC with whole seconds (as Kubernetes keeps
+    /// it), so it sorts as text; when several policies apply the oldest wins, `None` first.
+    pub created: Option<String>,
+}
+
+impl PeerAuthentication {
+    fn selects(&self, pod: &Pod) -> bool {
+        let matches =
+            |s: &BTreeMap<String, String>| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
+        self.selector.as_ref().is_some_and(matches)
+    }
+}
+
 /// One whole, validated configuration.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -109,6 +150,7 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub services: BTreeMap<ObjectRef, Service>,
+    pub peer_authentications: BTreeMap<ObjectRef, PeerAuthentication>,
     /// (cluster IP, port) -> (service, index into `ports`).
     #[serde(skip)]
     pub by_cluster_ip: std::collections::HashMap<SocketAddrV4, (ObjectRef, usize)>,
@@ -135,6 +177,32 @@ impl Snapshot {
                 .namespaces
                 .get(&p.id.namespace)
                 .is_some_and(Namespace::enrolled)
+    }
+
+    /// The effective mTLS mode for connections to `pod`'s own `port`, never `Unset`; Istio's
+    /// rules. The workload policy (the pod's namespace, selector matching its labels) wins
+    /// over the namespace policy (no selector), which wins over the mesh policy
+    /// ([`ROOT_NAMESPACE`], no selector); among several of a level the oldest, then the first
+    /// by name. An `Unset` level inherits from the next; the workload policy's port-level mode
+    /// overrides its mode for that port. Without any policy: `Permissive`.
+    pub fn inbound_mode(&self, pod: &Pod, port: u16) -> MtlsMode {
+        let oldest = |applies: &dyn Fn(&PeerAuthentication) -> bool| {
+            let policies = self.peer_authentications.values().filter(|p| applies(p));
+            policies.min_by(|a, b| (&a.created, &a.id.name).cmp(&(&b.created, &b.id.name)))
+        };
+        let ns = pod.id.namespace.as_str();
+        let workload = oldest(&|p| p.id.namespace == ns && p.selects(pod));
+        let namespace = oldest(&|p| p.id.namespace == ns && p.selector.is_none());
+        let mesh = oldest(&|p| p.id.namespace == ROOT_NAMESPACE && p.selector.is_none());
+        let set = |m: &MtlsMode| *m != MtlsMode::Unset;
+        let mut levels = [namespace, mesh].into_iter().flatten().map(|p| p.mode);
+        let inherited = levels.find(set).unwrap_or(MtlsMode::Permissive);
+        let Some(workload) = workload else {
+            return inherited;
+        };
+        let own = Some(workload.mode).filter(set).unwrap_or(inherited);
+        let port_mode = workload.port_modes.get(&port).copied();
+        port_mode.filter(set).unwrap_or(own)
     }
 
     /// The service port a ClusterIP:port belongs to.

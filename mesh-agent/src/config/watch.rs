@@ -94,8 +94,8 @@ pub fn initial(dir: &Path) -> Result<LoadedManifests, ConfigError> {
     }
     info!(
         dir = %dir.display(), generation = 1, files = s.files, namespaces = s.namespaces,
-        pods = s.pods, services = s.services, endpoints = s.endpoints, ignored = s.ignored,
-        "manifests loaded"
+        pods = s.pods, services = s.services, endpoints = s.endpoints,
+        peer_authentications = s.peer_authentications, ignored = s.ignored, "manifests loaded"
     );
     Ok(loaded)
 }
@@ -319,7 +319,8 @@ fn apply(
             info!(
                 dir = %dir.display(), generation, files = stats.files, namespaces = stats.namespaces,
                 pods = stats.pods, services = stats.services, endpoints = stats.endpoints,
-                ignored = stats.ignored, "manifests reloaded"
+                peer_authentications = stats.peer_authentications, ignored = stats.ignored,
+                "manifests reloaded"
             );
         }
         Outcome::Failed { fingerprint, error } => {

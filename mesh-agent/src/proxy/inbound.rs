@@ -1,6 +1,12 @@
-//! Inbound HBONE: the destination pod's 15008. A peer agent's mutual-TLS connection carries
-//! HTTP/2 CONNECT streams, each one TCP connection to this pod; each is delivered to the app
-//! from inside the pod's namespace with the client pod's IP as its source.
+//! Inbound: what arrives for an enrolled pod.
+//!
+//! - HBONE on the pod's 15008: a peer agent's mutual-TLS connection carries HTTP/2 CONNECT
+//!   streams, each one TCP connection to this pod.
+//! - Plaintext on 15006: every other new TCP connection to the pod, handed over by the tc
+//!   program; PeerAuthentication decides whether it may reach the app (STRICT refuses it).
+//!
+//! Either way the connection is delivered to the app from inside the pod's namespace with the
+//! client's IP as its source.
 
 use std::convert::Infallible;
 use std::io;
@@ -22,6 +28,7 @@ use tracing::{debug, info, warn};
 use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
 use super::{ProxyInputs, WorkloadStats};
 use crate::capture::netns::SocketSource;
+use crate::config::model::MtlsMode;
 use crate::config::model::ObjectRef;
 use crate::identity::Identity;
 use crate::telemetry::metrics::{Reporter, ResponseFlags, TcpLabels};
@@ -48,6 +55,115 @@ pub struct InboundStats {
     pub tls_refused: std::sync::atomic::AtomicU64,
     pub streams: std::sync::atomic::AtomicU64,
     pub streams_refused: std::sync::atomic::AtomicU64,
+    /// Plaintext connections delivered (PERMISSIVE).
+    pub plaintext_accepted: std::sync::atomic::AtomicU64,
+    /// Plaintext connections reset because the pod's policy is STRICT.
+    pub plaintext_refused: std::sync::atomic::AtomicU64,
+}
+
+/// What one enrolled pod's plaintext inbound listener (15006) needs.
+pub struct PlaintextListener {
+    pub pod: Arc<ObjectRef>,
+    pub pod_ip: Ipv4Addr,
+    pub listener: TcpListener,
+    pub sockets: SocketSource,
+    pub stats: Arc<WorkloadStats>,
+}
+
+/// Accepts connections the tc program assigned to 15006 until aborted.
+pub async fn serve_plaintext(inputs: ProxyInputs, l: PlaintextListener) {
+    loop {
+        let (tcp, peer) = match l.listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(pod = %l.pod, error = %e, "plaintext inbound accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // The accepted socket keeps the address the client asked for: the app's port.
+        let (SocketAddr::V4(peer), Ok(SocketAddr::V4(target))) = (peer, tcp.local_addr()) else {
+            continue;
+        };
+        let inputs = inputs.clone();
+        let (pod, sockets, stats) = (l.pod.clone(), l.sockets.clone(), l.stats.clone());
+        let pod_ip = l.pod_ip;
+        tokio::spawn(async move {
+            plaintext(inputs, pod, pod_ip, sockets, stats, tcp, peer, target).await;
+        });
+    }
+}
+
+/// One plaintext inbound connection: refused under STRICT, else delivered and counted as
+/// not mutual TLS.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one connection's parts, passed once"
+)]
+async fn plaintext(
+    inputs: ProxyInputs,
+    pod: Arc<ObjectRef>,
+    pod_ip: Ipv4Addr,
+    sockets: SocketSource,
+    stats: Arc<WorkloadStats>,
+    mut client: TcpStream,
+    peer: SocketAddrV4,
+    target: SocketAddrV4,
+) {
+    let inbound = &inputs.inbound;
+    let routes = inputs.routes.load();
+    let mode = routes.inbound_mode(&pod_ip, target.port());
+    let mut labels = TcpLabels {
+        reporter: Reporter::Destination,
+        source: routes.workload(peer.ip()).cloned(),
+        destination: routes.workload(&pod_ip).cloned(),
+        service: routes.service_of_endpoint(&target).cloned(),
+        flags: ResponseFlags::None,
+        source_principal: None,
+        destination_principal: routes.identity(&pod_ip).cloned(),
+        mutual_tls: false,
+    };
+    drop(routes);
+    if mode == MtlsMode::Strict {
+        let refused = inbound.plaintext_refused.fetch_add(1, Ordering::Relaxed);
+        if refused < 100 || refused.is_multiple_of(1000) {
+            warn!(pod = %pod, %peer, %target, refused = refused + 1,
+                "refused a plaintext connection: PeerAuthentication is STRICT");
+        }
+        if let Err(e) = client.set_zero_linger() {
+            debug!(error = %e, "cannot set SO_LINGER 0");
+        }
+        return;
+    }
+    inbound.plaintext_accepted.fetch_add(1, Ordering::Relaxed);
+    let mut app = match deliver(&sockets, *peer.ip(), target, inputs.connect_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(pod = %pod, %peer, %target, error = %e, "cannot reach the app, resetting the client");
+            labels.flags = ResponseFlags::UpstreamConnectFailure;
+            let counters = inputs.metrics.tcp(&labels);
+            counters.opened.inc();
+            counters.closed.inc();
+            let _ = client.set_zero_linger();
+            return;
+        }
+    };
+    let counters = inputs.metrics.tcp(&labels);
+    counters.opened.inc();
+    stats.inbound_connections.fetch_add(1, Ordering::Relaxed);
+    stats.inbound_active.fetch_add(1, Ordering::Relaxed);
+    let size = inputs.buffer_size;
+    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, size, size).await {
+        Ok((to_app, from_app)) => {
+            counters.received.inc_by(to_app);
+            counters.sent.inc_by(from_app);
+        }
+        Err(e) => {
+            debug!(pod = %pod, %peer, %target, error = %e, "plaintext inbound ended with an error")
+        }
+    }
+    counters.closed.inc();
+    stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Accepts until aborted (unenroll or shutdown); each connection runs in its own task.

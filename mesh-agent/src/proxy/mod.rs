@@ -17,6 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::config::model::MtlsMode;
 use crate::config::model::{Endpoint, ObjectRef, Snapshot};
 use crate::identity::Identity;
 use crate::telemetry::metrics::{Metrics, ServiceMeta, WorkloadMeta};
@@ -70,12 +71,18 @@ pub struct RouteTable {
     /// Endpoint (pod IP, target port) -> the one Service it serves, for the destination
     /// side's telemetry; None where several Services share the endpoint.
     endpoint_services: HashMap<SocketAddrV4, Option<Arc<ServiceMeta>>>,
+    /// The snapshot the table was built from, for inbound policy (PeerAuthentication).
+    snapshot: Arc<Snapshot>,
 }
 
 impl RouteTable {
     /// Builds the table for `snap`, carrying service counters over from `prev`. With a
     /// `trust_domain` (mutual TLS on), meshed pods are reached over HBONE.
-    pub fn build(snap: &Snapshot, prev: &RouteTable, trust_domain: Option<&str>) -> RouteTable {
+    pub fn build(
+        snap: &Arc<Snapshot>,
+        prev: &RouteTable,
+        trust_domain: Option<&str>,
+    ) -> RouteTable {
         let prev_stats: HashMap<&ObjectRef, &Arc<ServiceStats>> = prev
             .services
             .values()
@@ -142,6 +149,7 @@ impl RouteTable {
             pods,
             identities,
             endpoint_services,
+            snapshot: snap.clone(),
         }
     }
 
@@ -167,6 +175,20 @@ impl RouteTable {
     /// on that port (the destination side does not see the ClusterIP the client used).
     pub fn service_of_endpoint(&self, ep: &SocketAddrV4) -> Option<&Arc<ServiceMeta>> {
         self.endpoint_services.get(ep).and_then(Option::as_ref)
+    }
+
+    /// The PeerAuthentication mode for a plaintext connection to `port` of the pod with this
+    /// IP. A pod the config does not know is STRICT: fail closed.
+    pub fn inbound_mode(&self, pod_ip: &Ipv4Addr, port: u16) -> MtlsMode {
+        match self
+            .snapshot
+            .by_pod_ip
+            .get(pod_ip)
+            .and_then(|id| self.snapshot.pods.get(id))
+        {
+            Some(pod) => self.snapshot.inbound_mode(pod, port),
+            None => MtlsMode::Strict,
+        }
     }
 
     /// Per-service counters, for the admin API.
@@ -270,7 +292,7 @@ mod tests {
 
     #[test]
     fn round_robin_visits_every_endpoint_in_turn() {
-        let table = RouteTable::build(&snapshot(3), &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(snapshot(3)), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         let Target::Service(route) = table.target(dst) else {
             panic!("ClusterIP:port must route to the service");
@@ -284,7 +306,7 @@ mod tests {
 
     #[test]
     fn service_without_endpoints_picks_none() {
-        let table = RouteTable::build(&snapshot(0), &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(snapshot(0)), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         let Target::Service(route) = table.target(dst) else {
             panic!("still a service");
@@ -294,7 +316,7 @@ mod tests {
 
     #[test]
     fn other_ports_and_addresses_pass_through() {
-        let table = RouteTable::build(&snapshot(1), &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(snapshot(1)), &RouteTable::default(), None);
         let other_port = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 81);
         assert!(matches!(table.target(other_port), Target::Passthrough));
         let outside = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80);
@@ -303,12 +325,12 @@ mod tests {
 
     #[test]
     fn service_counters_survive_a_rebuild() {
-        let first = RouteTable::build(&snapshot(1), &RouteTable::default(), None);
+        let first = RouteTable::build(&Arc::new(snapshot(1)), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         if let Target::Service(r) = first.target(dst) {
             r.stats.connections.fetch_add(5, Ordering::Relaxed);
         }
-        let second = RouteTable::build(&snapshot(2), &first, None);
+        let second = RouteTable::build(&Arc::new(snapshot(2)), &first, None);
         let stats = second.service_stats();
         assert_eq!(stats.len(), 1);
         assert_eq!(stats[0].1.connections.load(Ordering::Relaxed), 5);
@@ -317,7 +339,7 @@ mod tests {
     #[test]
     fn an_endpoint_names_its_service_unless_two_share_it() {
         let ep = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10), 8080);
-        let table = RouteTable::build(&snapshot(1), &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(snapshot(1)), &RouteTable::default(), None);
         let meta = table.service_of_endpoint(&ep).expect("one service");
         assert_eq!(meta.fqdn, "web.default.svc.cluster.local");
 
@@ -326,7 +348,7 @@ mod tests {
         other.id = id("web-canary");
         other.cluster_ip = Some(Ipv4Addr::new(10, 96, 0, 11));
         snap.services.insert(other.id.clone(), other);
-        let table = RouteTable::build(&snap, &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(snap), &RouteTable::default(), None);
         assert!(table.service_of_endpoint(&ep).is_none(), "ambiguous");
     }
 
@@ -380,6 +402,7 @@ mod tests {
         ] {
             snap.pods.insert(p.id.clone(), p);
         }
+        let snap = Arc::new(snap);
         let table = RouteTable::build(&snap, &RouteTable::default(), Some("example.org"));
         let a = table
             .identity(&Ipv4Addr::new(10, 244, 2, 1))

@@ -66,6 +66,9 @@ pub fn manifest() -> String {
     pod_yaml(&mut out, DIRECT_NS, CLIENT, CLIENT_NODE, false);
     for s in &SERVERS {
         pod_yaml(&mut out, MESH_NS, s.name, s.node, true);
+        // The direct baseline has its own servers outside the mesh: a meshed server's inbound
+        // connections all pass through its agent, even from clients outside the mesh.
+        pod_yaml(&mut out, DIRECT_NS, s.name, s.node, true);
         let _ = write!(
             out,
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {MESH_NS}\n\
@@ -124,8 +127,11 @@ fn nginx_conf(dir: &Path) -> String {
 /// connections. The returned guards stop them on drop.
 pub fn start_servers(tb: &Testbed, http: &HttpServer) -> Result<Vec<PodProcess>> {
     let mut procs = Vec::new();
-    for s in &SERVERS {
-        let pod = format!("{MESH_NS}/{}", s.name);
+    for (ns, s) in [MESH_NS, DIRECT_NS]
+        .into_iter()
+        .flat_map(|ns| SERVERS.iter().map(move |s| (ns, s)))
+    {
+        let pod = format!("{ns}/{}", s.name);
         let port = IPERF_PORT.to_string();
         let mut iperf = tb.spawn_in_pod(&pod, "iperf3", ["-s", "-p", &port, "--forceflush"])?;
         iperf
@@ -134,7 +140,7 @@ pub fn start_servers(tb: &Testbed, http: &HttpServer) -> Result<Vec<PodProcess>>
         procs.push(iperf);
         let web = match http {
             HttpServer::Nginx(bin) => {
-                let dir = tb.state_dir().join("bench").join(s.name);
+                let dir = tb.state_dir().join("bench").join(ns).join(s.name);
                 for sub in ["tmp", "www"] {
                     std::fs::create_dir_all(dir.join(sub))
                         .with_context(|| format!("creating {}", dir.join(sub).display()))?;
@@ -337,8 +343,11 @@ pub fn loadavg() -> Result<[f64; 3]> {
     }
 }
 
-/// The destination a client uses: the server pod's IP (direct) or its Service's ClusterIP
-/// (mesh).
+/// The destination a client uses: the IP of the server pod outside the mesh (direct) or the
+/// meshed server's Service ClusterIP (mesh).
 pub fn targets(tb: &Testbed, server: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
-    Ok((tb.pod_ip(MESH_NS, server)?, tb.service_ip(MESH_NS, server)?))
+    Ok((
+        tb.pod_ip(DIRECT_NS, server)?,
+        tb.service_ip(MESH_NS, server)?,
+    ))
 }
