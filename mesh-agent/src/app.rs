@@ -69,13 +69,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Bytes buffered per direction of each proxied connection (memory per connection is
-    /// about twice this).
+    /// Most bytes buffered per direction of each proxied connection. Buffers start at 16 KiB
+    /// and double up to this only while reads fill them (bulk transfers), so
+    /// request/response connections stay small; the worst case per connection is twice this.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     pub buffer_size: usize,
 
     /// Proxied connections kept open at most; new ones beyond are reset and counted. Each
-    /// holds two --buffer-size buffers, so this bounds the data path's memory.
+    /// holds at most two --buffer-size buffers, so this bounds the data path's memory.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_connections: u64,
 

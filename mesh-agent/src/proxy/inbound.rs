@@ -153,14 +153,11 @@ async fn plaintext(
     stats.inbound_connections.fetch_add(1, Ordering::Relaxed);
     stats.inbound_active.fetch_add(1, Ordering::Relaxed);
     let size = inputs.buffer_size;
-    match tokio::io::copy_bidirectional_with_sizes(&mut client, &mut app, size, size).await {
-        Ok((to_app, from_app)) => {
-            counters.received.inc_by(to_app);
-            counters.sent.inc_by(from_app);
-        }
-        Err(e) => {
-            debug!(pod = %pod, %peer, %target, error = %e, "plaintext inbound ended with an error")
-        }
+    let r = super::relay::relay(&mut client, &mut app, size).await;
+    counters.received.inc_by(r.a_to_b);
+    counters.sent.inc_by(r.b_to_a);
+    if let Some(e) = r.error {
+        debug!(pod = %pod, %peer, %target, error = %e, "plaintext inbound ended with an error");
     }
     counters.closed.inc();
     stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
@@ -321,16 +318,11 @@ async fn stream(
         match upgrade.await {
             Ok(up) => {
                 let mut tunnel = TokioIo::new(up);
-                match tokio::io::copy_bidirectional_with_sizes(&mut tunnel, &mut app, size, size)
-                    .await
-                {
-                    Ok((to_app, from_app)) => {
-                        counters.received.inc_by(to_app);
-                        counters.sent.inc_by(from_app);
-                    }
-                    Err(e) => {
-                        debug!(pod = %ctx.pod, %peer, %target, error = %e, "inbound stream ended with an error")
-                    }
+                let r = super::relay::relay(&mut tunnel, &mut app, size).await;
+                counters.received.inc_by(r.a_to_b);
+                counters.sent.inc_by(r.b_to_a);
+                if let Some(e) = r.error {
+                    debug!(pod = %ctx.pod, %peer, %target, error = %e, "inbound stream ended with an error");
                 }
             }
             Err(e) => {

@@ -7,6 +7,7 @@
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
+pub mod relay;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};

@@ -203,23 +203,25 @@ impl Connection {
         counters.opened.inc();
         debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr, "proxying");
         let size = self.inputs.buffer_size;
-        // copy_bidirectional honours half-close: EOF on one side shuts down the write side of
-        // the other, and the reverse direction keeps flowing until its own EOF.
-        match tokio::io::copy_bidirectional_with_sizes(&mut client, upstream, size, size).await {
-            Ok((to_upstream, to_client)) => {
-                proxy_stats
-                    .bytes_sent
-                    .fetch_add(to_upstream, Ordering::Relaxed);
-                proxy_stats
-                    .bytes_received
-                    .fetch_add(to_client, Ordering::Relaxed);
-                // Istio: "received" is the request direction, "sent" the response.
-                counters.received.inc_by(to_upstream);
-                counters.sent.inc_by(to_client);
-                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, to_upstream, to_client, "closed");
+        // Half-close is honoured: EOF on one side shuts down the write side of the other, and
+        // the reverse direction keeps flowing until its own EOF.
+        let r = super::relay::relay(&mut client, upstream, size).await;
+        let (to_upstream, to_client) = (r.a_to_b, r.b_to_a);
+        proxy_stats
+            .bytes_sent
+            .fetch_add(to_upstream, Ordering::Relaxed);
+        proxy_stats
+            .bytes_received
+            .fetch_add(to_client, Ordering::Relaxed);
+        // Istio: "received" is the request direction, "sent" the response.
+        counters.received.inc_by(to_upstream);
+        counters.sent.inc_by(to_client);
+        match r.error {
+            None => {
+                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, to_upstream, to_client, "closed")
             }
-            Err(e) => {
-                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, error = %e, "connection ended with an error");
+            Some(e) => {
+                debug!(pod = %self.pod, client = %self.peer, upstream = %upstream_addr, to_upstream, to_client, error = %e, "connection ended with an error")
             }
         }
         counters.closed.inc();

@@ -1,0 +1,244 @@
+//! Moving bytes both ways between the two sides of a proxied connection.
+//!
+//! Hand-written rather than `tokio::io::copy_bidirectional_with_sizes` for two reasons the
+//! benchmark showed (docs/benchmarks.md, agent RSS):
+//! - tokio allocates both buffers at their full size up front. Most mesh connections are
+//!   request/response traffic that never fills 16 KiB, yet 32 such connections through one
+//!   agent (both ends on the node) kept about 7 MB of buffers resident. Here each direction
+//!   starts at [`INITIAL_BUFFER`] and doubles, up to the configured maximum, only when a read
+//!   fills the buffer: bulk transfers still move 64 KiB per read.
+//! - tokio returns only an error when either direction fails, losing the byte counts; the
+//!   telemetry wants the bytes moved before a reset as well.
+//!
+//! Semantics otherwise follow tokio's: both directions are polled from one task; EOF on one
+//! side shuts down the write half of the other, and the reverse direction keeps flowing until
+//! its own EOF (half-close).
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What each direction's buffer starts at: one TLS record's worth.
+pub const INITIAL_BUFFER: usize = 16 * 1024;
+
+/// The outcome of [`relay`]: bytes moved each way, and the error that ended it, if any.
+#[derive(Debug)]
+pub struct Relayed {
+    pub a_to_b: u64,
+    pub b_to_a: u64,
+    pub error: Option<io::Error>,
+}
+
+/// Copies `a` to `b` and `b` to `a` until both directions reach EOF or one fails. Buffers
+/// grow from [`INITIAL_BUFFER`] to at most `max_buffer` bytes per direction.
+pub async fn relay<A, B>(a: &mut A, b: &mut B, max_buffer: usize) -> Relayed
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let mut a_to_b = Direction::new(max_buffer);
+    let mut b_to_a = Direction::new(max_buffer);
+    let error = poll_fn(|cx| {
+        let ab = a_to_b.poll(cx, a, b);
+        let ba = b_to_a.poll(cx, b, a);
+        match (ab, ba) {
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Some(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    })
+    .await;
+    Relayed {
+        a_to_b: a_to_b.moved,
+        b_to_a: b_to_a.moved,
+        error,
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Stage {
+    Copying,
+    /// The reader reached EOF and everything read was written: shut down the writer.
+    ShuttingDown,
+    Done,
+}
+
+/// One direction's state: a buffer holding `buf[pos..filled]` not yet written.
+struct Direction {
+    buf: Box<[u8]>,
+    max: usize,
+    pos: usize,
+    filled: usize,
+    read_eof: bool,
+    /// Written since the last flush.
+    need_flush: bool,
+    stage: Stage,
+    moved: u64,
+}
+
+impl Direction {
+    fn new(max: usize) -> Self {
+        let max = max.max(1);
+        Direction {
+            // Allocated here, not lazily: a connection that is relayed at all carries data.
+            buf: vec![0; INITIAL_BUFFER.min(max)].into_boxed_slice(),
+            max,
+            pos: 0,
+            filled: 0,
+            read_eof: false,
+            need_flush: false,
+            stage: Stage::Copying,
+            moved: 0,
+        }
+    }
+
+    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            match self.stage {
+                Stage::Done => return Poll::Ready(Ok(())),
+                Stage::ShuttingDown => {
+                    ready!(Pin::new(&mut *w).poll_shutdown(cx))?;
+                    self.stage = Stage::Done;
+                }
+                Stage::Copying => {
+                    if self.pos == self.filled && !self.read_eof {
+                        match self.poll_fill(cx, r) {
+                            Poll::Ready(r) => r?,
+                            Poll::Pending => {
+                                // Nothing to read now: push out what was written so far.
+                                if self.need_flush {
+                                    ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                                    self.need_flush = false;
+                                }
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                    while self.pos < self.filled {
+                        let n = ready!(
+                            Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.filled])
+                        )?;
+                        if n == 0 {
+                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                        }
+                        self.pos += n;
+                        self.moved += n as u64;
+                        self.need_flush = true;
+                    }
+                    if self.read_eof {
+                        ready!(Pin::new(&mut *w).poll_flush(cx))?;
+                        self.need_flush = false;
+                        self.stage = Stage::ShuttingDown;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads into the (empty) buffer, growing it first if the previous read filled it.
+    fn poll_fill<R>(&mut self, cx: &mut Context<'_>, r: &mut R) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+    {
+        if self.filled == self.buf.len() && self.buf.len() < self.max {
+            let grown = (self.buf.len() * 2).min(self.max);
+            self.buf = vec![0; grown].into_boxed_slice();
+        }
+        let mut rb = ReadBuf::new(&mut self.buf);
+        ready!(Pin::new(r).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        self.pos = 0;
+        self.filled = n;
+        if n == 0 {
+            self.read_eof = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    /// A pattern that shows misordered or lost bytes.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn moves_both_ways_with_half_close_and_grows_for_bulk() {
+        let (mut client, mut a) = duplex(256 * 1024);
+        let (mut b, mut server) = duplex(256 * 1024);
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, 64 * 1024).await });
+
+        let up = pattern(1_000_000);
+        let down = pattern(300_000);
+        let up2 = up.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&up2).await.unwrap();
+            // Half-close: the server sees EOF but can still answer.
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let mut got_up = Vec::new();
+        server.read_to_end(&mut got_up).await.unwrap();
+        assert_eq!(got_up, up);
+        server.write_all(&down).await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), down);
+
+        let r = relay.await.unwrap();
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert_eq!((r.a_to_b, r.b_to_a), (1_000_000, 300_000));
+    }
+
+    #[tokio::test]
+    async fn buffer_grows_only_when_reads_fill_it() {
+        let (mut client, mut a) = duplex(1 << 20);
+        let mut d = Direction::new(64 * 1024);
+        let (mut sink, _keep) = duplex(1 << 20);
+        // Small writes: the buffer stays at its initial size.
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        poll_fn(|cx| {
+            let _ = d.poll(cx, &mut a, &mut sink);
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(d.buf.len(), INITIAL_BUFFER);
+        // A bulk write fills it: it doubles up to the maximum, never beyond.
+        client.write_all(&pattern(512 * 1024)).await.unwrap();
+        poll_fn(|cx| {
+            let _ = d.poll(cx, &mut a, &mut sink);
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(d.buf.len(), 64 * 1024);
+        assert_eq!(d.moved, 18 + 512 * 1024);
+    }
+
+    #[tokio::test]
+    async fn an_error_keeps_the_counts() {
+        let (mut client, mut a) = duplex(64 * 1024);
+        let (mut b, mut server) = duplex(64 * 1024);
+        let relay = tokio::spawn(async move { relay(&mut a, &mut b, 64 * 1024).await });
+        client.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).await.unwrap();
+        drop(server);
+        // Writing on towards a peer that is gone fails (BrokenPipe) and ends the relay.
+        client.write_all(b"world").await.unwrap();
+        let r = relay.await.unwrap();
+        assert_eq!(r.error.map(|e| e.kind()), Some(io::ErrorKind::BrokenPipe));
+        assert_eq!((r.a_to_b, r.b_to_a), (5, 0));
+    }
+}
