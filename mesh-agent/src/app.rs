@@ -21,6 +21,7 @@ use crate::config::watch as config_watch;
 use crate::identity::{CertManager, CertManagerConfig};
 use crate::proxy::hbone::PoolSettings;
 use crate::proxy::{ProxyInputs, ProxyStats, RouteTable};
+use crate::telemetry::access_log::{AccessLog, AccessLogStats};
 use crate::telemetry::metrics::Metrics;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -238,6 +239,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let stats = Arc::new(ProxyStats::default());
     let inbound = Arc::new(crate::proxy::inbound::InboundStats::default());
     let metrics = Arc::new(Metrics::default());
+    let access_log = AccessLog::start().context("starting the access log writer thread")?;
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
         &snapshot,
         &RouteTable::default(),
@@ -251,6 +253,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         max_connections: args.max_connections.max(1),
         inbound: inbound.clone(),
+        access_log: access_log.clone(),
     };
     let certs = mtls.as_ref().map(|m| m.certs.clone());
     let enroller = Enroller::new(
@@ -273,6 +276,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         certs,
         trust_domain,
         inbound,
+        access_log: access_log.stats.clone(),
     }));
 
     // Drain: accept loops are stopped; give live connections until the deadline.
@@ -306,6 +310,7 @@ struct ControlInputs {
     certs: Option<CertManager>,
     trust_domain: Option<String>,
     inbound: Arc<crate::proxy::inbound::InboundStats>,
+    access_log: Arc<AccessLogStats>,
 }
 
 /// The CA client settings, if mutual TLS is configured.
@@ -339,6 +344,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         certs,
         trust_domain,
         inbound,
+        access_log,
     } = inputs;
     let mut certs_rx = certs.as_ref().map(CertManager::changed);
     let (view_tx, view_rx) = watch::channel(Arc::new(ControlView {
@@ -363,6 +369,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         metrics,
         logging,
         inbound,
+        access_log,
         certs: certs.clone(),
     };
     let unix = admin::bind_unix(&args.admin_socket)

@@ -112,6 +112,8 @@ pub struct AdminState {
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
     pub logging: Arc<LogControl>,
     pub inbound: Arc<crate::proxy::inbound::InboundStats>,
+    /// Access log writer counters.
+    pub access_log: Arc<crate::telemetry::access_log::AccessLogStats>,
     /// Workload certificates, with mutual TLS on.
     pub certs: Option<crate::identity::CertManager>,
 }
@@ -136,6 +138,7 @@ struct StatsDoc<'a> {
     proxy: &'a ProxyStats,
     /// The HBONE side (15008): TLS handshakes and CONNECT streams.
     inbound: &'a crate::proxy::inbound::InboundStats,
+    access_log: &'a crate::telemetry::access_log::AccessLogStats,
     ebpf: &'a EbpfStats,
     services: Vec<ServiceCounters<'a>>,
 }
@@ -170,6 +173,8 @@ struct ConfigDump<'a> {
     services: Vec<&'a crate::config::model::Service>,
     pods: Vec<&'a crate::config::model::Pod>,
     peer_authentications: Vec<&'a crate::config::model::PeerAuthentication>,
+    /// What is taken from MeshConfig (access log), and from where.
+    mesh: &'a crate::config::model::MeshSettings,
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -316,6 +321,7 @@ pub fn handle(
                 routes_generation: routes.generation,
                 proxy: &state.stats,
                 inbound: &state.inbound,
+                access_log: &state.access_log,
                 ebpf: &ebpf,
                 services: services
                     .iter()
@@ -340,6 +346,7 @@ pub fn handle(
                 services: snap.services.values().collect(),
                 pods: snap.pods.values().collect(),
                 peer_authentications: snap.peer_authentications.values().collect(),
+                mesh: &snap.mesh,
             };
             json(StatusCode::OK, &doc)
         }

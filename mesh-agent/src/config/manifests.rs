@@ -282,6 +282,7 @@ enum Object {
     Pod(model::Pod),
     Service(model::Service),
     PeerAuthentication(model::PeerAuthentication),
+    Mesh(mesh_config::Found),
 }
 
 /// Parse, validate and build a snapshot from already read sources.
@@ -415,6 +416,17 @@ fn parse_document(
             typed,
             "PeerAuthentication",
             istio::convert_peer_authentication,
+        )?),
+        ("v1", "ConfigMap")
+            if doc.name.as_deref() == Some(mesh_config::CONFIG_MAP)
+                && doc.namespace.as_deref() == Some(model::ROOT_NAMESPACE) =>
+        {
+            Object::Mesh(decode(typed, "ConfigMap", mesh_config::convert_config_map)?)
+        }
+        (mesh_config::OPERATOR_API_VERSION, "IstioOperator") => Object::Mesh(decode(
+            typed,
+            "IstioOperator",
+            mesh_config::convert_operator,
         )?),
         _ => return Ok(None),
     }))
@@ -699,6 +711,7 @@ fn build(objects: Vec<(Origin, Object)>, errors: &mut Vec<ManifestError>) -> Sna
             Object::Pod(p) => ("Pod", p.id.to_string()),
             Object::Service(s) => ("Service", s.id.to_string()),
             Object::PeerAuthentication(p) => ("PeerAuthentication", p.id.to_string()),
+            Object::Mesh(m) => ("MeshConfig", m.source.clone()),
         };
         if let Some(first) = first_seen(&mut seen, (kind, name.clone()), &origin) {
             let (first, first_document) = (first.file, first.doc);
@@ -744,6 +757,14 @@ fn build(objects: Vec<(Origin, Object)>, errors: &mut Vec<ManifestError>) -> Sna
             Object::PeerAuthentication(p) => {
                 snap.peer_authentications.insert(p.id.clone(), p);
             }
+            Object::Mesh(m) => match &snap.mesh.source {
+                Some(first) => {
+                    let reason =
+                        format!("MeshConfig is already given by {first}; keep it in one place");
+                    errors.push(origin.error(invalid("(document)", reason)));
+                }
+                None => snap.mesh = m.settings,
+            },
         }
     }
     // Namespaces only referenced by pods or services exist, unlabeled (so not enrolled).
@@ -800,5 +821,6 @@ fn endpoints(
 }
 
 mod istio;
+mod mesh_config;
 #[cfg(test)]
 mod tests;

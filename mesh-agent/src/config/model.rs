@@ -142,6 +142,16 @@ impl PeerAuthentication {
     }
 }
 
+/// What nodemesh takes from Istio's MeshConfig.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MeshSettings {
+    /// Where it came from (`ConfigMap nodemesh-system/istio data.mesh`, an IstioOperator);
+    /// `None`: defaults.
+    pub source: Option<String>,
+    /// `None`: access logs off (MeshConfig `accessLogFile` empty, Istio's default).
+    pub access_log: Option<std::sync::Arc<crate::telemetry::access_log::AccessLogConfig>>,
+}
+
 /// One whole, validated configuration.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Snapshot {
@@ -151,6 +161,7 @@ pub struct Snapshot {
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub services: BTreeMap<ObjectRef, Service>,
     pub peer_authentications: BTreeMap<ObjectRef, PeerAuthentication>,
+    pub mesh: MeshSettings,
     /// (cluster IP, port) -> (service, index into `ports`).
     #[serde(skip)]
     pub by_cluster_ip: std::collections::HashMap<SocketAddrV4, (ObjectRef, usize)>,

@@ -26,7 +26,8 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
-use super::{ProxyInputs, WorkloadStats};
+use super::relay::Relayed;
+use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
 use crate::capture::netns::SocketSource;
 use crate::config::model::MtlsMode;
 use crate::config::model::ObjectRef;
@@ -123,6 +124,7 @@ async fn plaintext(
         destination_principal: routes.identity(&pod_ip).cloned(),
         mutual_tls: false,
     };
+    let log = LogEntry::begin(&routes, peer, target);
     drop(routes);
     if mode == MtlsMode::Strict {
         let refused = inbound.plaintext_refused.fetch_add(1, Ordering::Relaxed);
@@ -144,6 +146,9 @@ async fn plaintext(
             let counters = inputs.metrics.tcp(&labels);
             counters.opened.inc();
             counters.closed.inc();
+            if let Some(log) = log {
+                log.finish(&inputs.access_log, failed(&labels, target, &e));
+            }
             let _ = client.set_zero_linger();
             return;
         }
@@ -156,8 +161,11 @@ async fn plaintext(
     let r = super::relay::relay(&mut client, &mut app, size).await;
     counters.received.inc_by(r.a_to_b);
     counters.sent.inc_by(r.b_to_a);
-    if let Some(e) = r.error {
+    if let Some(e) = &r.error {
         debug!(pod = %pod, %peer, %target, error = %e, "plaintext inbound ended with an error");
+    }
+    if let Some(log) = log {
+        log.finish(&inputs.access_log, relayed(&labels, target, &r));
     }
     counters.closed.inc();
     stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
@@ -288,6 +296,7 @@ async fn stream(
         destination_principal: routes.identity(&ctx.pod_ip).cloned(),
         mutual_tls: true,
     };
+    let log = LogEntry::begin(&routes, peer, target);
     drop(routes);
     let app = match deliver(&ctx.sockets, *peer.ip(), target, ctx.inputs.connect_timeout).await {
         Ok(s) => s,
@@ -298,6 +307,9 @@ async fn stream(
             let counters = ctx.inputs.metrics.tcp(&labels);
             counters.opened.inc();
             counters.closed.inc();
+            if let Some(log) = log {
+                log.finish(&ctx.inputs.access_log, failed(&labels, target, &e));
+            }
             return reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("connect to {target} failed: {e}"),
@@ -321,8 +333,11 @@ async fn stream(
                 let r = super::relay::relay(&mut tunnel, &mut app, size).await;
                 counters.received.inc_by(r.a_to_b);
                 counters.sent.inc_by(r.b_to_a);
-                if let Some(e) = r.error {
+                if let Some(e) = &r.error {
                     debug!(pod = %ctx.pod, %peer, %target, error = %e, "inbound stream ended with an error");
+                }
+                if let Some(log) = log {
+                    log.finish(&ctx.inputs.access_log, relayed(&labels, target, &r));
                 }
             }
             Err(e) => {
@@ -333,6 +348,29 @@ async fn stream(
         ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
     });
     reply(StatusCode::OK, "")
+}
+
+/// The access log's view of a delivered connection: bytes from the peer are received.
+fn relayed<'a>(labels: &'a TcpLabels, target: SocketAddrV4, r: &Relayed) -> Ended<'a> {
+    Ended {
+        labels,
+        received: r.a_to_b,
+        sent: r.b_to_a,
+        upstream_host: Some(target.into()),
+        upstream_local: None,
+        failure: None,
+    }
+}
+
+fn failed<'a>(labels: &'a TcpLabels, target: SocketAddrV4, e: &io::Error) -> Ended<'a> {
+    Ended {
+        labels,
+        received: 0,
+        sent: 0,
+        upstream_host: Some(target.into()),
+        upstream_local: None,
+        failure: Some(e.to_string()),
+    }
 }
 
 /// Connects to the app at `target` from inside the pod's namespace, with `client` (the

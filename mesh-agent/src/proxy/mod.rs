@@ -10,10 +10,10 @@ pub mod outbound;
 pub mod relay;
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -21,7 +21,8 @@ use serde::Serialize;
 use crate::config::model::MtlsMode;
 use crate::config::model::{Endpoint, ObjectRef, Snapshot};
 use crate::identity::Identity;
-use crate::telemetry::metrics::{Metrics, ServiceMeta, WorkloadMeta};
+use crate::telemetry::access_log::{AccessLog, AccessLogConfig, TcpRecord};
+use crate::telemetry::metrics::{Metrics, ServiceMeta, TcpLabels, WorkloadMeta};
 
 /// Counters of one service, kept across config changes.
 #[derive(Debug, Default, Serialize)]
@@ -192,6 +193,11 @@ impl RouteTable {
         }
     }
 
+    /// The access log in force (MeshConfig), if any.
+    pub fn access_log(&self) -> Option<&Arc<AccessLogConfig>> {
+        self.snapshot.mesh.access_log.as_ref()
+    }
+
     /// Per-service counters, for the admin API.
     pub fn service_stats(&self) -> Vec<(ObjectRef, Arc<ServiceStats>)> {
         let mut out: Vec<_> = self
@@ -247,6 +253,62 @@ pub struct ProxyInputs {
     pub max_connections: u64,
     /// Inbound (15008) counters.
     pub inbound: Arc<inbound::InboundStats>,
+    /// Where finished connections go when MeshConfig turns access logs on.
+    pub access_log: AccessLog,
+}
+
+/// A connection's access log entry in the making; only exists while access logs are on, so
+/// the data path pays nothing for them otherwise.
+pub struct LogEntry {
+    config: Arc<AccessLogConfig>,
+    start: SystemTime,
+    started: Instant,
+    downstream_remote: SocketAddr,
+    downstream_local: SocketAddr,
+}
+
+/// How a connection ended, for its access log entry.
+pub struct Ended<'a> {
+    pub labels: &'a TcpLabels,
+    pub received: u64,
+    pub sent: u64,
+    pub upstream_host: Option<SocketAddr>,
+    pub upstream_local: Option<SocketAddr>,
+    pub failure: Option<String>,
+}
+
+impl LogEntry {
+    /// Starts an entry if the configuration in force logs connections.
+    pub fn begin(
+        routes: &RouteTable,
+        downstream_remote: SocketAddrV4,
+        downstream_local: SocketAddrV4,
+    ) -> Option<LogEntry> {
+        routes.access_log().map(|config| LogEntry {
+            config: config.clone(),
+            start: SystemTime::now(),
+            started: Instant::now(),
+            downstream_remote: downstream_remote.into(),
+            downstream_local: downstream_local.into(),
+        })
+    }
+
+    pub fn finish(self, log: &AccessLog, end: Ended<'_>) {
+        log.log(TcpRecord {
+            config: self.config,
+            start: self.start,
+            duration: self.started.elapsed(),
+            labels: end.labels.clone(),
+            bytes_received: end.received,
+            bytes_sent: end.sent,
+            downstream_remote: self.downstream_remote,
+            downstream_local: self.downstream_local,
+            upstream_host: end.upstream_host,
+            upstream_local: end.upstream_local,
+            failure_reason: end.failure,
+            connection_id: log.next_id(),
+        });
+    }
 }
 
 #[cfg(test)]

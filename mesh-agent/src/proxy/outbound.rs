@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::hbone::pool::Pool;
-use super::{ProxyInputs, Target, WorkloadStats};
+use super::{Ended, LogEntry, ProxyInputs, Target, WorkloadStats};
 use crate::capture::OrigDstTable;
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
@@ -105,6 +105,12 @@ struct Connection {
     hbone: Option<Hbone>,
 }
 
+/// Where a connection went, for its access log entry.
+struct Upstream {
+    host: SocketAddrV4,
+    local: Option<SocketAddr>,
+}
+
 impl Connection {
     async fn run(self, client: TcpStream) {
         let proxy_stats = &self.inputs.stats;
@@ -115,6 +121,9 @@ impl Connection {
 
         debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, "captured connection");
         let routes = self.inputs.routes.load();
+        // The client's address as the pod has it (the accepted socket is on loopback).
+        let downstream = SocketAddrV4::new(self.src, self.peer.port());
+        let log = LogEntry::begin(&routes, downstream, self.dst);
         let mut labels = TcpLabels::source();
         labels.source = routes.workload(&self.src).cloned();
         let (upstream_addr, service) = match routes.target(self.dst) {
@@ -128,7 +137,7 @@ impl Connection {
                         warn!(pod = %self.pod, src = %self.src, dst = %self.dst, service = %route.service,
                             "no ready endpoint for the service, resetting the client");
                         labels.flags = ResponseFlags::NoHealthyUpstream;
-                        self.finish_error(client, &labels);
+                        self.finish_error(client, &labels, log, None, None);
                         return;
                     }
                 }
@@ -153,7 +162,11 @@ impl Connection {
             match pool.connect(&identity, upstream_addr).await {
                 Ok(mut tunnel) => {
                     self.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
-                    self.relay(client, &mut tunnel.io, &labels, upstream_addr)
+                    let upstream = Upstream {
+                        host: upstream_addr,
+                        local: None,
+                    };
+                    self.relay(client, &mut tunnel.io, &labels, upstream, log)
                         .await;
                 }
                 Err(e) => {
@@ -164,7 +177,8 @@ impl Connection {
                     warn!(pod = %self.pod, src = %self.src, dst = %self.dst, upstream = %upstream_addr,
                         via = "HBONE", %identity, error = %e, "upstream connect failed, resetting the client");
                     labels.flags = ResponseFlags::UpstreamConnectFailure;
-                    self.finish_error(client, &labels);
+                    let reason = Some(e.to_string());
+                    self.finish_error(client, &labels, log, Some(upstream_addr), reason);
                 }
             }
             return;
@@ -180,11 +194,16 @@ impl Connection {
                 warn!(pod = %self.pod, src = %self.src, dst = %self.dst, upstream = %upstream_addr,
                     error = %e, "upstream connect failed, resetting the client");
                 labels.flags = ResponseFlags::UpstreamConnectFailure;
-                self.finish_error(client, &labels);
+                let reason = Some(e.to_string());
+                self.finish_error(client, &labels, log, Some(upstream_addr), reason);
                 return;
             }
         };
-        self.relay(client, &mut upstream, &labels, upstream_addr)
+        let target = Upstream {
+            host: upstream_addr,
+            local: upstream.local_addr().ok(),
+        };
+        self.relay(client, &mut upstream, &labels, target, log)
             .await;
     }
 
@@ -194,11 +213,13 @@ impl Connection {
         mut client: TcpStream,
         upstream: &mut U,
         labels: &TcpLabels,
-        upstream_addr: SocketAddrV4,
+        target: Upstream,
+        log: Option<LogEntry>,
     ) where
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     {
         let proxy_stats = &self.inputs.stats;
+        let upstream_addr = target.host;
         let counters = self.inputs.metrics.tcp(labels);
         counters.opened.inc();
         debug!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr, "proxying");
@@ -225,6 +246,19 @@ impl Connection {
             }
         }
         counters.closed.inc();
+        if let Some(log) = log {
+            log.finish(
+                &self.inputs.access_log,
+                Ended {
+                    labels,
+                    received: to_upstream,
+                    sent: to_client,
+                    upstream_host: Some(upstream_addr.into()),
+                    upstream_local: target.local,
+                    failure: None,
+                },
+            );
+        }
         proxy_stats.completed.fetch_add(1, Ordering::Relaxed);
         self.done();
     }
@@ -242,10 +276,28 @@ impl Connection {
 
     /// A connection that never reached an upstream: counted opened and closed with its
     /// response flag, as Envoy reports it, then reset.
-    fn finish_error(&self, client: TcpStream, labels: &TcpLabels) {
+    fn finish_error(
+        &self,
+        client: TcpStream,
+        labels: &TcpLabels,
+        log: Option<LogEntry>,
+        upstream: Option<SocketAddrV4>,
+        failure: Option<String>,
+    ) {
         let counters = self.inputs.metrics.tcp(labels);
         counters.opened.inc();
         counters.closed.inc();
+        if let Some(log) = log {
+            let end = Ended {
+                labels,
+                received: 0,
+                sent: 0,
+                upstream_host: upstream.map(Into::into),
+                upstream_local: None,
+                failure,
+            };
+            log.finish(&self.inputs.access_log, end);
+        }
         self.stats.outbound_errors.fetch_add(1, Ordering::Relaxed);
         reset(client);
         self.inputs.stats.completed.fetch_add(1, Ordering::Relaxed);

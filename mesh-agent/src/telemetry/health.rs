@@ -71,6 +71,25 @@ impl Collector for Health {
             "Rejected configurations",
             view.config_errors_total,
         )?;
+        let log = &self.0.access_log;
+        counter(
+            &mut enc,
+            "nodemesh_access_log_entries",
+            "Access log entries written (MeshConfig accessLogFile)",
+            log.written.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "nodemesh_access_log_dropped",
+            "Access log entries dropped because the writer fell behind (the data path never waits)",
+            log.dropped.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "nodemesh_access_log_write_errors",
+            "Access log entries that could not be written",
+            log.write_errors.load(Ordering::Relaxed),
+        )?;
         let s = &self.0.stats;
         gauge(
             &mut enc,

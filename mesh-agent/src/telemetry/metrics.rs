@@ -92,7 +92,7 @@ pub enum ResponseFlags {
 }
 
 impl ResponseFlags {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ResponseFlags::None => "-",
             ResponseFlags::NoHealthyUpstream => "UH",
