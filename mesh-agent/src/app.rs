@@ -19,6 +19,7 @@ use crate::capture::{Capture, CaptureConfig};
 use crate::config::model::Snapshot;
 use crate::config::watch as config_watch;
 use crate::identity::{CertManager, CertManagerConfig};
+use crate::proxy::connections::ConnectionTable;
 use crate::proxy::hbone::PoolSettings;
 use crate::proxy::{ProxyInputs, ProxyStats, RouteTable};
 use crate::telemetry::access_log::{AccessLog, AccessLogStats};
@@ -240,6 +241,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let inbound = Arc::new(crate::proxy::inbound::InboundStats::default());
     let metrics = Arc::new(Metrics::default());
     let access_log = AccessLog::start().context("starting the access log writer thread")?;
+    let connections = Arc::new(ConnectionTable::default());
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
         &snapshot,
         &RouteTable::default(),
@@ -254,6 +256,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections.max(1),
         inbound: inbound.clone(),
         access_log: access_log.clone(),
+        connections: connections.clone(),
     };
     let certs = mtls.as_ref().map(|m| m.certs.clone());
     let enroller = Enroller::new(
@@ -277,6 +280,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         trust_domain,
         inbound,
         access_log: access_log.stats.clone(),
+        connections,
     }));
 
     // Drain: accept loops are stopped; give live connections until the deadline.
@@ -311,6 +315,7 @@ struct ControlInputs {
     trust_domain: Option<String>,
     inbound: Arc<crate::proxy::inbound::InboundStats>,
     access_log: Arc<AccessLogStats>,
+    connections: Arc<ConnectionTable>,
 }
 
 /// The CA client settings, if mutual TLS is configured.
@@ -345,6 +350,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         trust_domain,
         inbound,
         access_log,
+        connections,
     } = inputs;
     let mut certs_rx = certs.as_ref().map(CertManager::changed);
     let (view_tx, view_rx) = watch::channel(Arc::new(ControlView {
@@ -370,6 +376,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         logging,
         inbound,
         access_log,
+        connections,
         certs: certs.clone(),
     };
     let unix = admin::bind_unix(&args.admin_socket)

@@ -61,6 +61,19 @@ enum Command {
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// The connections the agent is proxying now: pod, direction, protocol (HBONE or TCP),
+    /// client, destination, upstream, the peer's identity, age and bytes each way.
+    Connections {
+        /// Only this pod's (`NAMESPACE/NAME`, or `NAME` in any namespace).
+        #[arg(long, value_name = "POD")]
+        pod: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Services with their ports, protocol selection and ready endpoints.
     Services {
         /// Output format.
@@ -130,6 +143,11 @@ fn main() -> ExitCode {
             output,
             admin_socket,
         } => client_command(cli::certs::run(&admin_socket, output)),
+        Command::Connections {
+            pod,
+            output,
+            admin_socket,
+        } => client_command(cli::connections::run(&admin_socket, output, pod.as_deref())),
         Command::Services {
             output,
             admin_socket,

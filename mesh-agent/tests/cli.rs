@@ -1,4 +1,4 @@
-//! The agent's CLI against real agents (root): `check`, `workloads`, `--help`, and pod
+//! The agent's CLI against real agents (root): `check`, `workloads`, `connections`, `--help`, and pod
 //! removal seen through the CLI.
 
 mod common;
@@ -242,4 +242,102 @@ fn workloads_lists_enrolled_pods_and_follows_pod_removal() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/admin.sock"));
     tb.down().expect("down");
+}
+
+/// `mesh-agent connections` on both agents while a connection crosses nodes over HBONE:
+/// each side lists it with the peer's identity and live byte counts, in table, JSON and
+/// YAML, and the list empties when the connection closes.
+#[test]
+fn connections_lists_open_connections_at_both_ends() {
+    let Some(tb) = up(
+        "cli_connections",
+        2,
+        &[(
+            "app.yaml",
+            &docs(&[
+                namespace("default", true),
+                pod_sa("default", "client", "node-1", "client", 9999),
+                pod_sa("default", "server", "node-2", "server", 7000),
+                service("default", "server", "server", 7000),
+            ]),
+        )],
+    ) else {
+        return;
+    };
+    let _echo = serve(&tb, "server", &["echo", "--listen", "0.0.0.0:7000"]);
+    let connections = |node: &str, format: &str, extra: &[&str]| {
+        let socket = tb.node(node).expect("node").admin_socket.clone();
+        let out = Command::new(AGENT)
+            .args(["connections", "-o", format, "--admin-socket"])
+            .arg(&socket)
+            .args(extra)
+            .output()
+            .expect("connections");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let svc = tb.service_ip("default", "server").expect("svc");
+    let client_ip = tb.pod_ip("default", "client").expect("ip").to_string();
+    let server = format!("{}:7000", tb.pod_ip("default", "server").expect("ip"));
+    let mut chat = Chat::open(&tb, "client", &format!("{svc}:7000"));
+    assert!(chat.echo("hello"));
+
+    let out: serde_json::Value =
+        serde_json::from_str(&connections("node-1", "json", &[])).expect("json");
+    let list = out.as_array().expect("array");
+    assert_eq!(list.len(), 1, "{out}");
+    let c = &list[0];
+    assert_eq!(c["pod"], "default/client");
+    assert_eq!(c["direction"], "outbound");
+    assert_eq!(c["protocol"], "HBONE");
+    assert_eq!(c["destination"], format!("{svc}:7000"));
+    assert_eq!(c["upstream"], server);
+    assert_eq!(
+        c["peer_identity"],
+        "spiffe://cluster.local/ns/default/sa/server"
+    );
+    assert!(
+        c["client"]
+            .as_str()
+            .is_some_and(|a| a.starts_with(&format!("{client_ip}:")))
+    );
+    // "hello\n" each way, counted while the connection is open.
+    assert_eq!(
+        (c["bytes_received"].as_u64(), c["bytes_sent"].as_u64()),
+        (Some(6), Some(6))
+    );
+
+    let yaml: serde_json::Value =
+        serde_yaml::from_str(&connections("node-2", "yaml", &[])).expect("yaml");
+    let c = &yaml[0];
+    assert_eq!(c["pod"], "default/server");
+    assert_eq!(c["direction"], "inbound");
+    assert_eq!(
+        c["peer_identity"],
+        "spiffe://cluster.local/ns/default/sa/client"
+    );
+    let table = connections("node-2", "table", &["--pod", "server"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("POD") && lines[0].contains("PEER IDENTITY"),
+        "{table}"
+    );
+    assert!(
+        lines.len() == 2 && lines[1].contains("default/server") && lines[1].contains("inbound"),
+        "{table}"
+    );
+    assert_eq!(
+        connections("node-2", "table", &["--pod", "other/server"]).trim(),
+        "no open connections"
+    );
+
+    drop(chat);
+    wait_until("the connections to close", Duration::from_secs(10), || {
+        connections("node-1", "json", &[]).trim() == "[]"
+            && connections("node-2", "json", &[]).trim() == "[]"
+    });
 }

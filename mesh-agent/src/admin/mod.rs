@@ -114,6 +114,8 @@ pub struct AdminState {
     pub inbound: Arc<crate::proxy::inbound::InboundStats>,
     /// Access log writer counters.
     pub access_log: Arc<crate::telemetry::access_log::AccessLogStats>,
+    /// The connections open now.
+    pub connections: Arc<crate::proxy::connections::ConnectionTable>,
     /// Workload certificates, with mutual TLS on.
     pub certs: Option<crate::identity::CertManager>,
 }
@@ -291,6 +293,7 @@ pub fn handle(
         }
         "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
         "/certs" => json(StatusCode::OK, &certs(state)),
+        "/connections" => json(StatusCode::OK, &state.connections.view()),
         "/logging" => text(StatusCode::OK, format!("{}\n", state.logging.current())),
         "/status" => {
             let enrolled = view.workloads.iter().filter(|w| w.state == "enrolled").count();

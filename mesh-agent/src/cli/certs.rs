@@ -19,8 +19,7 @@ struct Cert {
 
 pub async fn run(socket: &Path, output: Output) -> anyhow::Result<()> {
     let body = super::client::get_ok(socket, "/certs").await?;
-    if output == Output::Json {
-        print!("{body}");
+    if super::print_structured(&body, output)? {
         return Ok(());
     }
     let list: Vec<Cert> =

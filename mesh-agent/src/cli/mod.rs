@@ -2,6 +2,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod connections;
 pub mod services;
 pub mod status;
 pub mod workloads;
@@ -14,6 +15,26 @@ pub enum Output {
     Table,
     /// JSON, as the admin API returns it.
     Json,
+    /// The same document as YAML.
+    Yaml,
+}
+
+/// Prints the admin API's JSON document in the structured formats (JSON as is, YAML
+/// converted); returns false for [`Output::Table`], which each command renders itself.
+pub fn print_structured(body: &str, output: Output) -> anyhow::Result<bool> {
+    match output {
+        Output::Table => Ok(false),
+        Output::Json => {
+            print!("{body}");
+            Ok(true)
+        }
+        Output::Yaml => {
+            let doc: serde_json::Value = serde_json::from_str(body)
+                .map_err(|e| anyhow::anyhow!("the agent's answer is not valid JSON: {e}"))?;
+            print!("{}", serde_yaml::to_string(&doc)?);
+            Ok(true)
+        }
+    }
 }
 
 /// Left-aligned columns separated by two spaces, trailing blanks trimmed: the layout of

@@ -46,9 +46,10 @@ pub async fn run(socket: &Path, output: Output) -> anyhow::Result<()> {
     let body = super::client::get_ok(socket, "/config_dump").await?;
     let dump: Dump =
         serde_json::from_str(&body).context("the agent's /config_dump answer is not valid")?;
-    if output == Output::Json {
+    if output != Output::Table {
         let v: Value = serde_json::from_str(&body).context("invalid JSON")?;
-        println!("{}", serde_json::to_string_pretty(&v["services"])?);
+        let services = serde_json::to_string_pretty(&v["services"])? + "\n";
+        super::print_structured(&services, output)?;
         return Ok(());
     }
     print!("{}", table(&dump.services));

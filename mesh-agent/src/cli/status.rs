@@ -9,8 +9,7 @@ use super::Output;
 
 pub async fn status(socket: &Path, output: Output) -> anyhow::Result<()> {
     let body = super::client::get_ok(socket, "/status").await?;
-    if output == Output::Json {
-        print!("{body}");
+    if super::print_structured(&body, output)? {
         return Ok(());
     }
     let v: Value =

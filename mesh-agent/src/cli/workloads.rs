@@ -25,8 +25,7 @@ struct Workload {
 
 pub async fn run(socket: &Path, output: Output) -> anyhow::Result<()> {
     let body = super::client::get_ok(socket, "/workloads").await?;
-    if output == Output::Json {
-        print!("{body}");
+    if super::print_structured(&body, output)? {
         return Ok(());
     }
     let list: Vec<Workload> =

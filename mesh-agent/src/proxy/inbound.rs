@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use super::connections::{ConnInfo, Direction, Progress, Protocol};
 use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
 use super::relay::Relayed;
 use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
@@ -158,7 +159,19 @@ async fn plaintext(
     stats.inbound_connections.fetch_add(1, Ordering::Relaxed);
     stats.inbound_active.fetch_add(1, Ordering::Relaxed);
     let size = inputs.buffer_size;
-    let r = super::relay::relay(&mut client, &mut app, size).await;
+    let open = inputs.connections.register(ConnInfo {
+        pod: pod.clone(),
+        direction: Direction::Inbound,
+        protocol: Protocol::Tcp,
+        client: peer.into(),
+        destination: target.into(),
+        upstream: target.into(),
+        peer_identity: None,
+        started: std::time::SystemTime::now(),
+        progress: Progress::default(),
+    });
+    let r = super::relay::relay(&mut client, &mut app, size, &open.info.progress).await;
+    drop(open);
     counters.received.inc_by(r.a_to_b);
     counters.sent.inc_by(r.b_to_a);
     if let Some(e) = &r.error {
@@ -330,7 +343,19 @@ async fn stream(
         match upgrade.await {
             Ok(up) => {
                 let mut tunnel = TokioIo::new(up);
-                let r = super::relay::relay(&mut tunnel, &mut app, size).await;
+                let open = ctx.inputs.connections.register(ConnInfo {
+                    pod: ctx.pod.clone(),
+                    direction: Direction::Inbound,
+                    protocol: Protocol::Hbone,
+                    client: peer.into(),
+                    destination: target.into(),
+                    upstream: target.into(),
+                    peer_identity: Some(source.clone()),
+                    started: std::time::SystemTime::now(),
+                    progress: Progress::default(),
+                });
+                let r = super::relay::relay(&mut tunnel, &mut app, size, &open.info.progress).await;
+                drop(open);
                 counters.received.inc_by(r.a_to_b);
                 counters.sent.inc_by(r.b_to_a);
                 if let Some(e) = &r.error {

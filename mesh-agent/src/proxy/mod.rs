@@ -4,6 +4,7 @@
 //! by the control plane for each config snapshot and published with `ArcSwap`: a connection
 //! loads it without taking a lock.
 
+pub mod connections;
 pub mod hbone;
 pub mod inbound;
 pub mod outbound;
@@ -255,6 +256,8 @@ pub struct ProxyInputs {
     pub inbound: Arc<inbound::InboundStats>,
     /// Where finished connections go when MeshConfig turns access logs on.
     pub access_log: AccessLog,
+    /// The connections open now, for `/connections`.
+    pub connections: Arc<connections::ConnectionTable>,
 }
 
 /// A connection's access log entry in the making; only exists while access logs are on, so

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use super::connections::{ConnInfo, Direction, Progress, Protocol};
 use super::hbone::pool::Pool;
 use super::{Ended, LogEntry, ProxyInputs, Target, WorkloadStats};
 use crate::capture::OrigDstTable;
@@ -226,7 +227,24 @@ impl Connection {
         let size = self.inputs.buffer_size;
         // Half-close is honoured: EOF on one side shuts down the write side of the other, and
         // the reverse direction keeps flowing until its own EOF.
-        let r = super::relay::relay(&mut client, upstream, size).await;
+        let hbone = labels.destination_principal.is_some();
+        let open = self.inputs.connections.register(ConnInfo {
+            pod: self.pod.clone(),
+            direction: Direction::Outbound,
+            protocol: if hbone {
+                Protocol::Hbone
+            } else {
+                Protocol::Tcp
+            },
+            client: SocketAddrV4::new(self.src, self.peer.port()).into(),
+            destination: self.dst.into(),
+            upstream: upstream_addr.into(),
+            peer_identity: labels.destination_principal.clone(),
+            started: std::time::SystemTime::now(),
+            progress: Progress::default(),
+        });
+        let r = super::relay::relay(&mut client, upstream, size, &open.info.progress).await;
+        drop(open);
         let (to_upstream, to_client) = (r.a_to_b, r.b_to_a);
         proxy_stats
             .bytes_sent

@@ -17,9 +17,12 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::connections::Progress;
 
 /// What each direction's buffer starts at: one TLS record's worth.
 pub const INITIAL_BUFFER: usize = 16 * 1024;
@@ -33,8 +36,9 @@ pub struct Relayed {
 }
 
 /// Copies `a` to `b` and `b` to `a` until both directions reach EOF or one fails. Buffers
-/// grow from [`INITIAL_BUFFER`] to at most `max_buffer` bytes per direction.
-pub async fn relay<A, B>(a: &mut A, b: &mut B, max_buffer: usize) -> Relayed
+/// grow from [`INITIAL_BUFFER`] to at most `max_buffer` bytes per direction. Bytes moved are
+/// also added to `progress` as they go (`a` to `b` is "received"), for `/connections`.
+pub async fn relay<A, B>(a: &mut A, b: &mut B, max_buffer: usize, progress: &Progress) -> Relayed
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -42,8 +46,8 @@ where
     let mut a_to_b = Direction::new(max_buffer);
     let mut b_to_a = Direction::new(max_buffer);
     let error = poll_fn(|cx| {
-        let ab = a_to_b.poll(cx, a, b);
-        let ba = b_to_a.poll(cx, b, a);
+        let ab = a_to_b.poll(cx, a, b, &progress.received);
+        let ba = b_to_a.poll(cx, b, a, &progress.sent);
         match (ab, ba) {
             (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Some(e)),
             (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(None),
@@ -95,7 +99,13 @@ impl Direction {
         }
     }
 
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: &mut R, w: &mut W) -> Poll<io::Result<()>>
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        progress: &AtomicU64,
+    ) -> Poll<io::Result<()>>
     where
         R: AsyncRead + Unpin + ?Sized,
         W: AsyncWrite + Unpin + ?Sized,
@@ -130,6 +140,7 @@ impl Direction {
                         }
                         self.pos += n;
                         self.moved += n as u64;
+                        progress.fetch_add(n as u64, Ordering::Relaxed);
                         self.need_flush = true;
                     }
                     if self.read_eof {
@@ -177,7 +188,10 @@ mod tests {
     async fn moves_both_ways_with_half_close_and_grows_for_bulk() {
         let (mut client, mut a) = duplex(256 * 1024);
         let (mut b, mut server) = duplex(256 * 1024);
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b, 64 * 1024).await });
+        let relay =
+            tokio::spawn(
+                async move { relay(&mut a, &mut b, 64 * 1024, &Progress::default()).await },
+            );
 
         let up = pattern(1_000_000);
         let down = pattern(300_000);
@@ -210,7 +224,7 @@ mod tests {
         // Small writes: the buffer stays at its initial size.
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         poll_fn(|cx| {
-            let _ = d.poll(cx, &mut a, &mut sink);
+            let _ = d.poll(cx, &mut a, &mut sink, &AtomicU64::new(0));
             Poll::Ready(())
         })
         .await;
@@ -218,7 +232,7 @@ mod tests {
         // A bulk write fills it: it doubles up to the maximum, never beyond.
         client.write_all(&pattern(512 * 1024)).await.unwrap();
         poll_fn(|cx| {
-            let _ = d.poll(cx, &mut a, &mut sink);
+            let _ = d.poll(cx, &mut a, &mut sink, &AtomicU64::new(0));
             Poll::Ready(())
         })
         .await;
@@ -230,7 +244,10 @@ mod tests {
     async fn an_error_keeps_the_counts() {
         let (mut client, mut a) = duplex(64 * 1024);
         let (mut b, mut server) = duplex(64 * 1024);
-        let relay = tokio::spawn(async move { relay(&mut a, &mut b, 64 * 1024).await });
+        let relay =
+            tokio::spawn(
+                async move { relay(&mut a, &mut b, 64 * 1024, &Progress::default()).await },
+            );
         client.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
         server.read_exact(&mut got).await.unwrap();
