@@ -384,6 +384,7 @@ fn relayed<'a>(labels: &'a TcpLabels, target: SocketAddrV4, r: &Relayed) -> Ende
         upstream_host: Some(target.into()),
         upstream_local: None,
         failure: None,
+        http: None,
     }
 }
 
@@ -395,6 +396,7 @@ fn failed<'a>(labels: &'a TcpLabels, target: SocketAddrV4, e: &io::Error) -> End
         upstream_host: Some(target.into()),
         upstream_local: None,
         failure: Some(e.to_string()),
+        http: None,
     }
 }
 

@@ -6,8 +6,10 @@
 
 pub mod connections;
 pub mod hbone;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
+pub mod protocol;
 pub mod relay;
 
 use std::collections::HashMap;
@@ -37,6 +39,8 @@ pub struct ServiceStats {
 #[derive(Debug)]
 pub struct ServiceRoute {
     pub service: ObjectRef,
+    /// How the port's traffic is proxied: per request (HTTP) or per connection.
+    pub protocol: protocol::AppProtocol,
     pub meta: Arc<ServiceMeta>,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
@@ -116,6 +120,7 @@ impl RouteTable {
                     SocketAddrV4::new(ip, port.port),
                     Arc::new(ServiceRoute {
                         service: svc.id.clone(),
+                        protocol: protocol::AppProtocol::of(port),
                         meta: meta.clone(),
                         endpoints,
                         next: AtomicUsize::new(0),
@@ -278,6 +283,8 @@ pub struct Ended<'a> {
     pub upstream_host: Option<SocketAddr>,
     pub upstream_local: Option<SocketAddr>,
     pub failure: Option<String>,
+    /// An HTTP request's details.
+    pub http: Option<Box<crate::telemetry::access_log::HttpInfo>>,
 }
 
 impl LogEntry {
@@ -310,6 +317,7 @@ impl LogEntry {
             upstream_local: end.upstream_local,
             failure_reason: end.failure,
             connection_id: log.next_id(),
+            http: end.http,
         });
     }
 }

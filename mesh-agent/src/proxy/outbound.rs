@@ -11,6 +11,8 @@ use tracing::{debug, info, warn};
 
 use super::connections::{ConnInfo, Direction, Progress, Protocol};
 use super::hbone::pool::Pool;
+use super::http::HttpConn;
+use super::protocol::AppProtocol;
 use super::{Ended, LogEntry, ProxyInputs, Target, WorkloadStats};
 use crate::capture::OrigDstTable;
 use crate::capture::netns::SocketSource;
@@ -128,6 +130,13 @@ impl Connection {
         let mut labels = TcpLabels::source();
         labels.source = routes.workload(&self.src).cloned();
         let (upstream_addr, service) = match routes.target(self.dst) {
+            Target::Service(route) if route.protocol.is_http() => {
+                route.stats.connections.fetch_add(1, Ordering::Relaxed);
+                let protocol = route.protocol;
+                drop(routes);
+                self.serve_http(client, protocol).await;
+                return;
+            }
             Target::Service(route) => {
                 route.stats.connections.fetch_add(1, Ordering::Relaxed);
                 labels.service = Some(route.meta.clone());
@@ -274,10 +283,29 @@ impl Connection {
                     upstream_host: Some(upstream_addr.into()),
                     upstream_local: target.local,
                     failure: None,
+                    http: None,
                 },
             );
         }
         proxy_stats.completed.fetch_add(1, Ordering::Relaxed);
+        self.done();
+    }
+
+    /// A Service port that declares HTTP: requests are routed one by one.
+    async fn serve_http(&self, client: TcpStream, protocol: AppProtocol) {
+        let conn = HttpConn {
+            inputs: self.inputs.clone(),
+            pod: self.pod.clone(),
+            src: self.src,
+            client: SocketAddrV4::new(self.src, self.peer.port()),
+            dst: self.dst,
+            protocol,
+            sockets: self.sockets.clone(),
+            hbone: self.hbone.clone(),
+            stats: self.stats.clone(),
+        };
+        super::http::serve(conn, client).await;
+        self.inputs.stats.completed.fetch_add(1, Ordering::Relaxed);
         self.done();
     }
 
@@ -313,6 +341,7 @@ impl Connection {
                 upstream_host: upstream.map(Into::into),
                 upstream_local: None,
                 failure,
+                http: None,
             };
             log.finish(&self.inputs.access_log, end);
         }

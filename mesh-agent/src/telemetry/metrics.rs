@@ -13,6 +13,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::{EncodeLabel, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::model::{Pod, Service};
@@ -89,6 +90,10 @@ pub enum ResponseFlags {
     NoHealthyUpstream,
     /// Upstream connection failure (`UF`).
     UpstreamConnectFailure,
+    /// The upstream connection ended before the response (`UC`).
+    UpstreamConnectionTermination,
+    /// The client went away before the response was complete (`DC`).
+    DownstreamConnectionTermination,
 }
 
 impl ResponseFlags {
@@ -97,6 +102,8 @@ impl ResponseFlags {
             ResponseFlags::None => "-",
             ResponseFlags::NoHealthyUpstream => "UH",
             ResponseFlags::UpstreamConnectFailure => "UF",
+            ResponseFlags::UpstreamConnectionTermination => "UC",
+            ResponseFlags::DownstreamConnectionTermination => "DC",
         }
     }
 }
@@ -142,8 +149,9 @@ impl TcpLabels {
     }
 }
 
-impl EncodeLabelSet for TcpLabels {
-    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+impl TcpLabels {
+    /// Istio's labels shared by TCP and HTTP metrics, with `request_protocol`.
+    fn pairs(&self, protocol: &'static str) -> [(&'static str, String); 23] {
         let w = |m: &Option<Arc<WorkloadMeta>>, f: fn(&WorkloadMeta) -> &str| -> String {
             m.as_deref().map_or(UNKNOWN, f).to_string()
         };
@@ -164,7 +172,7 @@ impl EncodeLabelSet for TcpLabels {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
         };
-        let pairs: [(&str, String); 23] = [
+        [
             ("reporter", reporter.into()),
             ("source_workload", w(src, |m| &m.name)),
             ("source_workload_namespace", w(src, |m| &m.namespace)),
@@ -194,16 +202,59 @@ impl EncodeLabelSet for TcpLabels {
                 w(dst, |m| &m.canonical_revision),
             ),
             ("destination_cluster", CLUSTER.into()),
-            ("request_protocol", "tcp".into()),
+            ("request_protocol", protocol.into()),
             ("response_flags", self.flags.as_str().into()),
             ("connection_security_policy", policy.into()),
-        ];
-        for (k, v) in pairs {
+        ]
+    }
+}
+
+impl EncodeLabelSet for TcpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        for (k, v) in self.pairs("tcp") {
             (k, v.as_str()).encode(encoder.encode_label())?;
         }
         Ok(())
     }
 }
+
+/// One HTTP request's labels: the connection's, plus what the response said.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct HttpLabels {
+    pub conn: TcpLabels,
+    /// `grpc` instead of `http` for `request_protocol`.
+    pub grpc: bool,
+    pub response_code: u16,
+    /// `grpc-status` of a gRPC response (trailers or headers), if any.
+    pub grpc_status: Option<u16>,
+}
+
+impl EncodeLabelSet for HttpLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), fmt::Error> {
+        let protocol = if self.grpc { "grpc" } else { "http" };
+        for (k, v) in self.conn.pairs(protocol) {
+            (k, v.as_str()).encode(encoder.encode_label())?;
+        }
+        let code = self.response_code.to_string();
+        ("response_code", code.as_str()).encode(encoder.encode_label())?;
+        let grpc = self.grpc_status.map(|g| g.to_string());
+        let grpc = grpc.as_deref().unwrap_or("");
+        ("grpc_response_status", grpc).encode(encoder.encode_label())?;
+        Ok(())
+    }
+}
+
+/// Envoy's default histogram buckets, which Istio's request metrics use.
+pub const ENVOY_BUCKETS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+fn envoy_histogram() -> Histogram {
+    Histogram::new(ENVOY_BUCKETS)
+}
+
+type HttpHistograms = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
 /// Counters of one connection, resolved once.
 pub struct TcpCounters {
@@ -214,7 +265,7 @@ pub struct TcpCounters {
 }
 
 /// The data path's metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
@@ -222,6 +273,33 @@ pub struct Metrics {
     tcp_sent: Family<TcpLabels, Counter>,
     /// Bytes of the request direction (client to upstream).
     tcp_received: Family<TcpLabels, Counter>,
+    requests: Family<HttpLabels, Counter>,
+    request_duration: HttpHistograms,
+    request_bytes: HttpHistograms,
+    response_bytes: HttpHistograms,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            tcp_opened: Family::default(),
+            tcp_closed: Family::default(),
+            tcp_sent: Family::default(),
+            tcp_received: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(envoy_histogram),
+            request_bytes: Family::new_with_constructor(envoy_histogram),
+            response_bytes: Family::new_with_constructor(envoy_histogram),
+        }
+    }
+}
+
+/// One finished request, as the HTTP metrics record it.
+pub struct RequestDone<'a> {
+    pub labels: &'a HttpLabels,
+    pub duration: std::time::Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -238,6 +316,19 @@ impl Metrics {
             sent: self.tcp_sent.get_or_create_owned(labels),
             received: self.tcp_received.get_or_create_owned(labels),
         }
+    }
+
+    /// Records one finished HTTP request.
+    pub fn request(&self, r: &RequestDone<'_>) {
+        self.requests.get_or_create(r.labels).inc();
+        let ms = r.duration.as_secs_f64() * 1000.0;
+        self.request_duration.get_or_create(r.labels).observe(ms);
+        self.request_bytes
+            .get_or_create(r.labels)
+            .observe(r.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(r.labels)
+            .observe(r.response_bytes as f64);
     }
 
     /// A registry exposing these metrics plus `istio_build`.
@@ -262,6 +353,22 @@ impl Metrics {
             "istio_tcp_received_bytes",
             "Total bytes received during request of a TCP connection",
             self.tcp_received.clone(),
+        );
+        r.register("istio_requests", "Total requests", self.requests.clone());
+        r.register(
+            "istio_request_duration_milliseconds",
+            "Request duration in milliseconds",
+            self.request_duration.clone(),
+        );
+        r.register(
+            "istio_request_bytes",
+            "Request body size in bytes",
+            self.request_bytes.clone(),
+        );
+        r.register(
+            "istio_response_bytes",
+            "Response body size in bytes",
+            self.response_bytes.clone(),
         );
         let build: Family<BuildLabels, prometheus_client::metrics::gauge::Gauge> =
             Family::default();

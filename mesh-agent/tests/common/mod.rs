@@ -75,27 +75,33 @@ pub fn testapp_in(tb: &Testbed, pod: &str, args: &[&str], timeout: Duration) -> 
     run_bounded(cmd, timeout)
 }
 
-/// Runs a command, killing it if it outlives `timeout`.
+/// Runs a command, killing it if it outlives `timeout`. Its output is collected while it
+/// runs, so a large output cannot fill the pipe and stall it.
 pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("spawning")?;
-    let until = Instant::now() + timeout;
-    loop {
-        if child.try_wait()?.is_some() {
-            return child.wait_with_output().context("collecting output");
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            let out = child.wait_with_output()?;
+    let child = cmd.spawn().context("spawning")?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.context("collecting output"),
+        Err(_) => {
+            // SAFETY: signalling the child we spawned; it has not been reaped (its waiter
+            // thread is still blocked on it).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let out = rx
+                .recv_timeout(Duration::from_secs(5))
+                .context("waiting for the killed command")??;
             bail!(
                 "timed out after {timeout:?}; stdout {:?} stderr {:?}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -182,6 +182,9 @@ fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
         .context("the bookinfo manifest has no productpage service")?;
     let url = format!("http://productpage:{PORT}/productpage");
     let curl_args = format!("-sS -m 5 --resolve productpage:{PORT}:{productpage} {url}");
+    // Prometheus scrapes before, during and after the traffic; it keeps running while the
+    // demo waits, so it can be queried by hand.
+    let prometheus = prom::start(tb)?;
     println!();
     println!(
         "==> {} requests from the sleep pod: curl {curl_args}",
@@ -192,9 +195,9 @@ fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
     println!();
     report::print_agents(tb)?;
     println!();
-    // Kept running while the demo waits, so it can be queried by hand.
-    let _prometheus = prom::start(tb)?;
-    if _prometheus.is_some() {
+    if prometheus.is_some() {
+        // Two more scrapes (1 s apart) so the last requests are in.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
         prom::print_answers(tb)?;
     }
     println!();

@@ -106,28 +106,34 @@ pub fn start(tb: &Testbed) -> Result<Option<Prometheus>> {
     }
 }
 
-/// Prints the answers to a few questions Istio's dashboards ask, in TCP terms.
+/// Prints the answers to a few questions Istio's dashboards ask: HTTP requests as the
+/// client's agent routes them, and the workload graph as the server's agent sees it.
 pub fn print_answers(tb: &Testbed) -> Result<()> {
     let questions = [
         (
-            "connections by destination service",
-            "sum by (destination_service) (istio_tcp_connections_opened_total{reporter=\"source\"})",
+            "requests by destination service (reporter=source)",
+            "sum by (destination_service) (istio_requests_total{reporter=\"source\"})",
             vec!["destination_service"],
         ),
         (
-            "connections by source -> destination workload",
-            "sum by (source_workload, destination_workload) (istio_tcp_connections_opened_total)",
+            "success rate (share of responses that are not 5xx)",
+            "sum(istio_requests_total{reporter=\"source\",response_code!~\"5..\"}) / sum(istio_requests_total{reporter=\"source\"})",
+            vec![],
+        ),
+        (
+            "p99 request duration by destination service, ms",
+            "histogram_quantile(0.99, sum by (le, destination_service) (istio_request_duration_milliseconds_bucket{reporter=\"source\"}))",
+            vec!["destination_service"],
+        ),
+        (
+            "requests by reviews version (the v1/v2/v3 split)",
+            "sum by (destination_version) (istio_requests_total{reporter=\"source\",destination_service_name=\"reviews\"})",
+            vec!["destination_version"],
+        ),
+        (
+            "connections by source -> destination workload (reporter=destination, mutual TLS)",
+            "sum by (source_workload, destination_workload) (istio_tcp_connections_opened_total{reporter=\"destination\",connection_security_policy=\"mutual_tls\"})",
             vec!["source_workload", "destination_workload"],
-        ),
-        (
-            "request bytes by destination service",
-            "sum by (destination_service) (istio_tcp_received_bytes_total)",
-            vec!["destination_service"],
-        ),
-        (
-            "failed connections (response_flags != \"-\")",
-            "sum by (response_flags) (istio_tcp_connections_opened_total{response_flags!=\"-\"})",
-            vec!["response_flags"],
         ),
     ];
     println!(
@@ -144,6 +150,7 @@ pub fn print_answers(tb: &Testbed) -> Result<()> {
                 .iter()
                 .map(|l| r["metric"][l].as_str().unwrap_or("?"))
                 .collect();
+            let key = if key.is_empty() { vec!["all"] } else { key };
             let value = r["value"][1].as_str().unwrap_or("?");
             println!("    {:<60} {value}", key.join(" -> "));
         }

@@ -212,7 +212,54 @@ fn check_path(file: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// One TCP connection, logged when it closes.
+/// What an HTTP request adds to its entry.
+#[derive(Debug, Default)]
+pub struct HttpInfo {
+    pub method: String,
+    /// The path with its query, as the client sent it.
+    pub path: String,
+    pub authority: Option<String>,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub protocol: &'static str,
+    pub headers: hyper::HeaderMap,
+    pub response_code: u16,
+    /// Why the agent answered itself (no upstream response), for the access log.
+    pub failure: Option<String>,
+}
+
+impl HttpInfo {
+    pub fn of_request<B>(req: &hyper::Request<B>) -> HttpInfo {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(hyper::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            });
+        HttpInfo {
+            method: req.method().as_str().to_string(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
+            authority,
+            protocol: match req.version() {
+                hyper::Version::HTTP_10 => "HTTP/1.0",
+                hyper::Version::HTTP_2 => "HTTP/2",
+                hyper::Version::HTTP_3 => "HTTP/3",
+                _ => "HTTP/1.1",
+            },
+            headers: req.headers().clone(),
+            response_code: 0,
+            failure: None,
+        }
+    }
+}
+
+/// One TCP connection (logged when it closes) or one HTTP request (when its response ends).
 #[derive(Debug)]
 pub struct TcpRecord {
     /// The configuration in force when the connection was accepted.
@@ -229,6 +276,8 @@ pub struct TcpRecord {
     pub upstream_local: Option<SocketAddr>,
     pub failure_reason: Option<String>,
     pub connection_id: u64,
+    /// Set for an HTTP request.
+    pub http: Option<Box<HttpInfo>>,
 }
 
 #[derive(Debug, Default, Serialize)]

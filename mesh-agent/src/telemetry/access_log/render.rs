@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::sync::OnceLock;
 
 use super::format::{Format, Header, Operator, Part};
-use super::{LogFormat, TcpRecord, time};
+use super::{HttpInfo, LogFormat, TcpRecord, time};
 use crate::telemetry::metrics::Reporter;
 
 enum Value<'a> {
@@ -65,6 +65,11 @@ fn text(f: &Format, r: &TcpRecord, out: &mut String) {
 
 fn value<'a>(op: &'a Operator, r: &'a TcpRecord) -> Value<'a> {
     use Operator as O;
+    if let Some(h) = &r.http
+        && let Some(v) = http_value(op, h)
+    {
+        return v;
+    }
     let addr = |a: Option<std::net::SocketAddr>| a.map_or(Value::Absent, |a| owned(a.to_string()));
     let destination = r.labels.reporter == Reporter::Destination;
     match op {
@@ -116,6 +121,50 @@ fn value<'a>(op: &'a Operator, r: &'a TcpRecord) -> Value<'a> {
         | O::Req(Header { .. })
         | O::Resp(_)
         | O::Trailer(_) => Value::Absent,
+    }
+}
+
+/// The operators an HTTP request answers differently from a TCP connection.
+fn http_value<'a>(op: &'a Operator, h: &'a HttpInfo) -> Option<Value<'a>> {
+    use Operator as O;
+    let s = |v: &'a str| Some(Value::Str(Cow::Borrowed(v)));
+    match op {
+        O::Protocol => s(h.protocol),
+        O::ResponseCode => Some(Value::Num(u64::from(h.response_code))),
+        O::ResponseCodeDetails => s(if h.failure.is_some() {
+            "upstream_reset_before_response_started"
+        } else {
+            "via_upstream"
+        }),
+        O::UpstreamRequestAttemptCount => Some(Value::Num(1)),
+        O::Req(header) => Some(request_header(h, header)),
+        _ => None,
+    }
+}
+
+fn request_header<'a>(h: &'a HttpInfo, header: &Header) -> Value<'a> {
+    let pseudo = |name: &str| -> Option<&'a str> {
+        match name {
+            ":method" => Some(&h.method),
+            ":path" => Some(&h.path),
+            ":authority" | "host" => h.authority.as_deref(),
+            ":scheme" => Some("http"),
+            _ => h.headers.get(name).and_then(|v| v.to_str().ok()),
+        }
+    };
+    let found = pseudo(&header.main).or_else(|| header.fallback.as_deref().and_then(pseudo));
+    match found {
+        None => Value::Absent,
+        Some(v) => match header.max_len {
+            Some(n) if v.len() > n => {
+                let mut end = n;
+                while !v.is_char_boundary(end) {
+                    end -= 1;
+                }
+                Value::Str(Cow::Borrowed(&v[..end]))
+            }
+            _ => Value::Str(Cow::Borrowed(v)),
+        },
     }
 }
 

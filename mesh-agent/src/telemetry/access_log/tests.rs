@@ -40,6 +40,7 @@ fn record(config: Arc<AccessLogConfig>, reporter: Reporter) -> TcpRecord {
         upstream_local: None,
         failure_reason: None,
         connection_id: 7,
+        http: None,
     }
 }
 

@@ -100,6 +100,7 @@ pub async fn serve(args: HttpArgs) -> Result<()> {
                 // A client that half-closes after its request still gets the response.
                 .half_close(true)
                 .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
                 .await
             {
                 eprintln!("http: connection from {peer}: {e}");
@@ -123,6 +124,13 @@ async fn handle(
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
+    if req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .is_some_and(|v| v == "echo")
+    {
+        return Ok(upgrade_echo(req));
+    }
     if path == "/healthz" {
         return Ok(reply(
             StatusCode::OK,
@@ -181,6 +189,32 @@ async fn handle(
     let mut text = body.to_string();
     text.push('\n');
     Ok(reply(status, "application/json", Bytes::from(text)))
+}
+
+/// `Upgrade: echo`: 101, then every byte sent back until the client closes.
+fn upgrade_echo(mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                if let Err(e) = tokio::io::copy(&mut r, &mut w).await {
+                    eprintln!("http: upgraded echo: {e}");
+                }
+            }
+            Err(e) => eprintln!("http: upgrade failed: {e}"),
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(hyper::header::UPGRADE, HeaderValue::from_static("echo"));
+    resp.headers_mut().insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    resp
 }
 
 fn reply(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {

@@ -44,6 +44,9 @@ enum Cmd {
     /// Client against an echo server: one connection kept open; each stdin line is sent
     /// and its echo printed (`echo <line>`). Prints `connected <local addr>` first.
     Chat(tcp::ChatArgs),
+    /// Client: an HTTP/1.1 `Upgrade: echo` request, then a message echoed through the
+    /// upgraded connection (how WebSocket crosses a proxy).
+    Upgrade(tcp::UpgradeArgs),
     /// A stand-in for `mesh-agent run` (same flags), for the testbed's own tests.
     #[command(hide = true)]
     Run(fake_agent::FakeAgentArgs),
@@ -85,6 +88,7 @@ fn main() -> Result<()> {
         Cmd::Source(args) => return tcp::source(&args),
         Cmd::Read(args) => return tcp::read(&args),
         Cmd::Chat(args) => return tcp::chat(&args),
+        Cmd::Upgrade(args) => return tcp::upgrade(&args),
         other => other,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -100,7 +104,9 @@ fn main() -> Result<()> {
                 Cmd::Sink { listen } => tcp::sink(listen).await,
                 Cmd::Peer { listen } => tcp::peer(listen).await,
                 Cmd::Run(args) => fake_agent::run(args).await,
-                Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) => bail!("not a server"),
+                Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) | Cmd::Upgrade(_) => {
+                    bail!("not a server")
+                }
             }
         };
         tokio::select! {

@@ -249,3 +249,46 @@ mod tests {
         assert!(a.iter().any(|&x| x != a[0]));
     }
 }
+
+#[derive(clap::Args)]
+pub struct UpgradeArgs {
+    /// HOST:PORT of `mesh-testapp http` (directly or through the mesh).
+    #[arg(long)]
+    connect: String,
+    /// Sent after the 101, then read back from the server's echo.
+    #[arg(long)]
+    message: String,
+    /// Read timeout in seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+}
+
+/// An HTTP/1.1 upgrade (`Upgrade: echo`, as WebSocket does it) and then raw bytes both ways:
+/// prints the response head's status line and the echoed message.
+pub fn upgrade(args: &UpgradeArgs) -> Result<()> {
+    let mut sock = connect(&args.connect)?;
+    sock.set_read_timeout(Some(Duration::from_secs(args.timeout.max(1))))?;
+    write!(
+        sock,
+        "GET /echo HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        args.connect
+    )?;
+    // The response head, byte by byte up to the blank line: what follows is the tunnel.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        sock.read_exact(&mut byte)
+            .context("reading the response head")?;
+        head.push(byte[0]);
+        anyhow::ensure!(head.len() < 16 * 1024, "response head too long");
+    }
+    let head = String::from_utf8_lossy(&head);
+    let status = head.lines().next().unwrap_or_default().to_string();
+    anyhow::ensure!(status.contains(" 101 "), "no upgrade: {head}");
+    sock.write_all(args.message.as_bytes())?;
+    let mut echo = vec![0u8; args.message.len()];
+    sock.read_exact(&mut echo).context("reading the echo")?;
+    println!("{status}");
+    println!("{}", String::from_utf8_lossy(&echo));
+    Ok(())
+}

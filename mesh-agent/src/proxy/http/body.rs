@@ -1,0 +1,196 @@
+//! Bodies that count their bytes, and the response body that records the request (metrics
+//! and access log) when it ends: the duration Istio reports runs to the last byte.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::{Body, Frame, SizeHint};
+
+use crate::proxy::LogEntry;
+use crate::telemetry::access_log::{AccessLog, HttpInfo};
+use crate::telemetry::metrics::{HttpLabels, Metrics, RequestDone, ResponseFlags};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What the agent answers clients with: the upstream's body or its own.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body passed through unchanged, its data bytes counted.
+pub struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B> Counted<B> {
+    pub fn new(inner: B) -> Self {
+        Counted {
+            inner,
+            bytes: Arc::default(),
+        }
+    }
+
+    /// The running count, readable after the body is gone.
+    pub fn counter(&self) -> Arc<AtomicU64> {
+        self.bytes.clone()
+    }
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Ok(f)) = &frame
+            && let Some(d) = f.data_ref()
+        {
+            use bytes::Buf;
+            self.bytes
+                .fetch_add(d.remaining() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What recording a finished request needs.
+pub struct OnEnd {
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    pub labels: HttpLabels,
+    pub started: Instant,
+    pub request_bytes: Arc<AtomicU64>,
+    /// The access log entry (when on), the request's details, and where it went.
+    pub log: Option<(LogEntry, Option<HttpInfo>, std::net::SocketAddrV4)>,
+}
+
+impl OnEnd {
+    fn finish(mut self, response_bytes: u64, complete: bool, grpc_status: Option<u16>) {
+        if !complete && self.labels.conn.flags == ResponseFlags::None {
+            self.labels.conn.flags = ResponseFlags::DownstreamConnectionTermination;
+        }
+        if grpc_status.is_some() {
+            self.labels.grpc_status = grpc_status;
+        }
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        self.metrics.request(&RequestDone {
+            labels: &self.labels,
+            duration: self.started.elapsed(),
+            request_bytes,
+            response_bytes,
+        });
+        if let Some((entry, info, upstream)) = self.log {
+            let mut info = info.unwrap_or_default();
+            info.response_code = self.labels.response_code;
+            entry.finish(
+                &self.access_log,
+                crate::proxy::Ended {
+                    labels: &self.labels.conn,
+                    received: request_bytes,
+                    sent: response_bytes,
+                    upstream_host: Some(upstream.into()),
+                    upstream_local: None,
+                    failure: info.failure.clone(),
+                    http: Some(Box::new(info)),
+                },
+            );
+        }
+    }
+}
+
+/// The response body: counted, and recorded once at its end (or when the client drops it).
+struct Recorded<B> {
+    inner: B,
+    bytes: u64,
+    grpc_status: Option<u16>,
+    on_end: Option<OnEnd>,
+}
+
+impl<B> Recorded<B> {
+    fn end(&mut self, complete: bool) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end.finish(self.bytes, complete, self.grpc_status);
+        }
+    }
+}
+
+impl<B> Drop for Recorded<B> {
+    fn drop(&mut self) {
+        self.end(false);
+    }
+}
+
+impl<B> Body for Recorded<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+                if let Some(t) = f.trailers_ref() {
+                    self.grpc_status = super::grpc_status(t);
+                }
+                // The server stops polling once the body says it has ended.
+                if self.inner.is_end_stream() {
+                    self.end(true);
+                }
+            }
+            Some(Err(_)) => self.end(false),
+            None => self.end(true),
+        }
+        Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps a response body so the request is recorded when it ends.
+pub fn response<B>(body: B, on_end: OnEnd) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let mut recorded = Recorded {
+        inner: body,
+        bytes: 0,
+        grpc_status: None,
+        on_end: Some(on_end),
+    };
+    // An empty body (a 204, or a HEAD) may never be polled: record it now.
+    if recorded.inner.is_end_stream() {
+        recorded.end(true);
+    }
+    recorded.boxed_unsync()
+}

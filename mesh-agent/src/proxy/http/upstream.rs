@@ -1,0 +1,255 @@
+//! Upstream HTTP connections of one client connection: opened inside the client pod's
+//! namespace (directly, or as an HBONE tunnel to a meshed pod's agent), kept per endpoint
+//! for the requests that follow.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddrV4;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::body::Counted;
+use crate::capture::netns::SocketSource;
+use crate::config::model::ObjectRef;
+use crate::identity::Identity;
+use crate::proxy::hbone::pool::Tunnel;
+use crate::proxy::outbound::Hbone;
+
+/// Idle HTTP/1.1 connections kept per endpoint and client connection.
+const MAX_IDLE_H1: usize = 8;
+
+type UpBody = Counted<Incoming>;
+
+pub enum Sender {
+    H1(http1::SendRequest<UpBody>),
+    H2(http2::SendRequest<UpBody>),
+}
+
+impl Sender {
+    pub fn h2(&self) -> bool {
+        matches!(self, Sender::H2(_))
+    }
+
+    pub async fn send(&mut self, req: Request<UpBody>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// Why no upstream connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("TCP connect to {addr} failed: {source}")]
+    Tcp {
+        addr: SocketAddrV4,
+        source: io::Error,
+    },
+    #[error("HBONE tunnel to {addr} failed: {source}")]
+    Hbone {
+        addr: SocketAddrV4,
+        source: crate::proxy::hbone::pool::HboneError,
+    },
+    #[error("HTTP handshake with {addr} failed: {source}")]
+    Handshake {
+        addr: SocketAddrV4,
+        source: hyper::Error,
+    },
+}
+
+pub struct Upstreams {
+    sockets: SocketSource,
+    hbone: Option<Hbone>,
+    connect_timeout: Duration,
+    h2: bool,
+    /// This client connection's upstream connections. Only its own requests take the lock
+    /// (several at once only for an HTTP/2 client), never another connection's.
+    idle: Mutex<HashMap<SocketAddrV4, Vec<Sender>>>,
+}
+
+impl Upstreams {
+    pub fn new(
+        sockets: SocketSource,
+        hbone: Option<Hbone>,
+        connect_timeout: Duration,
+        h2: bool,
+    ) -> Upstreams {
+        Upstreams {
+            sockets,
+            hbone,
+            connect_timeout,
+            h2,
+            idle: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A connection to `addr` ready for a request: a kept one, else a new one.
+    pub async fn get(
+        &self,
+        pod: &ObjectRef,
+        addr: SocketAddrV4,
+        identity: Option<&Arc<Identity>>,
+    ) -> Result<Sender, UpstreamError> {
+        if let Some(s) = self.take(addr) {
+            return Ok(s);
+        }
+        let io = self.connect(addr, identity).await?;
+        let handshake = |source| UpstreamError::Handshake { addr, source };
+        let pod = pod.to_string();
+        if self.h2 {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(handshake)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(%pod, upstream = %addr, error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            Ok(Sender::H2(sender))
+        } else {
+            let (sender, conn) = http1::handshake(io).await.map_err(handshake)?;
+            tokio::spawn(async move {
+                // With upgrades: after a 101 the connection is handed to the relay.
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!(%pod, upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
+                }
+            });
+            Ok(Sender::H1(sender))
+        }
+    }
+
+    fn take(&self, addr: SocketAddrV4) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(&addr)?;
+        list.retain(|s| !s.is_closed());
+        match list.iter().position(ready_now) {
+            // HTTP/2 multiplexes: share the connection.
+            Some(i) => match &list[i] {
+                Sender::H2(s) => Some(Sender::H2(s.clone())),
+                Sender::H1(_) => Some(list.swap_remove(i)),
+            },
+            None => None,
+        }
+    }
+
+    /// Keeps a connection for later requests (HTTP/1.1: once its response is done, it is
+    /// ready again; until then `take` passes it over).
+    pub fn put_back(&self, addr: SocketAddrV4, sender: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(addr).or_default();
+        match sender {
+            Sender::H2(_) if list.iter().any(|s| !s.is_closed()) => {}
+            s => {
+                list.retain(|s| !s.is_closed());
+                if list.len() < MAX_IDLE_H1 {
+                    list.push(s);
+                }
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        addr: SocketAddrV4,
+        identity: Option<&Arc<Identity>>,
+    ) -> Result<UpstreamIo, UpstreamError> {
+        if let (Some(h), Some(id)) = (&self.hbone, identity) {
+            let tunnel = h
+                .pool
+                .connect(id, addr)
+                .await
+                .map_err(|source| UpstreamError::Hbone { addr, source })?;
+            return Ok(UpstreamIo::Hbone(Box::new(tunnel)));
+        }
+        let tcp = |source| UpstreamError::Tcp { addr, source };
+        let socket = self.sockets.socket().await.map_err(tcp)?;
+        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(addr.into()))
+            .await
+            .map_err(|_| {
+                tcp(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {:?}", self.connect_timeout),
+                ))
+            })?
+            .map_err(tcp)?;
+        Ok(UpstreamIo::Tcp(TokioIo::new(stream)))
+    }
+}
+
+/// Whether a kept connection can take a request right now.
+fn ready_now(s: &Sender) -> bool {
+    match s {
+        Sender::H1(s) => s.is_ready(),
+        Sender::H2(s) => s.is_ready(),
+    }
+}
+
+/// The byte stream under an upstream HTTP connection.
+pub enum UpstreamIo {
+    Tcp(TokioIo<TcpStream>),
+    Hbone(Box<Tunnel>),
+}
+
+impl Read for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_shutdown(cx),
+        }
+    }
+}
