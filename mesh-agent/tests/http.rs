@@ -40,7 +40,9 @@ fn manifests(access_log: &str) -> String {
         web("web-2", "node-2", "v2"),
         web("web-3", "node-2", "v3"),
         http_service("web", "web", "http-web", "http"),
-        // HTTP/2 towards the same pods would need h2 servers; h2c here is client side only.
+        // The same pods (they serve h2c too) spoken to in HTTP/2.
+        http_service("web2", "web", "http2-web", "http"),
+        http_service("rpc", "web", "grpc", "http"),
         http_service("empty", "nobody", "http", "http"),
         http_service("dead", "web", "http", "7001"),
         format!(
@@ -157,6 +159,25 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     );
     assert_eq!(counter(&tb, "node-1", "proxy", "accepted"), accepted + 1);
 
+    // An `http2-*` port: HTTP/1.1 from the client, HTTP/2 to the apps, still balanced.
+    let web2 = tb.service_ip("default", "web2").expect("svc");
+    let url2 = format!("http://{web2}/");
+    let (ok, body) = curl_args(&tb, &[url2.as_str(), url2.as_str(), url2.as_str()]);
+    assert!(ok, "{body}");
+    for v in serde_json::Deserializer::from_str(&body).into_iter::<serde_json::Value>() {
+        let v = v.expect("json");
+        assert_eq!(v["http_version"], "HTTP/2.0", "{v}");
+        assert_eq!(
+            v["headers"]["host"],
+            serde_json::Value::Null,
+            "h2 carries :authority: {v}"
+        );
+    }
+    assert_eq!(versions(&body).len(), 3, "{body}");
+    let rpc = tb.service_ip("default", "rpc").expect("svc");
+    let (ok, _) = curl_args(&tb, &[&format!("http://{rpc}/")]);
+    assert!(ok);
+
     // No endpoint: 503 "no healthy upstream"; nothing listening: 503 connect failure.
     let empty = tb.service_ip("default", "empty").expect("svc");
     let (_, body) = curl_args(&tb, &["-w", " %{http_code}", &format!("http://{empty}/")]);
@@ -204,6 +225,16 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         metric(&text, "istio_requests_total", &[("response_code", "101")]),
         1
     );
+    let h2 = [
+        ("destination_service", "web2.default.svc.cluster.local"),
+        ("request_protocol", "http"),
+    ];
+    assert_eq!(metric(&text, "istio_requests_total", &h2), 3);
+    let grpc = [
+        ("destination_service", "rpc.default.svc.cluster.local"),
+        ("request_protocol", "grpc"),
+    ];
+    assert_eq!(metric(&text, "istio_requests_total", &grpc), 1);
     for (v, n) in [("v1", 7), ("v2", 7), ("v3", 7)] {
         let l = [
             base.as_slice(),

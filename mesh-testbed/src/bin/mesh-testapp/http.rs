@@ -95,12 +95,16 @@ pub async fn serve(args: HttpArgs) -> Result<()> {
         let cfg = cfg.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| handle(req, cfg.clone(), local, peer));
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            // HTTP/1.1 or h2c (prior knowledge), as the first bytes say.
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
                 .keep_alive(true)
                 // A client that half-closes after its request still gets the response.
-                .half_close(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades()
+                .half_close(true);
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await
             {
                 eprintln!("http: connection from {peer}: {e}");
@@ -181,6 +185,7 @@ async fn handle(
         "pod_ip": local.ip().to_string(),
         "client": peer.to_string(),
         "method": req.method().as_str(),
+        "http_version": format!("{:?}", req.version()),
         "path": path,
         "query": query,
         "headers": headers,
