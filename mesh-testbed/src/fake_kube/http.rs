@@ -52,15 +52,20 @@ fn full(status: StatusCode, body: &Value) -> Response<Body_> {
         .boxed();
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Body_> {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                       "message": message, "reason": reason, "code": code});
-    full(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &body)
+    full(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &body,
+    )
 }
 
 fn decode(s: &str) -> String {
@@ -110,15 +115,20 @@ fn route(shared: &Shared, path: &str) -> Option<Target> {
     let st = shared.lock();
     let served = |group: &str, version: &str| -> Vec<TypeInfo> {
         let served = st.types.iter().filter(|t| t.group == group);
-        served.filter(|t| t.versions.iter().any(|v| v == version)).cloned().collect()
+        served
+            .filter(|t| t.versions.iter().any(|v| v == version))
+            .cloned()
+            .collect()
     };
     let resources = |group: &str, version: &str| {
         let types = served(group, version);
         let list: Vec<Value> = types
             .iter()
-            .map(|t| json!({"name": t.plural, "singularName": t.kind.to_lowercase(),
+            .map(|t| {
+                json!({"name": t.plural, "singularName": t.kind.to_lowercase(),
                             "namespaced": t.namespaced, "kind": t.kind,
-                            "verbs": ["get", "list", "watch"]}))
+                            "verbs": ["get", "list", "watch"]})
+            })
             .collect();
         let gv = TypeInfo::new(group, &[version], "", "", false).api_version(version);
         (!types.is_empty()).then(|| {
@@ -127,7 +137,9 @@ fn route(shared: &Shared, path: &str) -> Option<Target> {
         })
     };
     let collection = |group: &str, version: &str, ns: Option<&str>, plural: &str| {
-        let t = served(group, version).into_iter().find(|t| t.plural == plural)?;
+        let t = served(group, version)
+            .into_iter()
+            .find(|t| t.plural == plural)?;
         Some(Target::Collection {
             t,
             version: version.to_owned(),
@@ -135,7 +147,9 @@ fn route(shared: &Shared, path: &str) -> Option<Target> {
         })
     };
     match parts.as_slice() {
-        ["api"] => Some(Target::Discovery(json!({"kind": "APIVersions", "versions": ["v1"]}))),
+        ["api"] => Some(Target::Discovery(
+            json!({"kind": "APIVersions", "versions": ["v1"]}),
+        )),
         ["apis"] => {
             let mut groups: Vec<&str> = st.types.iter().map(|t| t.group.as_str()).collect();
             groups.retain(|g| !g.is_empty());
@@ -156,7 +170,9 @@ fn route(shared: &Shared, path: &str) -> Option<Target> {
                     json!({"name": g, "versions": vs, "preferredVersion": vs.first()})
                 })
                 .collect();
-            Some(Target::Discovery(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": list})))
+            Some(Target::Discovery(
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": list}),
+            ))
         }
         ["api", v] => resources("", v),
         ["apis", g, v] => resources(g, v),
@@ -179,23 +195,45 @@ async fn wait_released(shared: &Shared, class: &str) {
 
 async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body_> {
     let path = req.uri().path().to_owned();
-    let pq = req.uri().path_and_query().map_or(path.clone(), |p| p.to_string());
-    shared.lock().requests.push(format!("{} {}", req.method(), decode(&pq)));
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or(path.clone(), |p| p.to_string());
+    shared
+        .lock()
+        .requests
+        .push(format!("{} {}", req.method(), decode(&pq)));
     if req.method() != Method::GET {
-        return status(405, "MethodNotAllowed", "the fake API server is read-only over HTTP");
+        return status(
+            405,
+            "MethodNotAllowed",
+            "the fake API server is read-only over HTTP",
+        );
     }
     let Some(target) = route(shared, &path) else {
-        return status(404, "NotFound", &format!("the server could not find {path}"));
+        return status(
+            404,
+            "NotFound",
+            &format!("the server could not find {path}"),
+        );
     };
     let (t, version, namespace) = match target {
         Target::Discovery(v) => return full(StatusCode::OK, &v),
-        Target::Collection { t, version, namespace } => (t, version, namespace),
+        Target::Collection {
+            t,
+            version,
+            namespace,
+        } => (t, version, namespace),
     };
     let watching = matches!(query(&req, "watch").as_deref(), Some("true" | "1"));
     let class = format!("{}:{}", if watching { "watch" } else { "list" }, t.plural);
     wait_released(shared, &class).await;
     if let Some(code) = shared.lock().failing.get(&t.plural).copied() {
-        return status(code, "InternalError", &format!("{} failing on purpose", t.plural));
+        return status(
+            code,
+            "InternalError",
+            &format!("{} failing on purpose", t.plural),
+        );
     }
     let fields = Selector::parse(&query(&req, "fieldSelector").unwrap_or_default());
     let labels = Selector::parse(&query(&req, "labelSelector").unwrap_or_default());
@@ -247,13 +285,23 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body_> {
                 }
             }
             Ok(_) => {
-                let _ = watch.tx.send(Msg::Line(Bytes::from(gone_event(st.compacted) + "\n")));
+                let _ = watch
+                    .tx
+                    .send(Msg::Line(Bytes::from(gone_event(st.compacted) + "\n")));
                 gone = true;
             }
-            Err(_) => return status(400, "BadRequest", &format!("invalid resourceVersion {rv:?}")),
+            Err(_) => {
+                return status(
+                    400,
+                    "BadRequest",
+                    &format!("invalid resourceVersion {rv:?}"),
+                );
+            }
         },
     }
-    let timeout = query(&req, "timeoutSeconds").and_then(|s| s.parse().ok()).unwrap_or(1800);
+    let timeout = query(&req, "timeoutSeconds")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1800);
     // After a 410 the watch is not registered: its sender drops and the body ends.
     if !gone {
         st.watches.push(watch);
@@ -264,8 +312,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body_> {
         deadline: Box::pin(tokio::time::sleep(Duration::from_secs(timeout))),
     };
     let mut resp = Response::new(body.boxed());
-    resp.headers_mut()
-        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }
 
@@ -289,9 +339,9 @@ impl Body for WatchBody {
         }
         match self.rx.poll_recv(cx) {
             Poll::Ready(Some(Msg::Line(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
-            Poll::Ready(Some(Msg::Abort)) => {
-                Poll::Ready(Some(Err(std::io::Error::other("watch dropped by the test"))))
-            }
+            Poll::Ready(Some(Msg::Abort)) => Poll::Ready(Some(Err(std::io::Error::other(
+                "watch dropped by the test",
+            )))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

@@ -76,12 +76,48 @@ fn default_types() -> Vec<TypeInfo> {
         TypeInfo::new("", &["v1"], "Secret", "secrets", true),
         TypeInfo::new("", &["v1"], "ServiceAccount", "serviceaccounts", true),
         TypeInfo::new("", &["v1"], "Node", "nodes", false),
-        TypeInfo::new("discovery.k8s.io", &["v1"], "EndpointSlice", "endpointslices", true),
-        TypeInfo::new("security.istio.io", &["v1", "v1beta1"], "PeerAuthentication", "peerauthentications", true),
-        TypeInfo::new("security.istio.io", &["v1", "v1beta1"], "AuthorizationPolicy", "authorizationpolicies", true),
-        TypeInfo::new("networking.istio.io", &["v1", "v1beta1", "v1alpha3"], "VirtualService", "virtualservices", true),
-        TypeInfo::new("networking.istio.io", &["v1", "v1beta1", "v1alpha3"], "DestinationRule", "destinationrules", true),
-        TypeInfo::new("networking.istio.io", &["v1", "v1beta1", "v1alpha3"], "Gateway", "gateways", true),
+        TypeInfo::new(
+            "discovery.k8s.io",
+            &["v1"],
+            "EndpointSlice",
+            "endpointslices",
+            true,
+        ),
+        TypeInfo::new(
+            "security.istio.io",
+            &["v1", "v1beta1"],
+            "PeerAuthentication",
+            "peerauthentications",
+            true,
+        ),
+        TypeInfo::new(
+            "security.istio.io",
+            &["v1", "v1beta1"],
+            "AuthorizationPolicy",
+            "authorizationpolicies",
+            true,
+        ),
+        TypeInfo::new(
+            "networking.istio.io",
+            &["v1", "v1beta1", "v1alpha3"],
+            "VirtualService",
+            "virtualservices",
+            true,
+        ),
+        TypeInfo::new(
+            "networking.istio.io",
+            &["v1", "v1beta1", "v1alpha3"],
+            "DestinationRule",
+            "destinationrules",
+            true,
+        ),
+        TypeInfo::new(
+            "networking.istio.io",
+            &["v1", "v1beta1", "v1alpha3"],
+            "Gateway",
+            "gateways",
+            true,
+        ),
     ]
 }
 
@@ -202,7 +238,9 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -266,7 +304,11 @@ impl FakeApiServer {
     /// PeerAuthentication, as an older Istio); an empty list stops serving the kind.
     pub fn serve_versions(&self, group: &str, kind: &str, versions: &[&str]) {
         let mut st = self.shared.lock();
-        for t in st.types.iter_mut().filter(|t| t.group == group && t.kind == kind) {
+        for t in st
+            .types
+            .iter_mut()
+            .filter(|t| t.group == group && t.kind == kind)
+        {
             t.versions = versions.iter().map(|v| v.to_string()).collect();
         }
     }
@@ -286,12 +328,18 @@ impl FakeApiServer {
         };
         map.remove("apiVersion");
         map.remove("kind");
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         if name.is_empty() {
             bail!("{kind} without metadata.name");
         }
         let namespace = if t.namespaced {
-            let ns = obj["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
+            let ns = obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned();
             obj["metadata"]["namespace"] = ns.clone().into();
             ns
         } else {
@@ -307,7 +355,10 @@ impl FakeApiServer {
         if meta["creationTimestamp"].is_null() {
             meta["creationTimestamp"] = "2025-01-01T00:00:00Z".into();
         }
-        let collection = st.objects.entry((t.group.clone(), t.plural.clone())).or_default();
+        let collection = st
+            .objects
+            .entry((t.group.clone(), t.plural.clone()))
+            .or_default();
         let old = collection.insert((namespace, name), obj.clone());
         st.record(Change {
             rv,
@@ -328,7 +379,10 @@ impl FakeApiServer {
         };
         let ns = if t.namespaced { namespace } else { "" };
         let key = (ns.to_owned(), name.to_owned());
-        let collection = st.objects.entry((t.group.clone(), t.plural.clone())).or_default();
+        let collection = st
+            .objects
+            .entry((t.group.clone(), t.plural.clone()))
+            .or_default();
         let Some(old) = collection.remove(&key) else {
             return false;
         };

@@ -23,8 +23,13 @@ fn selectors() {
 fn get(server: &FakeApiServer, path: &str) -> (String, BufReader<TcpStream>) {
     let addr = server.url().trim_start_matches("http://").to_owned();
     let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut r = BufReader::new(s);
     let mut status = String::new();
     r.read_line(&mut status).expect("status");
@@ -67,7 +72,10 @@ fn list_then_watch_with_replay_selectors_bookmarks_and_gone() {
     assert!(status.contains("200"), "{status}");
     let mut text = String::new();
     body.read_to_string(&mut text).ok();
-    assert!(text.contains("\"p1\"") && !text.contains("\"p2\""), "{text}");
+    assert!(
+        text.contains("\"p1\"") && !text.contains("\"p2\""),
+        "{text}"
+    );
     assert!(text.contains("\"resourceVersion\":\"2\""), "{text}");
 
     // Changes after version 2, then live ones; p2 moving to n1 is ADDED for this selector.
@@ -75,14 +83,23 @@ fn list_then_watch_with_replay_selectors_bookmarks_and_gone() {
     let path = "/api/v1/pods?watch=true&resourceVersion=2&allowWatchBookmarks=true&fieldSelector=spec.nodeName%3Dn1";
     let (_, mut w) = get(&server, path);
     let (kind, obj) = next_event(&mut w).expect("replayed");
-    assert_eq!((kind.as_str(), obj["metadata"]["name"].as_str()), ("ADDED", Some("p2")));
+    assert_eq!(
+        (kind.as_str(), obj["metadata"]["name"].as_str()),
+        ("ADDED", Some("p2"))
+    );
     assert_eq!(obj["kind"], "Pod");
     assert!(server.delete("v1", "Pod", "a", "p1"));
     let (kind, obj) = next_event(&mut w).expect("live");
-    assert_eq!((kind.as_str(), obj["metadata"]["resourceVersion"].as_str()), ("DELETED", Some("4")));
+    assert_eq!(
+        (kind.as_str(), obj["metadata"]["resourceVersion"].as_str()),
+        ("DELETED", Some("4"))
+    );
     assert_eq!(server.bookmark(), 1);
     let (kind, obj) = next_event(&mut w).expect("bookmark");
-    assert_eq!((kind.as_str(), obj["metadata"]["resourceVersion"].as_str()), ("BOOKMARK", Some("4")));
+    assert_eq!(
+        (kind.as_str(), obj["metadata"]["resourceVersion"].as_str()),
+        ("BOOKMARK", Some("4"))
+    );
     assert_eq!(server.expire_watches(), 1);
     let (kind, obj) = next_event(&mut w).expect("gone");
     assert_eq!((kind.as_str(), obj["code"].as_u64()), ("ERROR", Some(410)));
@@ -97,5 +114,10 @@ fn list_then_watch_with_replay_selectors_bookmarks_and_gone() {
     server.serve_versions("security.istio.io", "AuthorizationPolicy", &["v1beta1"]);
     let (status, _) = get(&server, "/apis/security.istio.io/v1");
     assert!(status.contains("404"), "{status}");
-    assert!(server.requests().iter().any(|r| r.contains("fieldSelector=spec.nodeName=n1")));
+    assert!(
+        server
+            .requests()
+            .iter()
+            .any(|r| r.contains("fieldSelector=spec.nodeName=n1"))
+    );
 }
