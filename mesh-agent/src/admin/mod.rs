@@ -185,6 +185,9 @@ struct ConfigDump<'a> {
     services: Vec<&'a crate::config::model::Service>,
     pods: Vec<&'a crate::config::model::Pod>,
     peer_authentications: Vec<&'a crate::config::model::PeerAuthentication>,
+    /// The mTLS mode PeerAuthentication gives each meshed pod of this node (pod level, before
+    /// port-level overrides): what the policies above add up to.
+    effective_mtls: std::collections::BTreeMap<String, crate::config::model::MtlsMode>,
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -361,6 +364,10 @@ pub fn handle(
                 services: snap.services.values().collect(),
                 pods: snap.pods.values().collect(),
                 peer_authentications: snap.peer_authentications.values().collect(),
+                effective_mtls: snap
+                    .enrolled_pods(&view.node)
+                    .map(|p| (p.id.to_string(), snap.inbound_mode(p, 0)))
+                    .collect(),
             };
             json(StatusCode::OK, &doc)
         }
