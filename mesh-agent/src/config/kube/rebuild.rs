@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::DynamicObject;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::ResourceStatus;
 use super::watchers::{KINDS, Kind, Note, Stores};
@@ -127,19 +127,22 @@ impl Rebuild {
 
     /// Records a note; true if the stores changed.
     fn note(&mut self, note: Note) -> bool {
-        let (kind, changed) = match note {
+        match note {
             Note::Synced(k) => {
                 let r = self.resource(k);
                 if !r.synced {
                     info!(kind = k.name(), selector = ?r.selector, "initial list synced");
                 }
                 r.synced = true;
-                (k, true)
+                true
             }
-            Note::Changed(k) => (k, true),
+            Note::Changed(k) => {
+                debug!(kind = k.name(), "changed");
+                true
+            }
             Note::Expired(k) => {
                 info!(kind = k.name(), "watch expired (410 Gone); relisting");
-                (k, false)
+                false
             }
             Note::Error(k, error) => {
                 warn!(kind = k.name(), %error, "watch failed; retrying with backoff");
@@ -147,7 +150,7 @@ impl Rebuild {
                 r.last_error = Some(error);
                 r.last_error_at = Some(now_rfc3339());
                 r.errors_total += 1;
-                (k, false)
+                false
             }
             Note::Served(k, version) => {
                 let r = self.resource(k);
@@ -162,11 +165,9 @@ impl Rebuild {
                 r.api_version = version;
                 // Nothing to list: as synced as it gets, and looked for again later.
                 r.synced |= not_served;
-                (k, not_served)
+                not_served
             }
-        };
-        let _ = kind;
-        changed
+        }
     }
 
     fn resource(&mut self, kind: Kind) -> &mut ResourceStatus {
@@ -319,16 +320,10 @@ impl Rebuild {
                     "invalid object skipped; the others still apply"
                 );
             }
-            let kinds: &[Kind] = match key.kind {
-                "Pod" => &[Kind::NodePod, Kind::Pod],
-                other => &KINDS
-                    .iter()
-                    .copied()
-                    .filter(|k| k.name() == other)
-                    .collect::<Vec<_>>()[..],
-            };
+            // Both pod watchers show a pod found invalid (one object, two views).
+            let kinds: Vec<Kind> = KINDS.into_iter().filter(|k| k.name() == key.kind).collect();
             let at = now_rfc3339();
-            for &k in kinds {
+            for k in kinds {
                 let r = self.resource(k);
                 r.last_error = Some(text.clone());
                 r.last_error_at = Some(at.clone());
