@@ -26,11 +26,20 @@ use crate::telemetry::access_log::{AccessLog, AccessLogStats};
 use crate::telemetry::metrics::Metrics;
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["manifests", "kubernetes"])))]
 pub struct RunArgs {
-    /// Local mode: directory of Kubernetes YAML (Namespace, Pod, Service; other kinds are
-    /// ignored). Re-read on change; a bad file is reported and the last good config stays.
+    /// Local mode: directory of Kubernetes YAML (Namespace, Pod, Service, PeerAuthentication;
+    /// other kinds are ignored). Re-read on change; a bad file is reported and the last good
+    /// config stays. Pods name their network namespace with the nodemesh.io/netns annotation.
     #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
+
+    /// Kubernetes mode (preview): watch the API server (Namespaces, Pods, Services,
+    /// EndpointSlices, PeerAuthentications) with the in-cluster service account or
+    /// KUBECONFIG. Ready after the first full sync; invalid objects are skipped and logged.
+    /// Pods are not enrolled yet: finding their network namespace (CNI) is to come.
+    #[arg(long)]
+    pub kubernetes: bool,
 
     /// Name of this node: only pods whose spec.nodeName equals it are enrolled here.
     #[arg(long, env = "NODE_NAME")]
@@ -193,11 +202,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             .context("no cgroup2 mount found in /proc/self/mountinfo; pass --cgroup")?,
     };
 
-    // Startup is the one moment a bad config stops the agent: there is no last good one.
-    let initial = config_watch::initial(&args.manifests)
-        .map_err(|e| anyhow::anyhow!("invalid manifests in {}:\n{e}", args.manifests.display()))?;
-    let fingerprint = initial.fingerprint;
-    let snapshot = Arc::new(initial.snapshot);
+    let control_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let (source, snapshot) = match &args.manifests {
+        Some(dir) => {
+            // Startup is the one moment a bad config stops the agent: there is no last good one.
+            let initial = config_watch::initial(dir)
+                .map_err(|e| anyhow::anyhow!("invalid manifests in {}:\n{e}", dir.display()))?;
+            let fingerprint = initial.fingerprint;
+            let source = Source::Manifests {
+                dir: dir.clone(),
+                fingerprint,
+            };
+            (source, Arc::new(initial.snapshot))
+        }
+        // Nothing is known until the watchers' first lists: an empty generation 0, not acted
+        // on (see `control`).
+        None => {
+            let client = control_rt
+                .block_on(crate::config::kube::client())
+                .context("Kubernetes mode")?;
+            (Source::Kubernetes(client), Arc::new(Snapshot::default()))
+        }
+    };
 
     let data_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(data_workers(args.workers))
@@ -205,10 +234,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the data-path runtime")?;
-    let control_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the control runtime")?;
 
     let capture = Capture::start(&CaptureConfig {
         cgroup: cgroup.clone(),
@@ -270,7 +295,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let result = control_rt.block_on(control(ControlInputs {
         args: args.clone(),
         snapshot,
-        fingerprint,
+        source,
         enroller,
         routes,
         stats: stats.clone(),
@@ -300,12 +325,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     result
 }
 
+/// Where the config comes from.
+enum Source {
+    /// Local mode: the directory and the fingerprint of the content of the startup snapshot.
+    Manifests {
+        dir: PathBuf,
+        fingerprint: u64,
+    },
+    Kubernetes(kube::Client),
+}
+
 /// What the control plane runs with, passed explicitly.
 struct ControlInputs {
     args: RunArgs,
-    /// The startup snapshot and the fingerprint of the content it was loaded from.
+    /// The startup snapshot (empty in Kubernetes mode).
     snapshot: Arc<Snapshot>,
-    fingerprint: u64,
+    source: Source,
     enroller: Enroller,
     routes: Arc<ArcSwap<RouteTable>>,
     stats: Arc<ProxyStats>,
@@ -340,7 +375,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
     let ControlInputs {
         args,
         snapshot,
-        fingerprint,
+        source,
         mut enroller,
         routes,
         stats,
@@ -359,7 +394,15 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         ..Default::default()
     }));
     let (snap_tx, mut snap_rx) = watch::channel(snapshot.clone());
-    let mut status_rx = config_watch::spawn_from(args.manifests.clone(), snap_tx, fingerprint);
+    let mut status_rx = match source {
+        Source::Manifests { dir, fingerprint } => {
+            config_watch::spawn_from(dir, snap_tx, fingerprint)
+        }
+        Source::Kubernetes(client) => {
+            info!(node = %args.node, "Kubernetes mode: watching the API server");
+            crate::config::kube::spawn(client, args.node.clone(), snap_tx)
+        }
+    };
 
     let state = AdminState {
         view: view_rx,
@@ -397,7 +440,11 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         args.admin_socket.clone(),
     ));
 
-    enroller.reconcile(&snapshot);
+    // Before the first full sync the config says nothing: reconciling would unenroll the
+    // pods a previous agent left enrolled (and fail them open).
+    if status_rx.borrow().synced {
+        enroller.reconcile(&snapshot);
+    }
     let mut readiness = Readiness {
         initialised: false,
         stopping: false,
@@ -436,14 +483,16 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
                 Some(rx) => rx.changed().await,
                 None => std::future::pending().await,
             } } => {
-                let snap = snap_rx.borrow().clone();
-                enroller.reconcile(&snap);
+                if status_rx.borrow().synced {
+                    let snap = snap_rx.borrow().clone();
+                    enroller.reconcile(&snap);
+                }
             }
             _ = status_rx.changed(), if config_alive => {}
             _ = tick.tick() => {
                 // Only failed enrollments need the tick; counters are read live by the
                 // admin API, so an unchanged view is not published again.
-                if !enroller.has_failures() {
+                if !enroller.has_failures() || !status_rx.borrow().synced {
                     continue;
                 }
                 let snap = snap_rx.borrow().clone();
@@ -476,17 +525,37 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Readiness: not before every pod of the first config has its certificate (so "ready"
-/// means the node's pods are really meshed), then latched until shutdown.
+/// Readiness: not before the first full config (Kubernetes mode: every watched kind listed)
+/// and every pod of it has its certificate (so "ready" means the node's pods are really
+/// meshed), then latched until shutdown.
 struct Readiness {
     initialised: bool,
     stopping: bool,
 }
 
 impl Readiness {
-    fn check(&mut self, enroller: &Enroller) -> Result<(), String> {
+    fn check(
+        &mut self,
+        enroller: &Enroller,
+        config: &config_watch::ConfigStatus,
+    ) -> Result<(), String> {
         if self.stopping {
             return Err("shutting down".into());
+        }
+        if !self.initialised && !config.synced {
+            let waiting: Vec<String> = config
+                .resources
+                .iter()
+                .filter(|r| !r.synced)
+                .map(|r| match &r.selector {
+                    Some(s) => format!("{} ({s})", r.kind),
+                    None => r.kind.to_string(),
+                })
+                .collect();
+            return Err(format!(
+                "waiting for the first full sync of: {}",
+                waiting.join(", ")
+            ));
         }
         if !self.initialised {
             let waiting = enroller.waiting_for_certificates();
@@ -506,11 +575,14 @@ fn publish(
     status: &config_watch::ConfigStatus,
     readiness: &mut Readiness,
 ) {
-    let ready = readiness.check(enroller);
+    let ready = readiness.check(enroller, status);
     let view = ControlView {
         node: node.to_string(),
         ready: ready.is_ok(),
         not_ready_reason: ready.err(),
+        config_source: status.source.clone(),
+        config_synced: status.synced,
+        resources: status.resources.clone(),
         config_generation: status.generation,
         config_error: status.last_error.clone(),
         config_errors_total: status.errors_total,

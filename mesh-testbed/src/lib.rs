@@ -18,6 +18,7 @@ mod agent;
 mod ca;
 mod cgroup;
 mod cmd;
+pub mod fake_kube;
 mod ipam;
 mod netns;
 mod process;

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::capture::enroll::WorkloadView;
 use crate::capture::{EbpfStats, MapReader};
+use crate::config::kube::ResourceStatus;
 use crate::config::model::Snapshot;
 use crate::proxy::{ProxyStats, RouteTable, ServiceStats};
 
@@ -27,6 +28,12 @@ pub struct ControlView {
     pub node: String,
     pub ready: bool,
     pub not_ready_reason: Option<String>,
+    /// `manifests` or `kubernetes`.
+    pub config_source: String,
+    /// The first full config is in force.
+    pub config_synced: bool,
+    /// Kubernetes mode: sync state per watched kind.
+    pub resources: Vec<ResourceStatus>,
     pub config_generation: u64,
     pub config_error: Option<String>,
     pub config_errors_total: u64,
@@ -151,11 +158,17 @@ struct StatusDoc<'a> {
     node: &'a str,
     ready: bool,
     not_ready_reason: Option<&'a str>,
+    config_source: &'a str,
+    config_synced: bool,
+    /// Kubernetes mode: per watched kind, synced or not, objects, last error and when.
+    resources: &'a [ResourceStatus],
     config_generation: u64,
     config_error: Option<&'a str>,
     config_errors_total: u64,
     enrolled_pods: usize,
     failed_pods: usize,
+    /// Meshed pods whose network namespace is not known yet (not failures).
+    pending_pods: usize,
     active_connections: u64,
     /// Mutual TLS between agents (HBONE): on when a CA is configured.
     mtls: bool,
@@ -169,6 +182,8 @@ struct ConfigDump<'a> {
     node: &'a str,
     generation: u64,
     config_error: Option<&'a str>,
+    /// Kubernetes mode: per watched kind, as in `/status`.
+    resources: &'a [ResourceStatus],
     workloads: &'a [WorkloadView],
     certificates: Vec<crate::identity::CertView>,
     namespaces: Vec<&'a crate::config::model::Namespace>,
@@ -177,6 +192,9 @@ struct ConfigDump<'a> {
     peer_authentications: Vec<&'a crate::config::model::PeerAuthentication>,
     /// What is taken from MeshConfig (access log), and from where.
     mesh: &'a crate::config::model::MeshSettings,
+    /// The mTLS mode PeerAuthentication gives each meshed pod of this node (pod level, before
+    /// port-level overrides): what the policies above add up to.
+    effective_mtls: std::collections::BTreeMap<String, crate::config::model::MtlsMode>,
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -296,18 +314,23 @@ pub fn handle(
         "/connections" => json(StatusCode::OK, &state.connections.view()),
         "/logging" => text(StatusCode::OK, format!("{}\n", state.logging.current())),
         "/status" => {
-            let enrolled = view.workloads.iter().filter(|w| w.state == "enrolled").count();
+            let count = |state: &str| view.workloads.iter().filter(|w| w.state == state).count();
+            let enrolled = count("enrolled");
             let ebpf = state.maps.read();
             let doc = StatusDoc {
                 version: env!("CARGO_PKG_VERSION"),
                 node: &view.node,
                 ready: view.ready,
                 not_ready_reason: view.not_ready_reason.as_deref(),
+                config_source: &view.config_source,
+                config_synced: view.config_synced,
+                resources: &view.resources,
                 config_generation: view.config_generation,
                 config_error: view.config_error.as_deref(),
                 config_errors_total: view.config_errors_total,
                 enrolled_pods: enrolled,
-                failed_pods: view.workloads.len() - enrolled,
+                failed_pods: count("failed"),
+                pending_pods: count("pending"),
                 active_connections: state.stats.active.load(std::sync::atomic::Ordering::Relaxed),
                 mtls: state.certs.is_some(),
                 certificates_unhealthy: certs(state).iter().filter(|c| c.state != crate::identity::CertState::Valid).count(),
@@ -343,6 +366,7 @@ pub fn handle(
                 node: &view.node,
                 generation: snap.generation,
                 config_error: view.config_error.as_deref(),
+                resources: &view.resources,
                 workloads: &workloads,
                 certificates: certs(state),
                 namespaces: snap.namespaces.values().collect(),
@@ -350,6 +374,10 @@ pub fn handle(
                 pods: snap.pods.values().collect(),
                 peer_authentications: snap.peer_authentications.values().collect(),
                 mesh: &snap.mesh,
+                effective_mtls: snap
+                    .enrolled_pods(&view.node)
+                    .map(|p| (p.id.to_string(), snap.inbound_mode(p, 0)))
+                    .collect(),
             };
             json(StatusCode::OK, &doc)
         }

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::Capture;
 use super::netns::{Listen, PodNetns};
@@ -48,6 +48,11 @@ pub enum EnrollError {
     #[error("building the pod's TLS config: {0}")]
     Tls(#[from] rustls::Error),
 }
+
+/// Why a pod is `pending`: it is meshed, but where its network namespace is is not known
+/// yet. Not a failure: nothing is retried or logged as an error until a netns arrives.
+pub const PENDING_NETNS: &str = "waiting for the pod's network namespace: Kubernetes mode \
+     does not take it from the pod (a pod could name another's); CNI enrollment will report it";
 
 /// Start of [`EnrollError::NoCertificate`]'s message.
 const WAITING_FOR_CERTIFICATE: &str = "waiting for a certificate";
@@ -89,8 +94,12 @@ pub struct WorkloadView {
     pub service_account: String,
     pub netns: PathBuf,
     pub netns_cookie: u64,
+    /// `enrolled`; `failed` (retried, see `error`); or `pending`: meshed, but its network
+    /// namespace is not known yet (see `reason`), so nothing is captured for it.
     pub state: &'static str,
     pub error: Option<String>,
+    /// Why a `pending` pod waits.
+    pub reason: Option<&'static str>,
     pub outbound_connections: u64,
     pub outbound_active: u64,
     pub outbound_errors: u64,
@@ -142,6 +151,8 @@ pub struct Enroller {
     mtls: Option<Mtls>,
     enrolled: BTreeMap<ObjectRef, Enrolled>,
     failed: BTreeMap<ObjectRef, (Pod, String)>,
+    /// Desired pods whose network namespace is not known yet ([`PENDING_NETNS`]).
+    pending: BTreeMap<ObjectRef, Pod>,
     /// ENROLLED entries left by a previous agent, removed after the first reconcile.
     stale_checked: bool,
 }
@@ -162,6 +173,7 @@ impl Enroller {
             mtls,
             enrolled: BTreeMap::new(),
             failed: BTreeMap::new(),
+            pending: BTreeMap::new(),
             stale_checked: false,
         }
     }
@@ -198,10 +210,20 @@ impl Enroller {
             }
         }
         self.failed.retain(|id, _| desired.contains_key(id));
+        self.pending
+            .retain(|id, _| desired.get(id).is_some_and(|p| p.netns.is_none()));
 
         for (id, pod) in desired {
             if let Some(e) = self.enrolled.get_mut(&id) {
                 e.pod = pod.clone();
+                continue;
+            }
+            if pod.netns.is_none() {
+                // Known and meshed, not enrollable yet: no error, no retry tick.
+                self.failed.remove(&id);
+                if self.pending.insert(id.clone(), pod.clone()).is_none() {
+                    debug!(pod = %id, "meshed pod pending: its network namespace is not known yet");
+                }
                 continue;
             }
             match self.enroll(pod) {
@@ -421,6 +443,7 @@ impl Enroller {
                     netns_cookie: e.netns.cookie(),
                     state: "enrolled",
                     error: None,
+                    reason: None,
                     outbound_connections: e.stats.outbound_connections.load(Ordering::Relaxed),
                     outbound_active: e.stats.outbound_active.load(Ordering::Relaxed),
                     outbound_errors: e.stats.outbound_errors.load(Ordering::Relaxed),
@@ -447,6 +470,31 @@ impl Enroller {
             netns_cookie: 0,
             state: "failed",
             error: Some(reason.clone()),
+            reason: None,
+            outbound_connections: 0,
+            outbound_active: 0,
+            outbound_errors: 0,
+            outbound_hbone: 0,
+            inbound_connections: 0,
+            inbound_active: 0,
+            identity: self.mtls.as_ref().map(|m| m.identity_of(pod).to_string()),
+            protocol: if self.mtls.is_some() { "HBONE" } else { "TCP" },
+            hbone_connections_open: 0,
+            hbone_connections_opened: 0,
+            stats: None,
+            pool: None,
+        }));
+        out.extend(self.pending.values().map(|pod| WorkloadView {
+            namespace: pod.id.namespace.clone(),
+            name: pod.id.name.clone(),
+            node: self.node.clone(),
+            ip: pod.ip,
+            service_account: pod.service_account.clone(),
+            netns: PathBuf::new(),
+            netns_cookie: 0,
+            state: "pending",
+            error: None,
+            reason: Some(PENDING_NETNS),
             outbound_connections: 0,
             outbound_active: 0,
             outbound_errors: 0,

@@ -39,10 +39,22 @@ fn render(v: &Value) -> String {
         ),
         _ => format!("generation {}, ok", s("config_generation")),
     };
+    let source = match v["config_source"].as_str() {
+        Some("kubernetes") if v["config_synced"] != true => {
+            " (kubernetes, first sync not complete)"
+        }
+        Some("kubernetes") => " (kubernetes)",
+        _ => "",
+    };
+    let pending = match v["pending_pods"].as_u64() {
+        Some(n) if n > 0 => format!(", {n} pending (network namespace not known yet)"),
+        _ => String::new(),
+    };
     format!(
-        "agent:        {} on node {}\nready:        {ready}\nconfig:       {config}\nworkloads:    {} enrolled, {} failing\nconnections:  {} active\neBPF:         {} redirected, {} recorded, {} map errors; maps: {} enrolled, {} in flight\n",
+        "agent:        {} on node {}\nready:        {ready}\nconfig:       {config}{source}\n{}workloads:    {} enrolled, {} failing{pending}\nconnections:  {} active\neBPF:         {} redirected, {} recorded, {} map errors; maps: {} enrolled, {} in flight\n",
         s("version"),
         s("node"),
+        resources(v),
         s("enrolled_pods"),
         s("failed_pods"),
         s("active_connections"),
@@ -52,6 +64,45 @@ fn render(v: &Value) -> String {
         e("enrolled_entries"),
         e("orig_dst_entries"),
     )
+}
+
+/// Kubernetes mode: one line per watched kind, indented under `config:`.
+fn resources(v: &Value) -> String {
+    let Some(list) = v["resources"].as_array().filter(|l| !l.is_empty()) else {
+        return String::new();
+    };
+    let text = |v: &Value| v.as_str().map_or_else(|| "-".to_owned(), str::to_owned);
+    let mut rows = vec![
+        [
+            "KIND",
+            "API VERSION",
+            "SELECTOR",
+            "SYNCED",
+            "OBJECTS",
+            "INVALID",
+            "LAST ERROR",
+        ]
+        .map(String::from),
+    ];
+    for r in list {
+        let error = match (r["last_error"].as_str(), r["last_error_at"].as_str()) {
+            (Some(e), Some(at)) => format!("{at} {e}"),
+            (Some(e), None) => e.to_owned(),
+            _ => r["note"].as_str().unwrap_or("-").to_owned(),
+        };
+        let synced = if r["synced"] == true { "yes" } else { "no" };
+        rows.push([
+            text(&r["kind"]),
+            text(&r["api_version"]),
+            text(&r["selector"]),
+            synced.to_owned(),
+            r["objects"].to_string(),
+            r["invalid"].to_string(),
+            error,
+        ]);
+    }
+    let table = super::render_table(&rows);
+    table.lines().map(|l| format!("  {l}\n")).collect()
 }
 
 /// Prints the agent's log filter, or sets it (`level`), e.g. `debug` or
@@ -111,5 +162,40 @@ mod tests {
         assert!(out.contains("agent:        0.1.0 on node node-1"), "{out}");
         assert!(out.contains("generation 3 in force; newest config REJECTED (2 rejected so far):\n  m/app.yaml: document 1: bad\n  second"), "{out}");
         assert!(out.contains("workloads:    4 enrolled, 0 failing"), "{out}");
+    }
+
+    #[test]
+    fn renders_kubernetes_resources() {
+        let v: Value = serde_json::json!({
+            "version": "0.1.0", "node": "node-1", "ready": false,
+            "not_ready_reason": "waiting for the first full sync of: Service",
+            "config_source": "kubernetes", "config_synced": false,
+            "config_generation": 0, "config_error": null, "config_errors_total": 1,
+            "enrolled_pods": 0, "failed_pods": 0, "pending_pods": 2, "active_connections": 0,
+            "resources": [
+                {"kind": "Namespace", "api_version": "v1", "selector": null, "synced": true,
+                 "objects": 3, "invalid": 0, "last_error": null, "last_error_at": null},
+                {"kind": "Service", "api_version": "v1", "selector": null, "synced": false,
+                 "objects": 0, "invalid": 1, "last_error": "Service a/b: field spec.ports[0].port: bad",
+                 "last_error_at": "2025-01-01T00:00:00Z"}
+            ],
+            "ebpf": {"redirected": 0, "recorded": 0, "map_errors": 0,
+                     "enrolled_entries": 0, "orig_dst_entries": 0}
+        });
+        let out = render(&v);
+        assert!(
+            out.contains("(kubernetes, first sync not complete)"),
+            "{out}"
+        );
+        assert!(out.contains("2 pending"), "{out}");
+        let service = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("Service"))
+            .expect("row");
+        assert!(service.contains("no"), "{out}");
+        assert!(
+            service.contains("2025-01-01T00:00:00Z Service a/b: field spec.ports[0].port"),
+            "{out}"
+        );
     }
 }

@@ -15,6 +15,8 @@ struct Workload {
     service_account: String,
     state: String,
     error: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
     outbound_connections: u64,
     outbound_active: u64,
     #[serde(default)]
@@ -46,7 +48,7 @@ fn table(list: &[Workload]) -> String {
         "ACTIVE".to_string(),
     ]];
     for w in list {
-        let state = match &w.error {
+        let state = match w.error.as_ref().or(w.reason.as_ref()) {
             Some(e) => format!("{} ({e})", w.state),
             None => w.state.clone(),
         };
@@ -79,6 +81,7 @@ mod tests {
             service_account: "bookinfo-productpage".into(),
             state: "enrolled".into(),
             error: None,
+            reason: None,
             outbound_connections: 3,
             outbound_active: 1,
             identity: Some("spiffe://cluster.local/ns/default/sa/bookinfo-productpage".into()),

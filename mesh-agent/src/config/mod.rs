@@ -1,6 +1,9 @@
-//! Configuration: sources (a manifests directory in local mode) turned into one validated,
-//! immutable [`model::Snapshot`], swapped atomically.
+//! Configuration: sources (a manifests directory in local mode, the API server's watchers in
+//! Kubernetes mode) turned into one validated, immutable [`model::Snapshot`], swapped
+//! atomically. Both sources share [`convert`]; only where objects come from differs.
 
+pub mod convert;
+pub mod kube;
 pub mod manifests;
 pub mod model;
 pub mod watch;

@@ -59,7 +59,10 @@ pub struct Pod {
     /// Ready unless the pod's status says otherwise (no status in local mode means ready).
     pub ready: bool,
     pub service_account: String,
-    /// Resolved network namespace path (local mode annotation), if any.
+    /// The pod's network namespace, once known: from the `nodemesh.io/netns` annotation in
+    /// local mode; never from the pod itself in Kubernetes mode (a pod could name another's).
+    /// `None` means known but not yet enrollable: the enroller shows the pod as `pending`
+    /// and enrolls it when a netns arrives, without counting it as a failure.
     pub netns: Option<PathBuf>,
     /// Declared container ports, for `targetPort` by name.
     pub ports: Vec<ContainerPort>,
@@ -88,7 +91,9 @@ pub struct ServicePort {
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Endpoint {
-    pub pod: ObjectRef,
+    /// The pod behind the address; `None` for endpoints that are not pods (EndpointSlices
+    /// written by hand for selector-less Services).
+    pub pod: Option<ObjectRef>,
     pub addr: SocketAddrV4,
     pub node: Option<String>,
 }

@@ -31,10 +31,18 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 /// Fallback rescan period, for changes inotify does not report (directory replaced, NFS, ...).
 pub const RESCAN: Duration = Duration::from_secs(2);
 
-/// How the manifests source is doing; for the admin API. Published on its own watch channel,
-/// only by the watcher task; the data path never reads it.
+/// How the config source is doing; for the admin API. Published on its own watch channel,
+/// only by the source's task; the data path never reads it. Local mode fills `dir` and
+/// `fingerprint`; Kubernetes mode fills `resources`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ConfigStatus {
+    /// `manifests` or `kubernetes`.
+    pub source: String,
+    /// The first full config is in force. Always true in local mode (startup loads it);
+    /// in Kubernetes mode, once every kind's first list arrived and a snapshot was built.
+    pub synced: bool,
+    /// Kubernetes mode: sync state per watched kind.
+    pub resources: Vec<super::kube::ResourceStatus>,
     pub dir: PathBuf,
     /// Generation of the snapshot in force.
     pub generation: u64,
@@ -58,6 +66,8 @@ impl ConfigStatus {
     /// only counts objects (files and documents are counted by the next reload).
     pub fn new(dir: &Path, snapshot: &Snapshot, fingerprint: u64) -> Self {
         ConfigStatus {
+            source: "manifests".into(),
+            synced: true,
             dir: dir.to_path_buf(),
             generation: snapshot.generation,
             fingerprint,
@@ -71,6 +81,9 @@ impl ConfigStatus {
 impl Default for ConfigStatus {
     fn default() -> Self {
         ConfigStatus {
+            source: String::new(),
+            synced: false,
+            resources: Vec::new(),
             dir: PathBuf::new(),
             generation: 0,
             fingerprint: 0,

@@ -337,7 +337,7 @@ mod tests {
     fn snapshot(endpoints: usize) -> Snapshot {
         let eps = (0..endpoints)
             .map(|i| Endpoint {
-                pod: id(&format!("web-{i}")),
+                pod: Some(id(&format!("web-{i}"))),
                 addr: SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 10 + i as u8), 8080),
                 node: Some("node-1".into()),
             })

@@ -40,7 +40,11 @@ impl Collector for Health {
             .iter()
             .filter(|w| w.state == "enrolled")
             .count();
-        let failed = view.workloads.len() - enrolled;
+        let failed = view
+            .workloads
+            .iter()
+            .filter(|w| w.state == "failed")
+            .count();
         gauge(
             &mut enc,
             "nodemesh_enrolled_pods",
@@ -90,6 +94,7 @@ impl Collector for Health {
             "Access log entries that could not be written",
             log.write_errors.load(Ordering::Relaxed),
         )?;
+        resources(&mut enc, &view.resources)?;
         let s = &self.0.stats;
         gauge(
             &mut enc,
@@ -142,4 +147,48 @@ impl Collector for Health {
         )?;
         Ok(())
     }
+}
+
+/// Kubernetes mode: per watched kind (`kind`, and `scope`: the watch's selector or `all`).
+fn resources(
+    enc: &mut DescriptorEncoder,
+    resources: &[crate::config::kube::ResourceStatus],
+) -> fmt::Result {
+    if resources.is_empty() {
+        return Ok(());
+    }
+    let labels = |r: &crate::config::kube::ResourceStatus| {
+        let scope = r.selector.clone().unwrap_or_else(|| "all".to_owned());
+        vec![("kind", r.kind.to_owned()), ("scope", scope)]
+    };
+    let families: [(&str, &str, MetricType); 3] = [
+        (
+            "nodemesh_config_resource_synced",
+            "1 once the watch of this kind finished its first full list",
+            MetricType::Gauge,
+        ),
+        (
+            "nodemesh_config_invalid_objects",
+            "Objects of this kind skipped as invalid (logged with kind, name, field and reason)",
+            MetricType::Gauge,
+        ),
+        (
+            "nodemesh_config_resource_errors",
+            "Watch errors and invalid objects of this kind (410 Gone relists excluded)",
+            MetricType::Counter,
+        ),
+    ];
+    for (i, (name, help, kind)) in families.into_iter().enumerate() {
+        let mut family = enc.encode_descriptor(name, help, None, kind)?;
+        for r in resources {
+            let labels = labels(r);
+            let metric = family.encode_family(&labels)?;
+            match i {
+                0 => ConstGauge::new(i64::from(r.synced)).encode(metric)?,
+                1 => ConstGauge::new(int(r.invalid)).encode(metric)?,
+                _ => ConstCounter::new(r.errors_total).encode(metric)?,
+            }
+        }
+    }
+    Ok(())
 }

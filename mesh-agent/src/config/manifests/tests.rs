@@ -1,5 +1,8 @@
 //! Unit tests of the manifests loader.
-use super::super::model::ENROLL_LABEL;
+use std::net::Ipv4Addr;
+
+use super::super::convert::parse_netns;
+use super::super::model::{ENROLL_LABEL, ObjectRef, TargetPort};
 use super::*;
 
 const NS: &str = "apiVersion: v1\nkind: Namespace\n\
@@ -58,7 +61,7 @@ fn happy_path_named_target_port() {
     assert_eq!(svc.ports[0].target_port, TargetPort::Name("http".into()));
     let eps = svc.endpoints[0]
         .iter()
-        .map(|e| format!("{} {}", e.pod, e.addr));
+        .map(|e| format!("{} {}", e.pod.as_ref().expect("pod"), e.addr));
     let want = ["bookinfo/r1 10.1.0.11:9080", "bookinfo/r2 10.1.0.12:9080"];
     assert_eq!(
         eps.collect::<Vec<_>>(),
@@ -142,7 +145,7 @@ fn pods_without_the_named_port_are_skipped() {
     let snap = load(&[("x.yaml", &yaml)]).expect("loads").snapshot;
     let eps = &snap.services[&id("reviews")].endpoints[0];
     assert_eq!(eps.len(), 1);
-    assert_eq!(eps[0].pod, id("a"));
+    assert_eq!(eps[0].pod, Some(id("a")));
 }
 
 #[test]

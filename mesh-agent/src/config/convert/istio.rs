@@ -1,7 +1,7 @@
-//! Istio kinds of local mode: PeerAuthentication (`security.istio.io/v1` and `v1beta1`,
-//! same schema), decoded into [`model::PeerAuthentication`].
-//!
-//! A child of `manifests` so it shares its private helpers (`object_ref`, `done`, problems).
+//! Istio kinds: PeerAuthentication (`security.istio.io/v1` and `v1beta1`, same schema),
+//! decoded into [`model::PeerAuthentication`]. Local mode decodes it from YAML (unknown
+//! fields are errors there), Kubernetes mode from the API server's JSON (unknown fields are
+//! ignored: the CRD's schema already validated them, and newer Istio releases add fields).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,18 +13,18 @@ use super::{Problem, Problems, done, model, object_ref};
 use model::MtlsMode;
 
 /// The API versions PeerAuthentication is read from.
-pub(super) const SECURITY_API_VERSIONS: [&str; 2] =
-    ["security.istio.io/v1", "security.istio.io/v1beta1"];
+pub const SECURITY_API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
-/// `kind: PeerAuthentication`, as written in manifests.
-#[derive(Deserialize)]
+/// `kind: PeerAuthentication`, as written in manifests or served by the API server.
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct PeerAuthentication {
+pub struct PeerAuthentication {
     // Checked by the dispatch in `parse_document`; declared so they are not unknown fields.
+    // Optional: list items from the API server carry neither.
     #[serde(rename = "apiVersion")]
-    _api_version: String,
+    _api_version: Option<String>,
     #[serde(rename = "kind")]
-    _kind: String,
+    _kind: Option<String>,
     #[serde(default)]
     metadata: ObjectMeta,
     spec: Option<Spec>,
@@ -33,7 +33,7 @@ pub(super) struct PeerAuthentication {
     _status: Option<serde_yaml::Value>,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Spec {
     selector: Option<WorkloadSelector>,
@@ -41,19 +41,19 @@ struct Spec {
     port_level_mtls: Option<PortLevel>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct WorkloadSelector {
     match_labels: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 struct Mtls {
     mode: Option<String>,
 }
 
 /// `portLevelMtls` in file order, so that `8080` and `"8080"` are caught as duplicates.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct PortLevel(Vec<(PortKey, Mtls)>);
 
 impl<'de> Deserialize<'de> for PortLevel {
@@ -77,6 +77,7 @@ impl<'de> Deserialize<'de> for PortLevel {
 }
 
 /// A `portLevelMtls` key as written: a YAML integer or string, checked by the conversion.
+#[derive(Debug)]
 struct PortKey(String);
 
 impl<'de> Deserialize<'de> for PortKey {
@@ -101,8 +102,8 @@ impl<'de> Deserialize<'de> for PortKey {
     }
 }
 
-fn parse_mode(mtls: Option<Mtls>, field: &str, problems: &mut Vec<Problem>) -> MtlsMode {
-    match mtls.and_then(|m| m.mode).as_deref() {
+fn parse_mode(mtls: Option<&Mtls>, field: &str, problems: &mut Vec<Problem>) -> MtlsMode {
+    match mtls.and_then(|m| m.mode.as_deref()) {
         None | Some("UNSET") => MtlsMode::Unset,
         Some("DISABLE") => MtlsMode::Disable,
         Some("PERMISSIVE") => MtlsMode::Permissive,
@@ -116,7 +117,7 @@ fn parse_mode(mtls: Option<Mtls>, field: &str, problems: &mut Vec<Problem>) -> M
 }
 
 pub(super) fn convert_peer_authentication(
-    pa: PeerAuthentication,
+    pa: &PeerAuthentication,
 ) -> Result<model::PeerAuthentication, Vec<Problem>> {
     let mut problems = Vec::new();
     let id = object_ref(&pa.metadata, &mut problems);
@@ -124,12 +125,14 @@ pub(super) fn convert_peer_authentication(
     let created = pa
         .metadata
         .creation_timestamp
+        .as_ref()
         .map(|t| format!("{:.0}", t.0));
-    let spec = pa.spec.unwrap_or_default();
-    let selector = spec.selector.and_then(|s| s.match_labels);
+    let default = Spec::default();
+    let spec = pa.spec.as_ref().unwrap_or(&default);
+    let selector = spec.selector.as_ref().and_then(|s| s.match_labels.clone());
     let selector = selector.filter(|labels| !labels.is_empty());
-    let mode = parse_mode(spec.mtls, "spec.mtls.mode", &mut problems);
-    let port_level = spec.port_level_mtls.unwrap_or_default().0;
+    let mode = parse_mode(spec.mtls.as_ref(), "spec.mtls.mode", &mut problems);
+    let port_level: &[(PortKey, Mtls)] = spec.port_level_mtls.as_ref().map_or(&[], |p| &p.0);
     if selector.is_none() && !port_level.is_empty() {
         let reason = "needs spec.selector.matchLabels: port-level mTLS applies to selected \
                       workloads only";
@@ -157,6 +160,3 @@ pub(super) fn convert_peer_authentication(
     };
     done(pa, problems)
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,6 +1,6 @@
 //! PeerAuthentication: decoding, validation and mode resolution.
 use super::super::model::{MtlsMode, ObjectRef, Pod, ROOT_NAMESPACE, Snapshot};
-use super::super::{ConfigError, LoadedManifests, Sources, load_sources};
+use super::{ConfigError, LoadedManifests, Sources, load_sources};
 use MtlsMode::{Disable, Permissive, Strict, Unset};
 
 /// A PeerAuthentication in `ns`; `more` is appended to `metadata` (lines indented by 2) and

@@ -15,18 +15,19 @@ use k8s_openapi::api::core::v1 as k8s;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{Problem, Problems, decode, done, model};
+use super::{Problem, Problems, done, model};
+use crate::config::manifests::decode;
 use crate::telemetry::access_log::AccessLogConfig;
 
 /// The ConfigMap that carries MeshConfig, and its key.
-pub(super) const CONFIG_MAP: &str = "istio";
-pub(super) const CONFIG_MAP_KEY: &str = "mesh";
-pub(super) const OPERATOR_API_VERSION: &str = "install.istio.io/v1alpha1";
+pub const CONFIG_MAP: &str = "istio";
+pub const CONFIG_MAP_KEY: &str = "mesh";
+pub const OPERATOR_API_VERSION: &str = "install.istio.io/v1alpha1";
 
 /// Istio's MeshConfig (`istio.io/api/mesh/v1alpha1`).
-#[derive(Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct MeshConfig {
+pub struct MeshConfig {
     access_log_file: Option<String>,
     access_log_format: Option<String>,
     access_log_encoding: Option<String>,
@@ -106,9 +107,9 @@ pub(super) struct MeshConfig {
 }
 
 /// `kind: IstioOperator`.
-#[derive(Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct IstioOperator {
+pub struct IstioOperator {
     #[serde(rename = "apiVersion")]
     _api_version: String,
     #[serde(rename = "kind")]
@@ -121,7 +122,7 @@ pub(super) struct IstioOperator {
     _status: Option<serde_yaml::Value>,
 }
 
-#[derive(Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct OperatorSpec {
     mesh_config: Option<MeshConfig>,
@@ -144,8 +145,14 @@ struct OperatorSpec {
     _install_package_path: Option<serde_yaml::Value>,
 }
 
+/// Whether a ConfigMap is the one carrying MeshConfig.
+pub fn is_mesh_config(cm: &k8s::ConfigMap) -> bool {
+    cm.metadata.name.as_deref() == Some(CONFIG_MAP)
+        && cm.metadata.namespace.as_deref() == Some(model::ROOT_NAMESPACE)
+}
+
 /// MeshConfig as the rest of the agent sees it, with where it came from.
-pub(super) struct Found {
+pub struct Found {
     pub source: String,
     pub settings: model::MeshSettings,
 }
@@ -170,20 +177,17 @@ fn settings(mesh: MeshConfig, prefix: &str, source: String) -> Result<Found, Vec
     done(Found { source, settings }, problems)
 }
 
-pub(super) fn convert_operator(op: IstioOperator) -> Result<Found, Vec<Problem>> {
-    let name = op.metadata.name.unwrap_or_default();
+pub fn convert_operator(op: &IstioOperator) -> Result<Found, Vec<Problem>> {
+    let name = op.metadata.name.clone().unwrap_or_default();
     let source = format!("IstioOperator {name} spec.meshConfig");
-    settings(
-        op.spec.mesh_config.unwrap_or_default(),
-        "spec.meshConfig.",
-        source,
-    )
+    let mesh = op.spec.mesh_config.clone().unwrap_or_default();
+    settings(mesh, "spec.meshConfig.", source)
 }
 
 /// The `istio` ConfigMap: its `mesh` key parsed as MeshConfig, problems named
 /// `data.mesh.FIELD`.
-pub(super) fn convert_config_map(cm: k8s::ConfigMap) -> Result<Found, Vec<Problem>> {
-    let ns = cm.metadata.namespace.unwrap_or_default();
+pub fn convert_config_map(cm: &k8s::ConfigMap) -> Result<Found, Vec<Problem>> {
+    let ns = cm.metadata.namespace.clone().unwrap_or_default();
     let source = format!("ConfigMap {ns}/{CONFIG_MAP} data.{CONFIG_MAP_KEY}");
     let text = cm
         .data
@@ -193,31 +197,36 @@ pub(super) fn convert_config_map(cm: k8s::ConfigMap) -> Result<Found, Vec<Proble
     if text.trim().is_empty() {
         return settings(MeshConfig::default(), "", source);
     }
-    let mesh =
-        decode(serde_yaml::Deserializer::from_str(text), "MeshConfig", Ok).map_err(|problems| {
-            problems
-                .into_iter()
-                .map(|p| match p {
-                    Problem::UnknownField { field, kind } => Problem::UnknownField {
-                        field: format!("data.{CONFIG_MAP_KEY}.{field}"),
-                        kind,
-                    },
-                    Problem::Decode { field, reason } => Problem::Decode {
-                        field: format!("data.{CONFIG_MAP_KEY}.{field}"),
-                        reason,
-                    },
-                    other => other,
-                })
-                .collect::<Vec<_>>()
-        })?;
+    let prefixed = |problems: Vec<Problem>| -> Vec<Problem> {
+        problems
+            .into_iter()
+            .map(|p| match p {
+                Problem::UnknownField { field, kind } => Problem::UnknownField {
+                    field: format!("data.{CONFIG_MAP_KEY}.{field}"),
+                    kind,
+                },
+                Problem::Decode { field, reason } => Problem::Decode {
+                    field: format!("data.{CONFIG_MAP_KEY}.{field}"),
+                    reason,
+                },
+                other => other,
+            })
+            .collect()
+    };
+    let (mesh, unknown) =
+        decode::<MeshConfig>(serde_yaml::Deserializer::from_str(text), "MeshConfig")
+            .map_err(prefixed)?;
+    if !unknown.is_empty() {
+        return Err(prefixed(unknown));
+    }
     settings(mesh, &format!("data.{CONFIG_MAP_KEY}."), source)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Sources, load_sources};
+    use crate::config::manifests::{Sources, load_sources};
 
-    fn load(yaml: &str) -> Result<super::model::Snapshot, String> {
+    fn load(yaml: &str) -> Result<crate::config::model::Snapshot, String> {
         load_sources(&Sources::from_texts([("mesh.yaml", yaml)]))
             .map(|l| l.snapshot)
             .map_err(|e| e.to_string())

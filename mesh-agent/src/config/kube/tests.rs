@@ -1,0 +1,400 @@
+//! The Kubernetes source, unchanged, against the fake API server (no root needed): the
+//! watchers' protocol, the shared conversion and the published snapshots and status.
+use std::future::Future;
+use std::time::Duration;
+
+use mesh_testbed::fake_kube::FakeApiServer;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::config::model::{MtlsMode, ObjectRef};
+
+const NODE: &str = "node-1";
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Source {
+    server: FakeApiServer,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    status: watch::Receiver<ConfigStatus>,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A client from a kubeconfig file, as `Config::infer` builds it from KUBECONFIG (tests run
+/// in parallel, so not through the environment).
+async fn client_for(server: &FakeApiServer, tag: &str) -> (Client, TempDir) {
+    let dir = std::env::temp_dir().join(format!("nodemesh-kube-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let path = dir.join("kubeconfig");
+    server.write_kubeconfig(&path).expect("kubeconfig");
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
+    let options = kube::config::KubeConfigOptions::default();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .expect("config");
+    (Client::try_from(config).expect("client"), TempDir(dir))
+}
+
+async fn start(server: FakeApiServer, tag: &str) -> Source {
+    let (client, dir) = client_for(&server, tag).await;
+    let (tx, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+    let status = spawn(client, NODE.into(), tx);
+    Source {
+        server,
+        snapshots,
+        status,
+        _dir: dir,
+    }
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+impl Source {
+    /// Waits for a snapshot satisfying `f`.
+    async fn snapshot(&mut self, what: &str, f: impl Fn(&Snapshot) -> bool) -> Arc<Snapshot> {
+        let snap = within(what, self.snapshots.wait_for(|s| f(s))).await;
+        snap.expect("source alive").clone()
+    }
+
+    async fn status(&mut self, what: &str, f: impl Fn(&ConfigStatus) -> bool) -> ConfigStatus {
+        let st = within(what, self.status.wait_for(|s| f(s))).await;
+        st.expect("source alive").clone()
+    }
+
+    fn apply(&self, obj: Value) {
+        self.server.apply(obj).expect("apply");
+    }
+}
+
+fn resource<'a>(st: &'a ConfigStatus, kind: &str) -> &'a ResourceStatus {
+    st.resources
+        .iter()
+        .find(|r| r.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {st:?}"))
+}
+
+fn namespace(name: &str, enrolled: bool) -> Value {
+    let labels = if enrolled {
+        json!({"nodemesh.io/enabled": "true"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "labels": {"app": name},
+                        "annotations": {"nodemesh.io/netns": "/proc/1/ns/net"},
+                        "managedFields": [{"manager": "kubectl"}]},
+           "spec": {"nodeName": node, "serviceAccountName": format!("{name}-sa"),
+                    "containers": [{"name": "app", "image": "app",
+                                    "ports": [{"name": "http", "containerPort": 8080}]}]},
+           "status": {"phase": "Running", "podIP": ip,
+                      "conditions": [{"type": "Ready", "status": "True"},
+                                     {"type": "PodScheduled", "status": "True"}]}})
+}
+
+fn service(ns: &str, name: &str, ip: &str, port: i64) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+           "spec": {"clusterIP": ip, "selector": {"app": name},
+                    "ports": [{"name": "http", "port": port, "targetPort": "http"}]}})
+}
+
+fn slice(ns: &str, service: &str, ips: &[&str]) -> Value {
+    let eps: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}, "nodeName": NODE}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("{service}-abc"), "namespace": ns,
+                        "labels": {"kubernetes.io/service-name": service}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": eps})
+}
+
+fn peer_auth(version: &str, ns: &str, mode: &str) -> Value {
+    json!({"apiVersion": format!("security.istio.io/{version}"), "kind": "PeerAuthentication",
+           "metadata": {"name": "default", "namespace": ns}, "spec": {"mtls": {"mode": mode}}})
+}
+
+fn id(ns: &str, name: &str) -> ObjectRef {
+    ObjectRef {
+        namespace: ns.into(),
+        name: name.into(),
+    }
+}
+
+fn meshed_here(s: &Snapshot) -> Vec<String> {
+    s.enrolled_pods(NODE).map(|p| p.id.to_string()).collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn first_sync_gates_the_snapshot_then_changes_follow() {
+    let server = FakeApiServer::start().expect("fake API server");
+    server.apply(namespace("shop", true)).expect("ns");
+    server.apply(namespace("plain", false)).expect("ns");
+    server
+        .apply(pod("shop", "web", NODE, "10.244.1.5"))
+        .expect("pod");
+    server
+        .apply(pod("plain", "db", NODE, "10.244.1.6"))
+        .expect("pod");
+    server
+        .apply(pod("shop", "far", "node-2", "10.244.2.5"))
+        .expect("pod");
+    server
+        .apply(service("shop", "web", "10.96.0.10", 80))
+        .expect("svc");
+    server
+        .apply(slice("shop", "web", &["10.244.1.5"]))
+        .expect("slice");
+    server.apply(peer_auth("v1", "shop", "STRICT")).expect("pa");
+    server.hold("list:services");
+    let mut src = start(server, "sync").await;
+
+    // Everything but Services listed: nothing published, not synced, Service named.
+    let st = src
+        .status("the other kinds to sync", |s| {
+            s.resources.iter().filter(|r| r.synced).count() == 5
+        })
+        .await;
+    assert!(!st.synced && !resource(&st, "Service").synced, "{st:?}");
+    assert_eq!(src.snapshots.borrow().generation, 0);
+    src.server.release("list:services");
+    let snap = src
+        .snapshot("the first snapshot", |s| s.generation == 1)
+        .await;
+    assert!(src.status.borrow().synced);
+    assert_eq!(meshed_here(&snap), ["shop/web"]);
+    let web = &snap.pods[&id("shop", "web")];
+    assert_eq!(
+        web.netns, None,
+        "the netns annotation is not trusted in Kubernetes mode"
+    );
+    let far = &snap.pods[&id("shop", "far")];
+    assert_eq!(
+        (far.service_account.as_str(), far.node.as_deref()),
+        ("far-sa", Some("node-2"))
+    );
+    assert!(
+        far.ready && snap.is_meshed(far),
+        "remote pods keep what the model reads"
+    );
+    let svc = &snap.services[&id("shop", "web")];
+    assert_eq!(svc.endpoints[0][0].addr.to_string(), "10.244.1.5:8080");
+    assert_eq!(snap.inbound_mode(web, 8080), MtlsMode::Strict);
+
+    // Relabelling a namespace, editing a PeerAuthentication, scaling the endpoints.
+    src.apply(namespace("plain", true));
+    src.apply(peer_auth("v1", "shop", "PERMISSIVE"));
+    src.apply(slice("shop", "web", &["10.244.1.5", "10.244.2.5"]));
+    let snap = src
+        .snapshot("the edits", |s| {
+            let web = s.pods.get(&id("shop", "web"));
+            meshed_here(s).len() == 2
+                && web.is_some_and(|w| s.inbound_mode(w, 8080) == MtlsMode::Permissive)
+                && s.services[&id("shop", "web")].endpoints[0].len() == 2
+        })
+        .await;
+    assert_eq!(meshed_here(&snap), ["plain/db", "shop/web"]);
+    // Deleting the pod on this node unmeshes it.
+    assert!(src.server.delete("v1", "Pod", "plain", "db"));
+    src.snapshot("the deletion", |s| meshed_here(s) == ["shop/web"])
+        .await;
+
+    let requests = src.server.requests();
+    let has = |needle: &str| requests.iter().any(|r| r.contains(needle));
+    assert!(
+        has("/api/v1/pods?") && has("fieldSelector=spec.nodeName=node-1"),
+        "{requests:#?}"
+    );
+    assert!(
+        has("labelSelector=kubernetes.io/service-name"),
+        "{requests:#?}"
+    );
+    assert!(has("allowWatchBookmarks=true"), "{requests:#?}");
+    assert!(
+        has("/apis/security.istio.io/v1/peerauthentications"),
+        "{requests:#?}"
+    );
+    let st = src.status.borrow().clone();
+    assert_eq!(
+        resource(&st, "PeerAuthentication").api_version.as_deref(),
+        Some("security.istio.io/v1")
+    );
+    assert!(
+        st.resources.iter().all(|r| r.last_error.is_none()),
+        "{st:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropped_watches_and_410_gone_lose_no_event() {
+    let server = FakeApiServer::start().expect("fake API server");
+    server.apply(namespace("shop", true)).expect("ns");
+    server
+        .apply(service("shop", "web", "10.96.0.10", 80))
+        .expect("svc");
+    let mut src = start(server, "resume").await;
+    src.snapshot("the first snapshot", |s| s.generation >= 1)
+        .await;
+
+    // A bookmark moves the watches' resourceVersion past changes they did not carry.
+    src.apply(namespace("other", false));
+    src.snapshot("the namespace", |s| s.namespaces.contains_key("other"))
+        .await;
+    let bookmark = src.server.resource_version();
+    assert!(
+        src.server.bookmark() >= 5,
+        "every watch asked for bookmarks"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Cut every watch; while none is open, change things: the resumed watches replay them.
+    src.server.hold("watch:*");
+    assert!(src.server.drop_watches() >= 5);
+    src.apply(pod("shop", "web", NODE, "10.244.1.5"));
+    src.apply(service("shop", "api", "10.96.0.11", 81));
+    src.server.release("watch:*");
+    src.snapshot("the changes made while disconnected", |s| {
+        meshed_here(s) == ["shop/web"] && s.services.contains_key(&id("shop", "api"))
+    })
+    .await;
+    let requests = src.server.requests();
+    let resumed = format!(
+        "/api/v1/services?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion={bookmark}"
+    );
+    let resumed_from_bookmark = requests.iter().any(|r| {
+        r.contains("/api/v1/services?")
+            && r.contains("watch=true")
+            && r.contains(&format!("resourceVersion={bookmark}"))
+    });
+    assert!(
+        resumed_from_bookmark,
+        "expected a watch like {resumed} in {requests:#?}"
+    );
+
+    // 410 Gone: the history is compacted, the watchers must list again.
+    let lists_before = requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch="))
+        .count();
+    assert!(src.server.expire_watches() >= 5);
+    assert!(src.server.delete("v1", "Service", "shop", "api"));
+    src.apply(namespace("shop", false));
+    src.snapshot("the changes after 410 Gone", |s| {
+        meshed_here(s).is_empty() && !s.services.contains_key(&id("shop", "api"))
+    })
+    .await;
+    let requests = src.server.requests();
+    let lists_after = requests
+        .iter()
+        .filter(|r| r.starts_with("GET /api/v1/services?") && !r.contains("watch="))
+        .count();
+    assert!(
+        lists_after > lists_before,
+        "a relist after 410: {requests:#?}"
+    );
+    let st = src.status.borrow().clone();
+    assert!(
+        st.resources.iter().all(|r| r.errors_total == 0),
+        "410 is routine, not an error: {st:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn invalid_objects_are_skipped_and_others_apply() {
+    let server = FakeApiServer::start().expect("fake API server");
+    server
+        .apply(service("shop", "bad", "10.96.0.12", 70000))
+        .expect("svc");
+    server
+        .apply(service("shop", "good", "10.96.0.13", 80))
+        .expect("svc");
+    let mut src = start(server, "invalid").await;
+    let snap = src
+        .snapshot("the first snapshot", |s| s.generation >= 1)
+        .await;
+    assert!(snap.services.contains_key(&id("shop", "good")));
+    assert!(!snap.services.contains_key(&id("shop", "bad")));
+    let st = src
+        .status("the invalid Service in the status", |s| s.synced)
+        .await;
+    let svc = resource(&st, "Service");
+    assert_eq!((svc.objects, svc.invalid), (2, 1), "{svc:?}");
+    let error = svc.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("Service shop/bad: field spec.ports[0].port: port 70000 is out of range"),
+        "{error}"
+    );
+    assert!(svc.last_error_at.is_some());
+    // Fixed: it applies, and is no longer counted.
+    src.apply(service("shop", "bad", "10.96.0.12", 8080));
+    src.snapshot("the fixed Service", |s| {
+        s.services.contains_key(&id("shop", "bad"))
+    })
+    .await;
+    let st = src
+        .status("no invalid objects", |s| {
+            resource(s, "Service").invalid == 0
+        })
+        .await;
+    assert_eq!(resource(&st, "Service").errors_total, 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn peer_authentication_version_fallback_and_errors_per_kind() {
+    let server = FakeApiServer::start().expect("fake API server");
+    server.serve_versions("security.istio.io", "PeerAuthentication", &["v1beta1"]);
+    server
+        .apply(peer_auth("v1beta1", "nodemesh-system", "STRICT"))
+        .expect("pa");
+    server.fail("endpointslices", Some(500));
+    let mut src = start(server, "fallback").await;
+    let st = src
+        .status("the EndpointSlice error", |s| {
+            resource(s, "EndpointSlice").last_error.is_some()
+        })
+        .await;
+    assert!(!st.synced);
+    let error = resource(&st, "EndpointSlice")
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        error.contains("500") || error.contains("failing on purpose"),
+        "{error}"
+    );
+    src.server.fail("endpointslices", None);
+    let snap = src
+        .snapshot("the first snapshot", |s| s.generation >= 1)
+        .await;
+    assert_eq!(snap.peer_authentications.len(), 1);
+    let st = src.status.borrow().clone();
+    let pa = resource(&st, "PeerAuthentication");
+    assert_eq!(pa.api_version.as_deref(), Some("security.istio.io/v1beta1"));
+    assert!(resource(&st, "EndpointSlice").synced);
+
+    // Without Istio's CRDs the kind is synced, empty, and says why.
+    let server = FakeApiServer::start().expect("fake API server");
+    server.serve_versions("security.istio.io", "PeerAuthentication", &[]);
+    let mut src = start(server, "no-istio").await;
+    let st = src.status("synced without Istio", |s| s.synced).await;
+    let pa = resource(&st, "PeerAuthentication");
+    assert!(
+        pa.synced && pa.note.is_some() && pa.api_version.is_none(),
+        "{pa:?}"
+    );
+}
