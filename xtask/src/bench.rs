@@ -39,13 +39,19 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["runs", "duration"])]
     quick: bool,
     /// Where to write the report (a relative path is taken from the workspace root).
-    /// Defaults to docs/benchmarks.md, or docs/benchmarks-plaintext.md with --plaintext.
+    /// Defaults to docs/benchmarks.md; with --plaintext and --http, docs/benchmarks-plaintext.md,
+    /// docs/benchmarks-http.md or docs/benchmarks-plaintext-http.md.
     #[arg(long)]
     output: Option<PathBuf>,
     /// Run the agents without the mesh CA: plaintext L4 proxying instead of mutual TLS
     /// (HBONE), to see what TLS and HTTP/2 framing cost.
     #[arg(long)]
     plaintext: bool,
+    /// Send wrk through the agents' HTTP path (a Service port named `http`: the client's
+    /// agent parses each request and balances it) instead of L4 (a port named `tcp-web`);
+    /// the targets are then the L7 ones.
+    #[arg(long)]
+    http: bool,
     /// Extra argument for every agent (repeatable), e.g. `--agent-arg=--workers=1`, to
     /// compare agent settings.
     #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -72,11 +78,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         (args.runs, args.duration)
     };
     let output = args.output.clone().unwrap_or_else(|| {
-        PathBuf::from(if args.plaintext {
-            "docs/benchmarks-plaintext.md"
-        } else {
-            "docs/benchmarks.md"
-        })
+        let name = match (args.plaintext, args.http) {
+            (false, false) => "docs/benchmarks.md",
+            (true, false) => "docs/benchmarks-plaintext.md",
+            (false, true) => "docs/benchmarks-http.md",
+            (true, true) => "docs/benchmarks-plaintext-http.md",
+        };
+        PathBuf::from(name)
     });
     let output = if output.is_absolute() {
         output
@@ -114,6 +122,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         agent_pid: agent_pid(&tb, CLIENT_NODE)?,
         other_pid: agent_pid(&tb, "node-2")?,
         mtls: !args.plaintext,
+        http: args.http,
     };
     let scenarios = vec![
         bench.scenario("same-node", &SERVERS[0])?,
@@ -133,7 +142,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         runs,
         duration_s,
         elapsed_s: started.elapsed().as_secs_f64(),
-        notes: markdown::notes(&http, load_before, args.quick),
+        notes: markdown::notes(&http, load_before, args.quick, !args.plaintext, args.http),
         scenarios,
     };
     if let Some(dir) = output.parent() {
@@ -209,6 +218,8 @@ struct Bench<'a> {
     agent_pid: u32,
     other_pid: u32,
     mtls: bool,
+    /// wrk through the HTTP path (the `http` port) rather than L4 (`tcp-web`).
+    http: bool,
 }
 
 impl Bench<'_> {
@@ -221,6 +232,7 @@ impl Bench<'_> {
         let mut sc = Scenario {
             title,
             mtls: self.mtls,
+            http: self.http,
             description,
             gbps: Default::default(),
             wrk: Default::default(),
@@ -355,7 +367,11 @@ impl Bench<'_> {
     fn wrk(&self, mode: Mode, dst: Ipv4Addr, conns: u32, secs: u32) -> Result<tools::WrkResult> {
         let mut cmd = self.tb.pod_command(&Self::client(mode), "wrk")?;
         let threads = if conns > 1 { 2 } else { 1 };
-        let url = format!("http://{dst}:{}/", bed::HTTP_PORT);
+        let port = match mode {
+            Mode::Mesh if self.http => bed::MESH_HTTP_PORT,
+            _ => bed::HTTP_PORT,
+        };
+        let url = format!("http://{dst}:{port}/");
         cmd.arg(format!("-t{threads}"))
             .arg(format!("-c{conns}"))
             .arg(format!("-d{secs}s"))

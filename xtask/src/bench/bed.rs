@@ -17,6 +17,9 @@ pub const DIRECT_NS: &str = "bench-direct";
 pub const CLIENT: &str = "client";
 pub const HTTP_PORT: u16 = 8080;
 pub const IPERF_PORT: u16 = 5201;
+/// The Services' second port to the same web server, named `http`: the agents' HTTP path.
+/// `HTTP_PORT` on the Service is named `tcp-web`: L4.
+pub const MESH_HTTP_PORT: u16 = 8081;
 /// The node of both clients; its agent is the one that proxies the mesh traffic.
 pub const CLIENT_NODE: &str = "node-1";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -72,8 +75,9 @@ pub fn manifest() -> String {
         let _ = write!(
             out,
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {MESH_NS}\n\
-             spec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: http, port: {HTTP_PORT}, \
-             targetPort: http}}\n  - {{name: iperf, port: {IPERF_PORT}, targetPort: iperf}}\n",
+             spec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: tcp-web, port: {HTTP_PORT}, \
+             targetPort: http}}\n  - {{name: http, port: {MESH_HTTP_PORT}, targetPort: http}}\n  \
+             - {{name: iperf, port: {IPERF_PORT}, targetPort: iperf}}\n",
             name = s.name
         );
     }

@@ -182,6 +182,16 @@ pub fn document(r: &Report) -> String {
     let _ = writeln!(out, "- date: {}", r.date);
     let _ = writeln!(out, "- command: `{}`", r.command);
     let mtls = r.scenarios.first().is_some_and(|s| s.mtls);
+    let http = r.scenarios.first().is_some_and(|s| s.http);
+    let _ = writeln!(
+        out,
+        "- wrk path: {}",
+        if http {
+            "HTTP (the client's agent parses and balances each request; `--http`)"
+        } else {
+            "L4 (a `tcp-web` Service port)"
+        }
+    );
     let _ = writeln!(
         out,
         "- mesh traffic: {}",
@@ -242,7 +252,13 @@ pub fn document(r: &Report) -> String {
 }
 
 /// The notes the report carries, besides each scenario's agent figures and wrk errors.
-pub fn notes(http: &HttpServer, load: [f64; 3], quick: bool) -> Vec<String> {
+pub fn notes(
+    http: &HttpServer,
+    load: [f64; 3],
+    quick: bool,
+    mtls: bool,
+    http_path: bool,
+) -> Vec<String> {
     let mut n = Vec::new();
     if quick {
         n.push("`--quick` smoke run (1 run of 2 s): not meant for comparison.".to_string());
@@ -276,16 +292,36 @@ pub fn notes(http: &HttpServer, load: [f64; 3], quick: bool) -> Vec<String> {
          Every measurement checks through the agent's /stats that mesh connections were \
          proxied and direct ones were not."
     ));
-    n.push(
-        "The servers are pods in the enrolled namespace; this plaintext slice has no inbound \
-         capture, so the only proxy on the path is the client node's agent (one extra hop \
-         over loopback in the client's namespace)."
-            .to_string(),
-    );
+    n.push(if mtls {
+        "The mesh servers are pods in the enrolled namespace, so a mesh connection passes \
+         through both agents: the client's (outbound, over loopback in the client's namespace) \
+         and the server's (HBONE on 15008, then over loopback in the server's namespace), with \
+         mutual TLS between them. The direct baseline's servers are outside the mesh."
+            .to_string()
+    } else {
+        "Without the CA there is no inbound capture: the only proxy on a mesh connection is \
+         the client node's agent (one extra hop over loopback in the client's namespace)."
+            .to_string()
+    });
+    n.push(if http_path {
+        format!(
+            "wrk goes to the Service port named `http` ({}): the client's agent parses HTTP/1.1, \
+             balances each request and keeps upstream connections per client connection; the \
+             server's agent relays the tunnel as L4. iperf3 stays L4.",
+            super::bed::MESH_HTTP_PORT
+        )
+    } else {
+        format!(
+            "wrk goes to the Service port named `tcp-web` ({}): L4 at both agents (`--http` \
+             measures the HTTP path).",
+            super::bed::HTTP_PORT
+        )
+    });
     n.push(
         "Each run measures direct and mesh back to back, the order flipping every run; a 1 s \
          wrk warm-up per scenario and mode comes first. The agent is a release build with \
-         default flags (64 KiB buffer per direction)."
+         default flags (buffers per direction start at 16 KiB and grow to 64 KiB for bulk \
+         transfers)."
             .to_string(),
     );
     n.push(

@@ -95,6 +95,8 @@ pub struct Scenario {
     pub title: &'static str,
     /// Mesh traffic went over mutual TLS (HBONE) rather than plaintext TCP.
     pub mtls: bool,
+    /// wrk went through the agents' HTTP path (per-request balancing) rather than L4.
+    pub http: bool,
     pub description: String,
     /// iperf3 receiver throughput, Gbit/s.
     pub gbps: Samples,
@@ -132,6 +134,9 @@ pub struct Target {
 /// The issues' targets, for the cross-node scenario: with mutual TLS (HBONE, issue 4, set
 /// against Istio ztunnel's figures on this kind of machine), or plaintext L4 (issue 3).
 pub fn targets(s: &Scenario) -> Vec<Target> {
+    if s.http {
+        return http_targets(s);
+    }
     let (gbps, rps, p50) = if s.mtls {
         (0.45, 0.50, 35.0)
     } else {
@@ -176,6 +181,47 @@ pub fn targets(s: &Scenario) -> Vec<Target> {
     out
 }
 
+/// The L7 issue's targets: HTTP/1.1 through both agents, cross-node.
+fn http_targets(s: &Scenario) -> Vec<Target> {
+    let mut out = Vec::new();
+    if let Some((d, m)) = s.wrk[1].rps.medians() {
+        let r = m / d;
+        out.push(Target {
+            name: "wrk 32 conns (HTTP), requests/s mesh/direct",
+            required: "≥ 0.50".into(),
+            got: format!("{r:.2}"),
+            pass: r >= 0.50,
+        });
+    }
+    if let Some((d, m)) = s.wrk[0].p50_us.medians() {
+        let added = m - d;
+        out.push(Target {
+            name: "wrk 1 conn (HTTP), added p50",
+            required: "≤ 35 µs".into(),
+            got: format!("{added:+.1} µs"),
+            pass: added <= 35.0,
+        });
+    }
+    // Both agents' CPU per request at 32 connections (index 2 of TESTS).
+    let per_request = |a: &AgentUse| {
+        if a.work[2] > 0.0 {
+            a.cpu_s[2] / a.work[2] * 1e6
+        } else {
+            0.0
+        }
+    };
+    let cpu = per_request(&s.agent) + per_request(&s.other_agent);
+    if cpu > 0.0 {
+        out.push(Target {
+            name: "agent CPU per request, both agents (wrk 32 conns)",
+            required: "≤ 30 µs".into(),
+            got: format!("{cpu:.1} µs"),
+            pass: cpu <= 30.0,
+        });
+    }
+    out
+}
+
 /// Whether every target holds (false if there is no cross-node scenario).
 pub fn all_targets_pass(r: &Report) -> bool {
     r.scenarios
@@ -192,6 +238,7 @@ pub mod tests {
         let mut s = Scenario {
             title: "cross-node",
             mtls: false,
+            http: false,
             description: String::new(),
             gbps: Samples {
                 direct: vec![18.0],
