@@ -1,5 +1,5 @@
-//! `mesh-agent services`: the Services this agent knows, their ports, how each port's
-//! protocol would be chosen, and the ready endpoints behind it.
+//! `mesh-agent services`: the Services this agent knows, their ports, how each port is
+//! proxied (HTTP per request, or TCP), and the ready endpoints behind it.
 
 use std::path::Path;
 
@@ -56,24 +56,24 @@ pub async fn run(socket: &Path, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Istio's protocol selection, as far as configuration decides it: `appProtocol`, then the
-/// port name's prefix before the first `-`; otherwise the first bytes decide (`auto`).
+/// How the agent proxies the port: the agent's own selection (`proxy::protocol`), so the
+/// CLI and the data path cannot disagree.
 fn protocol(p: &Port) -> String {
-    if let Some(a) = &p.app_protocol {
-        return a.to_ascii_lowercase();
+    use crate::config::model::{ServicePort, TargetPort};
+    use crate::proxy::protocol::AppProtocol;
+    let port = ServicePort {
+        name: p.name.clone(),
+        port: p.port,
+        target_port: TargetPort::Number(0),
+        app_protocol: p.app_protocol.clone(),
+    };
+    match AppProtocol::of(&port) {
+        AppProtocol::Http => "http",
+        AppProtocol::Http2 => "http2",
+        AppProtocol::Grpc => "grpc",
+        AppProtocol::Tcp => "tcp",
     }
-    let prefix = p
-        .name
-        .as_deref()
-        .and_then(|n| n.split('-').next())
-        .map(str::to_ascii_lowercase);
-    match prefix.as_deref() {
-        Some(
-            p @ ("http" | "http2" | "https" | "grpc" | "grpc-web" | "tcp" | "tls" | "mongo"
-            | "mysql" | "redis" | "udp"),
-        ) => p.to_string(),
-        _ => "auto".to_string(),
-    }
+    .to_string()
 }
 
 fn table(services: &[Service]) -> String {
@@ -163,7 +163,7 @@ mod tests {
         };
         assert_eq!(protocol(&port(Some("tcp-db"), Some("http"))), "http");
         assert_eq!(protocol(&port(Some("grpc-api"), None)), "grpc");
-        assert_eq!(protocol(&port(Some("web"), None)), "auto");
-        assert_eq!(protocol(&port(None, None)), "auto");
+        assert_eq!(protocol(&port(Some("web"), None)), "tcp");
+        assert_eq!(protocol(&port(None, None)), "tcp");
     }
 }
