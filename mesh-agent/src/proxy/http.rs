@@ -35,7 +35,7 @@ use super::protocol::AppProtocol;
 use super::{ProxyInputs, Target, WorkloadStats};
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
-use crate::telemetry::access_log::HttpInfo;
+use crate::telemetry::access_log::{HttpInfo, request_authority};
 use crate::telemetry::metrics::{HttpLabels, ResponseFlags, TcpLabels};
 
 /// One client connection served as HTTP.
@@ -302,16 +302,7 @@ struct Done {
 /// The request as the app should get it: hop-by-hop headers gone, `Host` kept, and the
 /// request target in the form the upstream protocol wants.
 fn prepare_request<B>(req: &mut Request<B>, h2: bool) {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
+    let authority = request_authority(req);
     strip_hop_by_hop(req.headers_mut());
     let path = req
         .uri()

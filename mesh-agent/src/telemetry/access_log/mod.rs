@@ -227,18 +227,22 @@ pub struct HttpInfo {
     pub failure: Option<String>,
 }
 
+/// The authority a request is for: the URI's (HTTP/2, absolute-form) or the `Host` header's.
+pub fn request_authority<B>(req: &hyper::Request<B>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+}
+
 impl HttpInfo {
     pub fn of_request<B>(req: &hyper::Request<B>) -> HttpInfo {
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                req.headers()
-                    .get(hyper::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            });
+        let authority = request_authority(req);
         HttpInfo {
             method: req.method().as_str().to_string(),
             path: req
