@@ -74,6 +74,21 @@ enum Command {
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// The effective HTTP routes per Service port: the VirtualService in force, each rule's
+    /// match, and the destinations (subset, weight, healthy endpoints) it sends requests to.
+    Routes {
+        /// As this pod sees them (`NAMESPACE/NAME`, or `NAME` in `default`): rules for other
+        /// source labels or namespaces, and VirtualServices not exported to its namespace,
+        /// are left out.
+        #[arg(value_name = "POD")]
+        pod: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Services with their ports, protocol selection and ready endpoints.
     Services {
         /// Output format.
@@ -148,6 +163,11 @@ fn main() -> ExitCode {
             output,
             admin_socket,
         } => client_command(cli::connections::run(&admin_socket, output, pod.as_deref())),
+        Command::Routes {
+            pod,
+            output,
+            admin_socket,
+        } => client_command(cli::routes::run(&admin_socket, output, pod.as_deref())),
         Command::Services {
             output,
             admin_socket,

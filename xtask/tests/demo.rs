@@ -43,13 +43,19 @@ fn demo_sends_bookinfo_traffic_through_the_mesh_and_cleans_up() {
     .unwrap();
     let t = &outcome.traffic;
     t.check().unwrap();
-    assert_eq!(t.requests, 12);
-    // productpage's agent balances reviews round-robin: 12 connections, 4 per version.
-    for v in report::REVIEWS_VERSIONS {
-        assert_eq!(t.reviews.get(v), Some(&4), "{:?}", t.reviews);
-    }
+    assert_eq!(t.requests, 12 + bookinfo::JASON_REQUESTS);
+    // The routing rules: jason's requests all reach v2, the others split over v1 and v3.
+    assert_eq!(
+        t.jason.get("v2"),
+        Some(&bookinfo::JASON_REQUESTS),
+        "{:?}",
+        t.jason
+    );
+    let v1 = t.reviews.get("v1").copied().unwrap_or(0);
+    let v3 = t.reviews.get("v3").copied().unwrap_or(0);
+    assert_eq!(v1 + v3, 12, "{:?}", t.reviews);
     // reviews-v2 and v3 call ratings, v1 does not.
-    assert_eq!(t.ratings_calls, 8);
+    assert_eq!(t.ratings_calls, v3 + bookinfo::JASON_REQUESTS);
 
     // Nothing of the testbed is left.
     let prefix = &outcome.prefix;
@@ -89,12 +95,13 @@ fn answer(reviews: &str, ratings_status: Option<u16>) -> String {
 #[test]
 fn counts_versions_and_prefers_a_sample_with_ratings() {
     let mut t = Traffic::default();
-    t.record(1, 200, &answer("v1", None));
-    t.record(2, 200, &answer("v2", Some(200)));
-    t.record(3, 200, &answer("v3", Some(200)));
+    t.record(1, 200, &answer("v1", None), None);
+    t.record(2, 200, &answer("v2", Some(200)), Some("jason"));
+    t.record(3, 200, &answer("v3", Some(200)), None);
     assert_eq!(t.requests, 3);
     assert_eq!(t.ratings_calls, 2);
     assert_eq!(t.order, ["v1", "v2", "v3"]);
+    assert_eq!(t.jason.get("v2"), Some(&1));
     assert_eq!(
         t.sample.as_ref().unwrap()["calls"][1]["body"]["version"],
         "v2"
@@ -105,13 +112,21 @@ fn counts_versions_and_prefers_a_sample_with_ratings() {
 #[test]
 fn failures_and_missing_versions_fail_the_check() {
     let mut t = Traffic::default();
-    t.record(1, 200, &answer("v1", None));
-    t.record(2, 200, &answer("v2", Some(200)));
+    t.record(1, 200, &answer("v1", None), None);
+    t.record(2, 200, &answer("v2", Some(200)), Some("jason"));
     let err = t.check().unwrap_err().to_string();
     assert!(err.contains("reviews v3 never answered"), "{err}");
+    // Against the rules: v2 for a request without an end-user.
+    let mut wrong = Traffic::default();
+    wrong.record(1, 200, &answer("v2", Some(200)), None);
+    let err = wrong.check().unwrap_err().to_string();
+    assert!(
+        err.contains("reviews v2 answered 1 requests without an end-user"),
+        "{err}"
+    );
 
-    t.record(3, 200, &answer("v3", Some(0)));
-    t.record(4, 503, "no healthy upstream");
+    t.record(3, 200, &answer("v3", Some(0)), None);
+    t.record(4, 503, "no healthy upstream", None);
     t.fail(5, "curl failed".into());
     assert_eq!(t.requests, 5);
     assert_eq!(t.order, ["v1", "v2", "-", "-", "-"]);

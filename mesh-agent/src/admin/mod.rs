@@ -78,6 +78,29 @@ impl LogControl {
     }
 }
 
+/// `/routes[?pod=NAMESPACE/NAME]`: the HTTP routes, as that pod sees them when named.
+fn routes(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let table = state.routes.load();
+    let pod = query
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("pod=")))
+        .filter(|p| !p.is_empty());
+    let Some(pod) = pod else {
+        return json(StatusCode::OK, &table.routes_view(None));
+    };
+    let (namespace, name) = pod.split_once('/').unwrap_or(("default", pod));
+    let id = crate::config::model::ObjectRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    };
+    match table.pod_by_name(&id) {
+        Some(p) => json(StatusCode::OK, &table.routes_view(Some(p))),
+        None => text(
+            StatusCode::NOT_FOUND,
+            format!("no pod {id} in the configuration\n"),
+        ),
+    }
+}
+
 /// `level=...` from a query string, percent-decoded.
 fn query_level(query: Option<&str>) -> Option<String> {
     query?
@@ -310,6 +333,7 @@ pub fn handle(
             }
         }
         "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
+        "/routes" => routes(state, req.uri().query()),
         "/certs" => json(StatusCode::OK, &certs(state)),
         "/connections" => json(StatusCode::OK, &state.connections.view()),
         "/logging" => text(StatusCode::OK, format!("{}\n", state.logging.current())),

@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod client;
 pub mod connections;
+pub mod routes;
 pub mod services;
 pub mod status;
 pub mod workloads;

@@ -67,13 +67,7 @@ fn protocol(p: &Port) -> String {
         target_port: TargetPort::Number(0),
         app_protocol: p.app_protocol.clone(),
     };
-    match AppProtocol::of(&port) {
-        AppProtocol::Http => "http",
-        AppProtocol::Http2 => "http2",
-        AppProtocol::Grpc => "grpc",
-        AppProtocol::Tcp => "tcp",
-    }
-    .to_string()
+    AppProtocol::of(&port).name().to_string()
 }
 
 fn table(services: &[Service]) -> String {

@@ -26,6 +26,7 @@ use super::model::{ServicePort, Snapshot, TargetPort};
 
 pub mod istio;
 pub mod mesh_config;
+pub mod routing;
 
 /// Where bare names of the `nodemesh.io/netns` annotation live (`ip netns add NAME`).
 pub const NETNS_DIR: &str = "/var/run/netns";
@@ -58,6 +59,8 @@ pub enum Input<'a> {
     Service(&'a k8s::Service),
     EndpointSlice(&'a EndpointSlice),
     PeerAuthentication(&'a istio::PeerAuthentication),
+    VirtualService(&'a routing::VirtualService),
+    DestinationRule(&'a routing::DestinationRule),
     /// Only the `istio` ConfigMap of the root namespace matters (MeshConfig).
     ConfigMap(&'a k8s::ConfigMap),
     IstioOperator(&'a mesh_config::IstioOperator),
@@ -340,6 +343,8 @@ enum Object {
     Service(model::Service),
     Slice(Slice),
     PeerAuthentication(model::PeerAuthentication),
+    VirtualService(crate::config::routing::VirtualService),
+    DestinationRule(crate::config::routing::DestinationRule),
     Mesh(mesh_config::Found),
 }
 
@@ -351,6 +356,8 @@ impl Object {
             Object::Service(s) => ("Service", s.id.to_string()),
             Object::Slice(s) => ("EndpointSlice", s.id.to_string()),
             Object::PeerAuthentication(p) => ("PeerAuthentication", p.id.to_string()),
+            Object::VirtualService(v) => ("VirtualService", v.id.to_string()),
+            Object::DestinationRule(d) => ("DestinationRule", d.id.to_string()),
             Object::Mesh(m) => ("MeshConfig", m.source.clone()),
         }
     }
@@ -372,6 +379,8 @@ fn convert(input: Input<'_>, mode: Mode) -> Result<Option<Object>, Vec<Problem>>
         Input::PeerAuthentication(p) => {
             Object::PeerAuthentication(istio::convert_peer_authentication(p)?)
         }
+        Input::VirtualService(v) => Object::VirtualService(routing::convert_virtual_service(v)?),
+        Input::DestinationRule(d) => Object::DestinationRule(routing::convert_destination_rule(d)?),
         Input::ConfigMap(cm) if mesh_config::is_mesh_config(cm) => {
             Object::Mesh(mesh_config::convert_config_map(cm)?)
         }
@@ -454,6 +463,14 @@ pub fn build<'a, O: Clone + fmt::Display>(
             Object::Slice(s) => slices.push(s),
             Object::PeerAuthentication(p) => {
                 snap.peer_authentications.insert(p.id.clone(), p);
+            }
+            Object::VirtualService(v) => {
+                snap.virtual_services
+                    .insert(v.id.clone(), std::sync::Arc::new(v));
+            }
+            Object::DestinationRule(d) => {
+                snap.destination_rules
+                    .insert(d.id.clone(), std::sync::Arc::new(d));
             }
             Object::Mesh(m) => match &snap.mesh.source {
                 Some(first) => {

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tracing::debug;
 
-use super::convert::{self, Input, Mode, Problems, istio, mesh_config};
+use super::convert::{self, Input, Mode, Problems, istio, mesh_config, routing};
 use super::model::ROOT_NAMESPACE;
 use super::model::Snapshot;
 
@@ -230,6 +230,8 @@ enum Typed {
     Pod(Box<k8s::Pod>),
     Service(Box<k8s::Service>),
     PeerAuthentication(istio::PeerAuthentication),
+    VirtualService(Box<routing::VirtualService>),
+    DestinationRule(Box<routing::DestinationRule>),
     ConfigMap(Box<k8s::ConfigMap>),
     IstioOperator(Box<mesh_config::IstioOperator>),
 }
@@ -241,6 +243,8 @@ impl Typed {
             Typed::Pod(p) => Input::Pod(p),
             Typed::Service(s) => Input::Service(s),
             Typed::PeerAuthentication(p) => Input::PeerAuthentication(p),
+            Typed::VirtualService(v) => Input::VirtualService(v),
+            Typed::DestinationRule(d) => Input::DestinationRule(d),
             Typed::ConfigMap(c) => Input::ConfigMap(c),
             Typed::IstioOperator(o) => Input::IstioOperator(o),
         }
@@ -379,7 +383,12 @@ fn parse_document(
     let kind = doc.kind.clone().unwrap_or_default();
     let peer_authentication = kind == "PeerAuthentication"
         && istio::SECURITY_API_VERSIONS.contains(&api_version.as_str());
-    if peer_authentication || api_version == "v1" && matches!(kind.as_str(), "Pod" | "Service") {
+    let networking = routing::NETWORKING_API_VERSIONS.contains(&api_version.as_str());
+    let routing_kind = networking && matches!(kind.as_str(), "VirtualService" | "DestinationRule");
+    if peer_authentication
+        || routing_kind
+        || api_version == "v1" && matches!(kind.as_str(), "Pod" | "Service")
+    {
         doc.namespace
             .get_or_insert_with(|| DEFAULT_NAMESPACE.to_owned());
     }
@@ -391,6 +400,14 @@ fn parse_document(
             decode(typed, "PeerAuthentication")?,
             Typed::PeerAuthentication,
         ),
+        _ if routing_kind && kind == "VirtualService" => {
+            map(decode(typed, "VirtualService")?, |v| {
+                Typed::VirtualService(Box::new(v))
+            })
+        }
+        _ if routing_kind => map(decode(typed, "DestinationRule")?, |d| {
+            Typed::DestinationRule(Box::new(d))
+        }),
         // MeshConfig: the `istio` ConfigMap of the root namespace, or an IstioOperator.
         ("v1", "ConfigMap")
             if doc.name.as_deref() == Some(mesh_config::CONFIG_MAP)
@@ -474,3 +491,5 @@ pub(crate) fn decode<T: DeserializeOwned>(
 mod tests;
 #[cfg(test)]
 mod tests_istio;
+#[cfg(test)]
+mod tests_routing;

@@ -6,4 +6,5 @@ pub mod convert;
 pub mod kube;
 pub mod manifests;
 pub mod model;
+pub mod routing;
 pub mod watch;

@@ -166,6 +166,8 @@ pub struct Snapshot {
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub services: BTreeMap<ObjectRef, Service>,
     pub peer_authentications: BTreeMap<ObjectRef, PeerAuthentication>,
+    pub virtual_services: BTreeMap<ObjectRef, std::sync::Arc<super::routing::VirtualService>>,
+    pub destination_rules: BTreeMap<ObjectRef, std::sync::Arc<super::routing::DestinationRule>>,
     pub mesh: MeshSettings,
     /// (cluster IP, port) -> (service, index into `ports`).
     #[serde(skip)]

@@ -11,6 +11,8 @@
 //! failure 503 `UF`, upstream reset before the response 503 `UC`.
 
 mod body;
+mod forward;
+mod rules;
 mod upstream;
 
 use std::convert::Infallible;
@@ -28,13 +30,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use self::body::{Counted, ProxyBody};
+use self::body::ProxyBody;
 use self::upstream::Upstreams;
 use super::outbound::Hbone;
 use super::protocol::AppProtocol;
+use super::routing::{self, RequestHead, Routed};
 use super::{ProxyInputs, Target, WorkloadStats};
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
+use crate::config::routing::HttpAction;
 use crate::telemetry::access_log::{HttpInfo, request_authority};
 use crate::telemetry::metrics::{HttpLabels, ResponseFlags, TcpLabels};
 
@@ -63,7 +67,6 @@ pub async fn serve(conn: HttpConn, client: TcpStream) {
             conn.sockets.clone(),
             conn.hbone.clone(),
             conn.inputs.connect_timeout,
-            conn.protocol.upstream_h2(),
         ),
         conn,
     });
@@ -91,10 +94,12 @@ const CONNECT_FAILURE: &str =
 const RESET: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 
 impl Ctx {
+    /// One request: routed by the VirtualService in force (or straight to the Service),
+    /// then answered by the agent (404 `NR`, redirect, direct response, fault) or forwarded.
     async fn request(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let c = &self.conn;
-        let routes = c.inputs.routes.load();
+        let routes = c.inputs.routes.load_full();
         let mut labels = TcpLabels::source();
         labels.source = routes.workload(&c.src).cloned();
         if let Some(h) = &c.hbone {
@@ -102,153 +107,107 @@ impl Ctx {
         }
         let log = super::LogEntry::begin(&routes, c.client, c.dst);
         let info = log.as_ref().map(|_| HttpInfo::of_request(&req));
-        let picked = match routes.target(c.dst) {
-            Target::Service(route) => {
-                labels.service = Some(route.meta.clone());
-                route.pick().map(|ep| ep.addr)
-            }
-            // The Service went away while the client kept its connection.
-            Target::Passthrough => None,
+        let mut done = Done {
+            labels,
+            started,
+            log,
+            info,
         };
-        let Some(endpoint) = picked else {
-            drop(routes);
-            let done = Done {
-                labels,
-                started,
-                log,
-                info,
-            };
+        // The Service went away while the client kept its connection.
+        let Target::Service(service) = routes.target(c.dst) else {
             return self.local_reply(
                 done,
-                ResponseFlags::NoHealthyUpstream,
-                NO_HEALTHY_UPSTREAM,
-                None,
+                Reply::unavailable(ResponseFlags::NoHealthyUpstream, NO_HEALTHY_UPSTREAM),
             );
         };
-        labels.destination = routes.workload(endpoint.ip()).cloned();
-        let identity = c
-            .hbone
-            .as_ref()
-            .and_then(|_| routes.identity(endpoint.ip()).cloned());
-        labels.destination_principal.clone_from(&identity);
-        drop(routes);
-
-        let mut sender = match self
-            .upstreams
-            .get(&c.pod, endpoint, identity.as_ref())
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                c.inputs
-                    .stats
-                    .connect_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                debug!(pod = %c.pod, upstream = %endpoint, error = %e, "HTTP upstream connect failed");
-                let done = Done {
-                    labels,
-                    started,
-                    log,
-                    info,
-                };
+        done.labels.service = Some(service.meta.clone());
+        let Some(router) = &service.http else {
+            return self.local_reply(
+                done,
+                Reply::unavailable(ResponseFlags::NoHealthyUpstream, NO_HEALTHY_UPSTREAM),
+            );
+        };
+        let authority = request_authority(&req);
+        let head = RequestHead {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            authority: authority.as_deref(),
+            headers: req.headers(),
+            port: c.dst.port(),
+            source: routes.pod(&c.src),
+        };
+        let (rule, target) = match router.route(&head) {
+            Routed::Default(target) => (None, target.clone()),
+            Routed::NoRoute => {
                 return self.local_reply(
                     done,
-                    ResponseFlags::UpstreamConnectFailure,
-                    CONNECT_FAILURE,
-                    Some((endpoint, e.to_string())),
+                    Reply::new(StatusCode::NOT_FOUND, ResponseFlags::NoRouteFound, ""),
                 );
             }
-        };
-        let version = req.version();
-        // WebSocket and other HTTP/1.1 upgrades pass through: the request keeps its
-        // Upgrade headers, and after a 101 the two connections are joined byte for byte.
-        let upgrade = (version == Version::HTTP_11 && !sender.h2())
-            .then(|| upgrade_headers(req.headers()))
-            .flatten();
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        prepare_request(&mut req, sender.h2());
-        if let Some((connection, proto)) = upgrade {
-            req.headers_mut().insert(header::CONNECTION, connection);
-            req.headers_mut().insert(header::UPGRADE, proto);
-        }
-        let (parts, body) = req.into_parts();
-        let request_bytes = Counted::new(body);
-        let request_counter = request_bytes.counter();
-        let upstream_req = Request::from_parts(parts, request_bytes);
-        let resp = match sender.send(upstream_req).await {
-            Ok(r) => r,
-            Err(e) => {
-                debug!(pod = %c.pod, upstream = %endpoint, error = %e, "HTTP upstream reset before the response");
-                let done = Done {
-                    labels,
-                    started,
-                    log,
-                    info,
-                };
-                return self.local_reply(
-                    done,
-                    ResponseFlags::UpstreamConnectionTermination,
-                    RESET,
-                    Some((endpoint, e.to_string())),
-                );
-            }
-        };
-        let mut resp = resp;
-        if let Some(client_upgrade) = client_upgrade
-            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        {
-            // The upstream connection now belongs to the upgraded stream: not kept.
-            drop(sender);
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let (pod, size) = (c.pod.clone(), c.inputs.buffer_size);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((down, up)) => {
-                        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                        let progress = super::connections::Progress::default();
-                        super::relay::relay(&mut down, &mut up, size, &progress).await;
+            Routed::Rule(rule) => match &rule.rule.action {
+                HttpAction::Route(_) => match rule.pick() {
+                    Some(t) => (Some(rule.clone()), t.clone()),
+                    None => {
+                        return self.local_reply(
+                            done,
+                            Reply::unavailable(ResponseFlags::NoClusterFound, NO_HEALTHY_UPSTREAM),
+                        );
                     }
-                    Err(e) => debug!(%pod, upstream = %endpoint, error = %e, "upgrade failed"),
+                },
+                HttpAction::Redirect(redirect) => {
+                    let reply = rules::redirect(redirect, &req, authority.as_deref(), c.dst.port());
+                    return self.local_reply(done, reply);
                 }
-            });
-        } else {
-            self.upstreams.put_back(endpoint, sender);
-        }
-        let (mut parts, body) = resp.into_parts();
-        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let kept = switching.then(|| upgrade_headers(&parts.headers)).flatten();
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some((connection, proto)) = kept {
-            parts.headers.insert(header::CONNECTION, connection);
-            parts.headers.insert(header::UPGRADE, proto);
-        }
-        parts.version = version;
-        let grpc = c.protocol == AppProtocol::Grpc;
-        let http = HttpLabels {
-            conn: labels,
-            grpc,
-            response_code: parts.status.as_u16(),
-            grpc_status: grpc_status(&parts.headers),
+                HttpAction::DirectResponse(d) => {
+                    let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
+                    let mut reply = Reply::new(status, ResponseFlags::None, "");
+                    reply.body = d.body.clone();
+                    reply.headers = rule.rule.headers.response.clone();
+                    return self.local_reply(done, reply);
+                }
+            },
         };
-        let on_end = body::OnEnd {
-            metrics: c.inputs.metrics.clone(),
-            access_log: c.inputs.access_log.clone(),
-            labels: http,
-            started,
-            request_bytes: request_counter,
-            log: log.map(|l| (l, info, endpoint)),
+        let backend = match &target.backend {
+            Ok(b) => b.clone(),
+            Err(e) => {
+                debug!(pod = %c.pod, service = %service.service, reason = %e, "route has no backend");
+                let mut reply =
+                    Reply::unavailable(ResponseFlags::NoClusterFound, NO_HEALTHY_UPSTREAM);
+                reply.failure = Some(e.to_string());
+                return self.local_reply(done, reply);
+            }
         };
-        Response::from_parts(parts, body::response(body, on_end))
+        // Istio labels requests with the Service they were routed to.
+        done.labels.service = Some(backend.meta.clone());
+        let hash = routing::hash_key(&backend.policy, &head, c.src);
+        if let Some(rule) = &rule
+            && let Some(fault) = &rule.rule.fault
+            && let Some(reply) = rules::fault(fault, &mut done).await
+        {
+            return self.local_reply(done, reply);
+        }
+        if let Some(rule) = &rule {
+            rules::rewrite_request(&mut req, &rule.rule);
+            rules::apply(&rule.rule.headers.request, req.headers_mut());
+        }
+        rules::apply(&target.headers.request, req.headers_mut());
+        let plan = forward::Plan {
+            routes,
+            backend,
+            hash,
+            retries: rule.as_ref().and_then(|r| r.rule.retries.clone()),
+            timeout: rule.as_ref().and_then(|r| r.rule.timeout),
+            response_headers: [
+                rule.as_ref().map(|r| r.rule.headers.response.clone()),
+                Some(target.headers.response.clone()),
+            ],
+        };
+        self.forward(req, plan, done).await
     }
 
     /// A response the agent makes itself (no upstream answered), recorded like any other.
-    fn local_reply(
-        &self,
-        done: Done,
-        flag: ResponseFlags,
-        text: &'static str,
-        upstream: Option<(SocketAddrV4, String)>,
-    ) -> Response<ProxyBody> {
+    fn local_reply(&self, done: Done, reply: Reply) -> Response<ProxyBody> {
         let c = &self.conn;
         let Done {
             mut labels,
@@ -256,14 +215,17 @@ impl Ctx {
             log,
             info,
         } = done;
-        labels.flags = flag;
-        c.stats.outbound_errors.fetch_add(1, Ordering::Relaxed);
-        let status = StatusCode::SERVICE_UNAVAILABLE;
+        if reply.flag != ResponseFlags::None {
+            labels.flags = reply.flag;
+        }
+        if reply.status.is_server_error() {
+            c.stats.outbound_errors.fetch_add(1, Ordering::Relaxed);
+        }
         let http = HttpLabels {
             conn: labels,
             grpc: c.protocol == AppProtocol::Grpc,
-            response_code: status.as_u16(),
-            grpc_status: None,
+            response_code: reply.status.as_u16(),
+            grpc_status: reply.grpc_status,
         };
         let on_end = body::OnEnd {
             metrics: c.inputs.metrics.clone(),
@@ -272,27 +234,71 @@ impl Ctx {
             started,
             request_bytes: Default::default(),
             log: log.map(|l| {
-                let (ep, reason) = upstream.clone().unzip();
+                let (ep, reason) = reply.upstream.clone().unzip();
                 let mut info = info;
                 if let Some(i) = info.as_mut() {
-                    i.failure = reason;
+                    i.failure = reason.or(reply.failure.clone());
                 }
                 (l, info, ep.unwrap_or(c.dst))
             }),
         };
-        let mut resp = Response::new(body::response(
-            Full::new(Bytes::from_static(text.as_bytes())),
-            on_end,
-        ));
-        *resp.status_mut() = status;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let mut resp = Response::new(body::response(Full::new(reply.body), on_end));
+        *resp.status_mut() = reply.status;
+        let headers = resp.headers_mut();
+        if let Some(ct) = reply.content_type {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        }
+        if let Some(location) = reply.location {
+            headers.insert(header::LOCATION, location);
+        }
+        if let Some(g) = reply.grpc_status {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert("grpc-status", HeaderValue::from(g));
+        }
+        rules::apply(&reply.headers, headers);
         resp
     }
 }
 
-/// What a request's record needs when the agent answers it itself.
-struct Done {
+/// An answer the agent gives itself.
+pub(crate) struct Reply {
+    status: StatusCode,
+    flag: ResponseFlags,
+    body: Bytes,
+    content_type: Option<&'static str>,
+    location: Option<HeaderValue>,
+    grpc_status: Option<u16>,
+    headers: crate::config::routing::HeaderOps,
+    /// The upstream tried and why it failed, for the access log.
+    upstream: Option<(SocketAddrV4, String)>,
+    failure: Option<String>,
+}
+
+impl Reply {
+    fn new(status: StatusCode, flag: ResponseFlags, text: &'static str) -> Reply {
+        Reply {
+            status,
+            flag,
+            body: Bytes::from_static(text.as_bytes()),
+            content_type: (!text.is_empty()).then_some("text/plain"),
+            location: None,
+            grpc_status: None,
+            headers: Default::default(),
+            upstream: None,
+            failure: None,
+        }
+    }
+
+    fn unavailable(flag: ResponseFlags, text: &'static str) -> Reply {
+        Reply::new(StatusCode::SERVICE_UNAVAILABLE, flag, text)
+    }
+}
+
+/// What a request's record needs, whoever answers it.
+pub(crate) struct Done {
     labels: TcpLabels,
     started: Instant,
     log: Option<super::LogEntry>,

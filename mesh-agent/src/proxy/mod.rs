@@ -11,6 +11,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod protocol;
 pub mod relay;
+pub mod routing;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -45,6 +46,10 @@ pub struct ServiceRoute {
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
     pub stats: Arc<ServiceStats>,
+    /// HTTP ports: the VirtualService rules and DestinationRule policies in force.
+    pub http: Option<routing::HttpRouter>,
+    /// TCP ports: a VirtualService's `tcp[]` routes, if any.
+    pub tcp: Option<routing::TcpRouter>,
 }
 
 impl ServiceRoute {
@@ -80,6 +85,8 @@ pub struct RouteTable {
     endpoint_services: HashMap<SocketAddrV4, Option<Arc<ServiceMeta>>>,
     /// The snapshot the table was built from, for inbound policy (PeerAuthentication).
     snapshot: Arc<Snapshot>,
+    /// Every backend (Service port and subset) the HTTP routers send to.
+    pub backends: HashMap<routing::BackendKey, Arc<routing::Backend>>,
 }
 
 impl RouteTable {
@@ -96,6 +103,7 @@ impl RouteTable {
             .map(|r| (&r.service, &r.stats))
             .collect();
         let mut services = HashMap::new();
+        let mut compiler = routing::Compiler::new(snap, &prev.backends);
         let mut endpoint_services: HashMap<SocketAddrV4, Option<Arc<ServiceMeta>>> = HashMap::new();
         for svc in snap.services.values() {
             let Some(ip) = svc.cluster_ip else { continue };
@@ -116,11 +124,20 @@ impl RouteTable {
                         })
                         .or_insert_with(|| Some(meta.clone()));
                 }
+                let protocol = protocol::AppProtocol::of(port);
+                let http = protocol.is_http().then(|| compiler.router(svc, port.port));
+                let tcp = if protocol.is_http() {
+                    None
+                } else {
+                    compiler.tcp_router(svc, port.port)
+                };
                 services.insert(
                     SocketAddrV4::new(ip, port.port),
                     Arc::new(ServiceRoute {
                         service: svc.id.clone(),
-                        protocol: protocol::AppProtocol::of(port),
+                        protocol,
+                        http,
+                        tcp,
                         meta: meta.clone(),
                         endpoints,
                         next: AtomicUsize::new(0),
@@ -158,7 +175,45 @@ impl RouteTable {
             identities,
             endpoint_services,
             snapshot: snap.clone(),
+            backends: compiler.backends,
         }
+    }
+
+    /// The HTTP routes of every Service port, as `pod` sees them when given.
+    pub fn routes_view(
+        &self,
+        pod: Option<&crate::config::model::Pod>,
+    ) -> Vec<routing::view::PortRoutes> {
+        let mut ports: Vec<_> = self
+            .services
+            .iter()
+            .filter_map(|(addr, r)| r.http.as_ref().map(|h| (addr, r, h)))
+            .collect();
+        ports.sort_by(|a, b| (&a.1.service, a.0.port()).cmp(&(&b.1.service, b.0.port())));
+        ports
+            .into_iter()
+            .map(|(addr, r, h)| {
+                let protocol = r.protocol.name();
+                routing::view::port_routes(
+                    r.service.to_string(),
+                    addr.to_string(),
+                    protocol,
+                    h,
+                    pod,
+                )
+            })
+            .collect()
+    }
+
+    /// A pod by name, for `/routes?pod=`.
+    pub fn pod_by_name(&self, id: &ObjectRef) -> Option<&crate::config::model::Pod> {
+        self.snapshot.pods.get(id)
+    }
+
+    /// A pod by IP, for matching `sourceLabels` and `sourceNamespace`.
+    pub fn pod(&self, ip: &Ipv4Addr) -> Option<&crate::config::model::Pod> {
+        let id = self.snapshot.by_pod_ip.get(ip)?;
+        self.snapshot.pods.get(id)
     }
 
     pub fn target(&self, dst: SocketAddrV4) -> Target<'_> {

@@ -13,6 +13,7 @@ use super::connections::{ConnInfo, Direction, Progress, Protocol};
 use super::hbone::pool::Pool;
 use super::http::HttpConn;
 use super::protocol::AppProtocol;
+use super::routing;
 use super::{Ended, LogEntry, ProxyInputs, Target, WorkloadStats};
 use crate::capture::OrigDstTable;
 use crate::capture::netns::SocketSource;
@@ -140,7 +141,25 @@ impl Connection {
             Target::Service(route) => {
                 route.stats.connections.fetch_add(1, Ordering::Relaxed);
                 labels.service = Some(route.meta.clone());
-                match route.pick() {
+                // A VirtualService's `tcp[]` route, else the Service's own endpoints.
+                let routed = route
+                    .tcp
+                    .as_ref()
+                    .and_then(|t| t.route(self.dst.port(), routes.pod(&self.src)));
+                let picked = match routed.map(|t| &t.backend) {
+                    Some(Ok(backend)) => {
+                        labels.service = Some(backend.meta.clone());
+                        let hash = routing::source_ip_hash(&backend.policy, self.src);
+                        backend.pick(hash, &[]).map(|p| p.endpoint)
+                    }
+                    Some(Err(e)) => {
+                        warn!(pod = %self.pod, dst = %self.dst, service = %route.service, reason = %e,
+                            "the VirtualService's TCP route has no backend");
+                        None
+                    }
+                    None => route.pick(),
+                };
+                match picked {
                     Some(ep) => (ep.addr, Some(route.stats.clone())),
                     None => {
                         route.stats.no_endpoints.fetch_add(1, Ordering::Relaxed);

@@ -49,6 +49,16 @@ impl AppProtocol {
         })
     }
 
+    /// The name the CLI shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Tcp => "tcp",
+        }
+    }
+
     pub fn is_http(self) -> bool {
         self != AppProtocol::Tcp
     }

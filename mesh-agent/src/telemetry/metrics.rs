@@ -94,6 +94,20 @@ pub enum ResponseFlags {
     UpstreamConnectionTermination,
     /// The client went away before the response was complete (`DC`).
     DownstreamConnectionTermination,
+    /// A VirtualService governs the host and no rule matched (`NR`).
+    NoRouteFound,
+    /// The route names a host, port or subset that does not exist (`NC`).
+    NoClusterFound,
+    /// The route's timeout or a try's timeout passed (`UT`).
+    UpstreamRequestTimeout,
+    /// Retries ran out and the last try's answer was passed on (`URX`).
+    UpstreamRetryLimitExceeded,
+    /// The DestinationRule's connection pool was full (`UO`).
+    UpstreamOverflow,
+    /// A fault abort answered the request (`FI`).
+    FaultInjected,
+    /// A fault delay held the request (`DI`).
+    DelayInjected,
 }
 
 impl ResponseFlags {
@@ -104,6 +118,13 @@ impl ResponseFlags {
             ResponseFlags::UpstreamConnectFailure => "UF",
             ResponseFlags::UpstreamConnectionTermination => "UC",
             ResponseFlags::DownstreamConnectionTermination => "DC",
+            ResponseFlags::NoRouteFound => "NR",
+            ResponseFlags::NoClusterFound => "NC",
+            ResponseFlags::UpstreamRequestTimeout => "UT",
+            ResponseFlags::UpstreamRetryLimitExceeded => "URX",
+            ResponseFlags::UpstreamOverflow => "UO",
+            ResponseFlags::FaultInjected => "FI",
+            ResponseFlags::DelayInjected => "DI",
         }
     }
 }

@@ -17,6 +17,11 @@ use crate::util::build_bin;
 
 /// Istio's bookinfo as Pods, plus the sleep client.
 pub const BOOKINFO_YAML: &str = include_str!("../../demo/bookinfo.yaml");
+/// The routing rules: the reference guide's VirtualService bound to the mesh, reviews
+/// subsets, jason to v2 and a v1/v3 split for everyone else.
+pub const ROUTING_YAML: &str = include_str!("../../demo/routing.yaml");
+/// Requests sent as end-user jason, after the anonymous ones.
+pub const JASON_REQUESTS: usize = 4;
 const PORT: u16 = 9080;
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -140,6 +145,7 @@ pub fn run(opts: &Options) -> Result<Outcome> {
     let mut cfg = TestbedConfig::new(2)
         .agent(&opts.agent_bin)
         .manifest("bookinfo.yaml", BOOKINFO_YAML)
+        .manifest("routing.yaml", ROUTING_YAML)
         .name_hint("cargo xtask demo");
     // The mesh CA runs beside the nodes: every hop between bookinfo pods is mutual TLS.
     cfg.ca = true;
@@ -190,8 +196,21 @@ fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
         "==> {} requests from the sleep pod: curl {curl_args}",
         opts.requests
     );
+    println!(
+        "    then {JASON_REQUESTS} more with -H 'end-user: jason' (routing rules: demo/routing.yaml)"
+    );
     let traffic = send_traffic(tb, &url, productpage, opts.requests)?;
+    let other = format!("http://productpage:{PORT}/other");
+    let status = curl_status(tb, &other, productpage)?;
+    println!(
+        "    and {other}: HTTP {status} (the guide's rules route only /productpage and /api/v1)"
+    );
+    if status != 404 {
+        bail!("{other} answered {status}; the guide's VirtualService leaves it unrouted (404)");
+    }
     report::print_traffic(tb, &traffic);
+    println!();
+    report::print_routes(tb, &opts.agent_bin);
     println!();
     report::print_agents(tb)?;
     println!();
@@ -301,15 +320,20 @@ fn start_servers(
     Ok(procs)
 }
 
-/// Sends `n` requests with curl from the sleep pod, one connection each.
+/// Sends `n` requests with curl from the sleep pod, one connection each, then
+/// [`JASON_REQUESTS`] as end-user jason.
 fn send_traffic(tb: &Testbed, url: &str, productpage: Ipv4Addr, n: usize) -> Result<Traffic> {
     let mut traffic = Traffic::default();
-    for i in 1..=n {
+    for i in 1..=n + JASON_REQUESTS {
         check_interrupted("sending requests")?;
-        let out = tb
-            .pod_command("sleep", "curl")?
-            .args(["-sS", "-m", "5", "--resolve"])
-            .arg(format!("productpage:{PORT}:{productpage}"))
+        let user = (i > n).then_some("jason");
+        let mut cmd = tb.pod_command("sleep", "curl")?;
+        cmd.args(["-sS", "-m", "5", "--resolve"])
+            .arg(format!("productpage:{PORT}:{productpage}"));
+        if let Some(u) = user {
+            cmd.args(["-H", &format!("end-user: {u}")]);
+        }
+        let out = cmd
             .args(["-w", "\n%{http_code}", url])
             .stdin(Stdio::null())
             .output()
@@ -321,7 +345,32 @@ fn send_traffic(tb: &Testbed, url: &str, productpage: Ipv4Addr, n: usize) -> Res
             traffic.fail(i, format!("curl failed ({}): {}", out.status, err.trim()));
             continue;
         }
-        traffic.record(i, code.trim().parse().unwrap_or(0), body);
+        traffic.record(i, code.trim().parse().unwrap_or(0), body, user);
     }
     Ok(traffic)
+}
+
+/// The status of one GET from the sleep pod.
+fn curl_status(tb: &Testbed, url: &str, productpage: Ipv4Addr) -> Result<u16> {
+    let out = tb
+        .pod_command("sleep", "curl")?
+        .args([
+            "-sS",
+            "-m",
+            "5",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+        ])
+        .arg(format!("productpage:{PORT}:{productpage}"))
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .context("running curl in pod sleep")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0))
 }

@@ -7,15 +7,21 @@ use anyhow::{Context, Result, bail};
 use mesh_testbed::Testbed;
 use serde_json::Value;
 
-/// The reviews versions bookinfo has; round-robin must reach all of them.
+/// The reviews versions bookinfo has.
 pub const REVIEWS_VERSIONS: [&str; 3] = ["v1", "v2", "v3"];
+/// The demo's routing rules (`demo/routing.yaml`): end-user jason gets reviews v2, everyone
+/// else v1 or v3, half each.
+pub const JASON_VERSION: &str = "v2";
+pub const SPLIT_VERSIONS: [&str; 2] = ["v1", "v3"];
 
 /// The client's requests to productpage and what answered them.
 #[derive(Debug, Default)]
 pub struct Traffic {
     pub requests: usize,
-    /// reviews version -> answers.
+    /// reviews version -> answers, for requests without an end-user.
     pub reviews: BTreeMap<String, usize>,
+    /// reviews version -> answers, for requests as end-user jason.
+    pub jason: BTreeMap<String, usize>,
     /// Requests whose reviews called ratings (v2 and v3 do).
     pub ratings_calls: usize,
     /// The reviews version of each request, in order (`-` when the request failed).
@@ -28,8 +34,9 @@ pub struct Traffic {
 }
 
 impl Traffic {
-    /// Records one curl result: its HTTP status and body.
-    pub fn record(&mut self, n: usize, status: u16, body: &str) {
+    /// Records one curl result (its HTTP status and body), sent as `user` (the `end-user`
+    /// header) if given.
+    pub fn record(&mut self, n: usize, status: u16, body: &str, user: Option<&str>) {
         let answer = if status == 200 {
             serde_json::from_str::<Value>(body)
                 .map_err(|e| format!("productpage answered invalid JSON ({e})"))
@@ -43,7 +50,12 @@ impl Traffic {
         match answer {
             Ok(((version, ratings), v)) => {
                 self.requests += 1;
-                *self.reviews.entry(version.clone()).or_default() += 1;
+                let per_version = if user.is_some() {
+                    &mut self.jason
+                } else {
+                    &mut self.reviews
+                };
+                *per_version.entry(version.clone()).or_default() += 1;
                 self.ratings_calls += usize::from(ratings);
                 self.order.push(version);
                 // Prefer an answer that shows the whole chain (reviews v2/v3 -> ratings).
@@ -63,7 +75,8 @@ impl Traffic {
         self.failures.push(format!("request {n}: {reason}"));
     }
 
-    /// Fails if a request failed or a reviews version never answered.
+    /// Fails if a request failed, or reviews answered against the routing rules: requests
+    /// without an end-user must reach v1 and v3 (and only them), jason's only v2.
     pub fn check(&self) -> Result<()> {
         if !self.failures.is_empty() {
             bail!(
@@ -73,13 +86,29 @@ impl Traffic {
                 self.failures[0]
             );
         }
-        let missing: Vec<&str> = REVIEWS_VERSIONS
+        if let Some((v, n)) = self
+            .reviews
+            .iter()
+            .find(|(v, _)| !SPLIT_VERSIONS.contains(&v.as_str()))
+        {
+            bail!(
+                "reviews {v} answered {n} requests without an end-user; the VirtualService \
+                 sends those to {} only",
+                SPLIT_VERSIONS.join(" and ")
+            );
+        }
+        if let Some((v, n)) = self.jason.iter().find(|(v, _)| v.as_str() != JASON_VERSION) {
+            bail!(
+                "reviews {v} answered {n} requests of end-user jason; the VirtualService sends those to {JASON_VERSION}"
+            );
+        }
+        let missing: Vec<&str> = SPLIT_VERSIONS
             .into_iter()
             .filter(|v| !self.reviews.contains_key(*v))
             .collect();
         if !missing.is_empty() {
             bail!(
-                "reviews {} never answered in {} requests (round-robin should reach every version)",
+                "reviews {} never answered in {} requests (the 50/50 split should reach both)",
                 missing.join(", "),
                 self.requests
             );
@@ -192,16 +221,21 @@ pub fn print_traffic(tb: &Testbed, t: &Traffic) {
     }
     println!();
     println!("reviews version per request: {}", t.order.join(" "));
+    println!("  without an end-user (VirtualService reviews: v1 50%, v3 50%):");
     for version in REVIEWS_VERSIONS {
         let n = t.reviews.get(version).copied().unwrap_or(0);
-        println!("  reviews {version}: {n:>3} {}", "#".repeat(n));
+        println!("    reviews {version}: {n:>3} {}", "#".repeat(n));
     }
     for (other, n) in t
         .reviews
         .iter()
         .filter(|(v, _)| !REVIEWS_VERSIONS.contains(&v.as_str()))
     {
-        println!("  reviews {other}: {n:>3} (unexpected version)");
+        println!("    reviews {other}: {n:>3} (unexpected version)");
+    }
+    println!("  as end-user jason (header match: v2):");
+    for (version, n) in &t.jason {
+        println!("    reviews {version}: {n:>3} {}", "#".repeat(*n));
     }
     println!(
         "  ratings called by {} of {} answers; {} failed",
@@ -211,6 +245,30 @@ pub fn print_traffic(tb: &Testbed, t: &Traffic) {
     );
     for f in t.failures.iter().take(5) {
         println!("  FAILED {f}");
+    }
+}
+
+/// `mesh-agent routes productpage-v1`: the rules productpage's agent applies to its calls.
+pub fn print_routes(tb: &Testbed, agent_bin: &Path) {
+    let Some(node) = tb.nodes().first() else {
+        return;
+    };
+    println!(
+        "the routes productpage-v1 sees (mesh-agent routes productpage-v1, agent of {}):",
+        node.name
+    );
+    let out = std::process::Command::new(agent_bin)
+        .args(["routes", "productpage-v1", "--admin-socket"])
+        .arg(&node.admin_socket)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {
+            for line in String::from_utf8_lossy(&o.stdout).lines() {
+                println!("  {line}");
+            }
+        }
+        Ok(o) => println!("  (failed: {})", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => println!("  (could not run {}: {e})", agent_bin.display()),
     }
 }
 
@@ -321,6 +379,14 @@ pub fn print_inspect(tb: &Testbed, agent_bin: &Path, curl_args: &str, waiting: b
     for node in tb.nodes() {
         println!(
             "  {} workloads --admin-socket {}",
+            agent_bin.display(),
+            node.admin_socket.display()
+        );
+    }
+    if let Some(node) = tb.nodes().first() {
+        // productpage runs on node-1: its agent routes its calls to reviews.
+        println!(
+            "  {} routes productpage-v1 --admin-socket {}",
             agent_bin.display(),
             node.admin_socket.display()
         );

@@ -28,10 +28,12 @@ use crate::proxy::outbound::Hbone;
 /// Idle HTTP/1.1 connections kept per endpoint and client connection.
 const MAX_IDLE_H1: usize = 8;
 
-type UpBody = Counted<Incoming>;
+/// A request body: the client's, or none (a retried request without a body).
+pub type UpBody = Counted<http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>>;
 
 pub enum Sender {
-    H1(http1::SendRequest<UpBody>),
+    /// With the requests sent on it so far (`maxRequestsPerConnection`).
+    H1(http1::SendRequest<UpBody>, u32),
     H2(http2::SendRequest<UpBody>),
 }
 
@@ -42,8 +44,9 @@ impl Sender {
 
     pub async fn send(&mut self, req: Request<UpBody>) -> hyper::Result<Response<Incoming>> {
         match self {
-            Sender::H1(s) => {
+            Sender::H1(s, used) => {
                 s.ready().await?;
+                *used += 1;
                 s.send_request(req).await
             }
             Sender::H2(s) => {
@@ -55,7 +58,7 @@ impl Sender {
 
     fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_closed(),
+            Sender::H1(s, _) => s.is_closed(),
             Sender::H2(s) => s.is_closed(),
         }
     }
@@ -85,10 +88,10 @@ pub struct Upstreams {
     sockets: SocketSource,
     hbone: Option<Hbone>,
     connect_timeout: Duration,
-    h2: bool,
-    /// This client connection's upstream connections. Only its own requests take the lock
-    /// (several at once only for an HTTP/2 client), never another connection's.
-    idle: Mutex<HashMap<SocketAddrV4, Vec<Sender>>>,
+    /// This client connection's upstream connections, by endpoint and protocol (HTTP/2 or
+    /// not). Only its own requests take the lock (several at once only for an HTTP/2
+    /// client), never another connection's.
+    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Sender>>>,
 }
 
 impl Upstreams {
@@ -96,13 +99,11 @@ impl Upstreams {
         sockets: SocketSource,
         hbone: Option<Hbone>,
         connect_timeout: Duration,
-        h2: bool,
     ) -> Upstreams {
         Upstreams {
             sockets,
             hbone,
             connect_timeout,
-            h2,
             idle: Mutex::new(HashMap::new()),
         }
     }
@@ -113,14 +114,15 @@ impl Upstreams {
         pod: &ObjectRef,
         addr: SocketAddrV4,
         identity: Option<&Arc<Identity>>,
+        h2: bool,
     ) -> Result<Sender, UpstreamError> {
-        if let Some(s) = self.take(addr) {
+        if let Some(s) = self.take(addr, h2) {
             return Ok(s);
         }
         let io = self.connect(addr, identity).await?;
         let handshake = |source| UpstreamError::Handshake { addr, source };
         let pod = pod.to_string();
-        if self.h2 {
+        if h2 {
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(handshake)?;
@@ -138,19 +140,19 @@ impl Upstreams {
                     debug!(%pod, upstream = %addr, error = %e, "upstream HTTP/1.1 connection ended");
                 }
             });
-            Ok(Sender::H1(sender))
+            Ok(Sender::H1(sender, 0))
         }
     }
 
-    fn take(&self, addr: SocketAddrV4) -> Option<Sender> {
+    fn take(&self, addr: SocketAddrV4, h2: bool) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&(addr, h2))?;
         list.retain(|s| !s.is_closed());
         match list.iter().position(ready_now) {
             // HTTP/2 multiplexes: share the connection.
             Some(i) => match &list[i] {
                 Sender::H2(s) => Some(Sender::H2(s.clone())),
-                Sender::H1(_) => Some(list.swap_remove(i)),
+                Sender::H1(..) => Some(list.swap_remove(i)),
             },
             None => None,
         }
@@ -158,9 +160,16 @@ impl Upstreams {
 
     /// Keeps a connection for later requests (HTTP/1.1: once its response is done, it is
     /// ready again; until then `take` passes it over).
-    pub fn put_back(&self, addr: SocketAddrV4, sender: Sender) {
+    /// An HTTP/1.1 connection that carried `max_requests` (the DestinationRule's
+    /// `maxRequestsPerConnection`) is closed instead.
+    pub fn put_back(&self, addr: SocketAddrV4, sender: Sender, max_requests: Option<u32>) {
+        if let (Sender::H1(_, used), Some(max)) = (&sender, max_requests)
+            && *used >= max
+        {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry((addr, sender.h2())).or_default();
         match sender {
             Sender::H2(_) if list.iter().any(|s| !s.is_closed()) => {}
             s => {
@@ -203,7 +212,7 @@ impl Upstreams {
 /// Whether a kept connection can take a request right now.
 fn ready_now(s: &Sender) -> bool {
     match s {
-        Sender::H1(s) => s.is_ready(),
+        Sender::H1(s, _) => s.is_ready(),
         Sender::H2(s) => s.is_ready(),
     }
 }

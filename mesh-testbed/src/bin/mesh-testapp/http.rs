@@ -57,6 +57,9 @@ pub struct HttpArgs {
     /// HOST=IP: connect to IP for URLs naming HOST (the Host header keeps HOST); repeatable.
     #[arg(long = "resolve", value_parser = parse_call)]
     resolve: Vec<(String, String)>,
+    /// Status of every answer without a `status` query parameter (a failing backend: 503).
+    #[arg(long, default_value_t = 200)]
+    status: u16,
 }
 
 fn parse_call(s: &str) -> Result<(String, String)> {
@@ -74,6 +77,7 @@ struct Config {
     version: String,
     calls: Vec<(String, String)>,
     resolve: BTreeMap<String, String>,
+    status: StatusCode,
 }
 
 pub async fn serve(args: HttpArgs) -> Result<()> {
@@ -86,6 +90,8 @@ pub async fn serve(args: HttpArgs) -> Result<()> {
         version: args.version,
         calls: args.calls,
         resolve: args.resolve.into_iter().collect(),
+        status: StatusCode::from_u16(args.status)
+            .with_context(|| format!("--status {}", args.status))?,
     });
     loop {
         let (stream, peer) = listener.accept().await.context("accepting")?;
@@ -149,7 +155,7 @@ async fn handle(
     let status = query_param(query.as_deref(), "status")
         .and_then(|v| v.parse::<u16>().ok())
         .and_then(|v| StatusCode::from_u16(v).ok())
-        .unwrap_or(StatusCode::OK);
+        .unwrap_or(cfg.status);
     let mut headers = serde_json::Map::new();
     let mut forward = Vec::new();
     for (name, value) in req.headers() {

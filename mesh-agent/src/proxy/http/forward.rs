@@ -1,0 +1,355 @@
+//! Sending a routed request upstream: the connection pool's limit, tries with their
+//! timeouts, retries on another endpoint, outlier detection's bookkeeping, then the response
+//! (or an upgraded connection) passed back.
+
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::body::{self, Counted, ProxyBody};
+use super::upstream::{Sender, UpBody};
+use super::{CONNECT_FAILURE, Ctx, Done, RESET, Reply, rules};
+use crate::config::routing::{HeaderOps, Retries};
+use crate::proxy::RouteTable;
+use crate::proxy::protocol::AppProtocol;
+use crate::proxy::routing::{Backend, EndpointState};
+use crate::telemetry::metrics::{HttpLabels, ResponseFlags};
+
+const TIMEOUT: &str = "upstream request timeout";
+const OVERFLOW: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+/// Envoy's retry back-off: 25 ms base, doubling, jittered, at most 10 times the base.
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+
+/// Where and how a routed request goes.
+pub struct Plan {
+    pub routes: Arc<RouteTable>,
+    pub backend: Arc<Backend>,
+    pub hash: Option<u64>,
+    /// The rule's retry policy; `None`: Istio's default.
+    pub retries: Option<Retries>,
+    pub timeout: Option<Duration>,
+    pub response_headers: [Option<HeaderOps>; 2],
+}
+
+/// A request slot in the backend's connection pool, given back on drop.
+struct InFlight<'a>(&'a Backend);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An endpoint's active request, for LEAST_REQUEST.
+struct Active(Arc<EndpointState>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The request head kept to send it again (only bodiless requests are retried).
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// How one try ended.
+enum Tried {
+    Response(Response<Incoming>, Sender),
+    /// No upstream connection (`UF`).
+    Connect(String),
+    /// The upstream connection failed before the response (`UC`).
+    Reset(String),
+    /// The try's timeout passed (`UT`).
+    Timeout,
+}
+
+impl Ctx {
+    pub(super) async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        plan: Plan,
+        done: Done,
+    ) -> Response<ProxyBody> {
+        let c = &self.conn;
+        let backend = &plan.backend;
+        let _slot = match backend.max_in_flight() {
+            Some(max) if backend.state.in_flight.fetch_add(1, Ordering::Relaxed) >= max => {
+                backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+                backend.state.overflows.fetch_add(1, Ordering::Relaxed);
+                return self.local_reply(
+                    done,
+                    Reply::unavailable(ResponseFlags::UpstreamOverflow, OVERFLOW),
+                );
+            }
+            Some(_) => Some(InFlight(backend)),
+            None => None,
+        };
+        let h2 = backend.protocol.upstream_h2();
+        let version = req.version();
+        // WebSocket and other HTTP/1.1 upgrades pass through: the request keeps its Upgrade
+        // headers, and after a 101 the two connections are joined byte for byte.
+        let upgrade = (version == Version::HTTP_11 && !h2)
+            .then(|| super::upgrade_headers(req.headers()))
+            .flatten();
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        super::prepare_request(&mut req, h2);
+        if let Some((connection, proto)) = upgrade {
+            req.headers_mut().insert(header::CONNECTION, connection);
+            req.headers_mut().insert(header::UPGRADE, proto);
+        }
+        // Requests with a body are tried once: it is streamed, not kept for a second try.
+        let retries = plan.retries.clone().unwrap_or_else(Retries::istio_default);
+        let bodiless = hyper::body::Body::is_end_stream(req.body());
+        let attempts = if bodiless && client_upgrade.is_none() {
+            retries.attempts
+        } else {
+            0
+        };
+        let (parts, body) = req.into_parts();
+        let head = Head {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        };
+        let request_bytes = Counted::new(Either::Left(body));
+        let request_counter = request_bytes.counter();
+        let mut first = Some(Request::from_parts(parts, request_bytes));
+
+        let deadline = plan.timeout.map(|t| Instant::now() + t);
+        let mut tried: Vec<SocketAddrV4> = Vec::new();
+        let mut done = done;
+        let outcome = loop {
+            let Some(picked) = backend.pick(
+                plan.hash,
+                if retries.ignore_previous_hosts {
+                    &[]
+                } else {
+                    &tried
+                },
+            ) else {
+                break Err(Reply::unavailable(
+                    ResponseFlags::NoHealthyUpstream,
+                    super::NO_HEALTHY_UPSTREAM,
+                ));
+            };
+            let endpoint = picked.endpoint.addr;
+            picked.state.active.fetch_add(1, Ordering::Relaxed);
+            let active = Active(picked.state.clone());
+            tried.push(endpoint);
+            let upstream_req = first.take().unwrap_or_else(|| {
+                let mut r = Request::new(Counted::new(Either::Right(Empty::new())));
+                *r.method_mut() = head.method.clone();
+                *r.uri_mut() = head.uri.clone();
+                *r.version_mut() = head.version;
+                *r.headers_mut() = head.headers.clone();
+                r
+            });
+            let per_try = [
+                retries.per_try_timeout.map(|t| Instant::now() + t),
+                deadline,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let result = self
+                .try_once(&plan, endpoint, upstream_req, h2, per_try, &mut done)
+                .await;
+            let left = tried.len() <= attempts as usize;
+            let status = match &result {
+                Tried::Response(r, _) => Some(r.status().as_u16()),
+                _ => None,
+            };
+            backend.observe(&active.0, status);
+            let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
+            let wanted = retriable(&result, &retries);
+            let retry = left && !overall_expired && wanted;
+            match result {
+                Tried::Response(resp, sender) if !retry => {
+                    if wanted && tried.len() > 1 {
+                        done.labels.flags = ResponseFlags::UpstreamRetryLimitExceeded;
+                    }
+                    break Ok((resp, sender, endpoint, active));
+                }
+                Tried::Connect(e) if !retry => {
+                    c.inputs
+                        .stats
+                        .connect_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    let mut reply =
+                        Reply::unavailable(ResponseFlags::UpstreamConnectFailure, CONNECT_FAILURE);
+                    reply.upstream = Some((endpoint, e));
+                    break Err(reply);
+                }
+                Tried::Reset(e) if !retry => {
+                    let mut reply =
+                        Reply::unavailable(ResponseFlags::UpstreamConnectionTermination, RESET);
+                    reply.upstream = Some((endpoint, e));
+                    break Err(reply);
+                }
+                Tried::Timeout if !retry => {
+                    let mut reply = Reply::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        ResponseFlags::UpstreamRequestTimeout,
+                        TIMEOUT,
+                    );
+                    reply.upstream = Some((endpoint, TIMEOUT.to_owned()));
+                    break Err(reply);
+                }
+                Tried::Response(resp, sender) => {
+                    // Read nothing more from a response we drop; the connection is not kept.
+                    drop((resp, sender));
+                }
+                _ => {}
+            }
+            let n = (tried.len() - 1).min(4) as u32;
+            let backoff = BACKOFF_BASE * 2u32.pow(n);
+            let backoff = backoff.min(BACKOFF_BASE * 10).mul_f64(fastrand::f64());
+            debug!(pod = %c.pod, upstream = %endpoint, try_number = tried.len(), "retrying request");
+            tokio::time::sleep(backoff).await;
+        };
+        let (mut resp, sender, endpoint, active) = match outcome {
+            Ok(r) => r,
+            Err(reply) => return self.local_reply(done, reply),
+        };
+        if let Some(client_upgrade) = client_upgrade
+            && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        {
+            // The upstream connection now belongs to the upgraded stream: not kept.
+            drop(sender);
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let (pod, size) = (c.pod.clone(), c.inputs.buffer_size);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((down, up)) => {
+                        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                        let progress = crate::proxy::connections::Progress::default();
+                        crate::proxy::relay::relay(&mut down, &mut up, size, &progress).await;
+                    }
+                    Err(e) => debug!(%pod, upstream = %endpoint, error = %e, "upgrade failed"),
+                }
+            });
+        } else {
+            let max = backend.policy.connection_pool.max_requests_per_connection;
+            self.upstreams.put_back(endpoint, sender, max);
+        }
+        drop(active);
+        let (mut parts, body) = resp.into_parts();
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        let kept = switching
+            .then(|| super::upgrade_headers(&parts.headers))
+            .flatten();
+        super::strip_hop_by_hop(&mut parts.headers);
+        if let Some((connection, proto)) = kept {
+            parts.headers.insert(header::CONNECTION, connection);
+            parts.headers.insert(header::UPGRADE, proto);
+        }
+        for ops in plan.response_headers.iter().flatten() {
+            rules::apply(ops, &mut parts.headers);
+        }
+        parts.version = version;
+        let grpc = c.protocol == AppProtocol::Grpc || backend.protocol == AppProtocol::Grpc;
+        let Done {
+            labels,
+            started,
+            log,
+            info,
+        } = done;
+        let http = HttpLabels {
+            conn: labels,
+            grpc,
+            response_code: parts.status.as_u16(),
+            grpc_status: super::grpc_status(&parts.headers),
+        };
+        let on_end = body::OnEnd {
+            metrics: c.inputs.metrics.clone(),
+            access_log: c.inputs.access_log.clone(),
+            labels: http,
+            started,
+            request_bytes: request_counter,
+            log: log.map(|l| (l, info, endpoint)),
+        };
+        Response::from_parts(parts, body::response(body, on_end))
+    }
+
+    /// One try against one endpoint, bounded by `until`.
+    async fn try_once(
+        &self,
+        plan: &Plan,
+        endpoint: SocketAddrV4,
+        req: Request<UpBody>,
+        h2: bool,
+        until: Option<Instant>,
+        done: &mut Done,
+    ) -> Tried {
+        let c = &self.conn;
+        done.labels.destination = plan.routes.workload(endpoint.ip()).cloned();
+        let identity = c
+            .hbone
+            .as_ref()
+            .and_then(|_| plan.routes.identity(endpoint.ip()).cloned());
+        done.labels.destination_principal.clone_from(&identity);
+        let attempt = async {
+            let mut sender = match self
+                .upstreams
+                .get(&c.pod, endpoint, identity.as_ref(), h2)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(pod = %c.pod, upstream = %endpoint, error = %e, "HTTP upstream connect failed");
+                    return Tried::Connect(e.to_string());
+                }
+            };
+            match sender.send(req).await {
+                Ok(resp) => Tried::Response(resp, sender),
+                Err(e) => {
+                    debug!(pod = %c.pod, upstream = %endpoint, error = %e, "HTTP upstream reset before the response");
+                    Tried::Reset(e.to_string())
+                }
+            }
+        };
+        match until {
+            None => attempt.await,
+            Some(t) => match tokio::time::timeout_at(t.into(), attempt).await {
+                Ok(r) => r,
+                Err(_) => Tried::Timeout,
+            },
+        }
+    }
+}
+
+/// Whether a try's outcome is one the retry policy retries.
+fn retriable(t: &Tried, r: &Retries) -> bool {
+    let on = &r.retry_on;
+    match t {
+        Tried::Connect(_) => on.connect_failure || on.reset || on.gateway_error || on.server_error,
+        Tried::Reset(_) => on.reset || on.server_error || on.refused_stream,
+        // Envoy retries a try that timed out when the policy has a per-try timeout.
+        Tried::Timeout => r.per_try_timeout.is_some(),
+        Tried::Response(resp, _) => retriable_status(resp.status().as_u16(), resp.headers(), r),
+    }
+}
+
+fn retriable_status(status: u16, headers: &HeaderMap, r: &Retries) -> bool {
+    let on = &r.retry_on;
+    (on.server_error && status >= 500)
+        || (on.gateway_error && matches!(status, 502..=504))
+        || (on.retriable_4xx && status == 409)
+        || on.status_codes.contains(&status)
+        || super::grpc_status(headers).is_some_and(|g| on.grpc_statuses.contains(&g))
+}

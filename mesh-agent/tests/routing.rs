@@ -1,0 +1,492 @@
+//! Istio's routing API at the source agent (root, testbed, real curl): the reference guide's
+//! VirtualService, weighted and header-matched subset routing, retries, timeouts, faults,
+//! outlier detection, connection pool limits, redirects, direct responses, rewrites and
+//! header edits. Every rule is applied to a running mesh and checked with real requests.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use mesh_testbed::Testbed;
+
+/// A pod labelled app=APP, version=VERSION, serving HTTP on the named port `http` (9080).
+fn app_pod(name: &str, node: &str, app: &str, version: &str) -> String {
+    pod(
+        "default",
+        name,
+        node,
+        &[("app", app), ("version", version)],
+        9080,
+    )
+    .replace("name: tcp-app", "name: http")
+}
+
+fn http_service(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
+         selector:\n    app: {name}\n  ports:\n  - name: http\n    port: {port}\n    \
+         targetPort: http\n"
+    )
+}
+
+fn manifests() -> String {
+    docs(&[
+        namespace("default", true),
+        pod("default", "client", "node-1", &[("app", "client")], 9999),
+        app_pod("productpage-v1", "node-2", "productpage", "v1"),
+        app_pod("reviews-v1", "node-1", "reviews", "v1"),
+        app_pod("reviews-v2", "node-2", "reviews", "v2"),
+        app_pod("reviews-v3", "node-2", "reviews", "v3"),
+        app_pod("flaky-ok", "node-2", "flaky", "ok"),
+        app_pod("flaky-bad", "node-2", "flaky", "bad"),
+        http_service("productpage", 9080),
+        http_service("reviews", 9080),
+        http_service("flaky", 80),
+    ])
+}
+
+/// The reference guide's VirtualService, verbatim.
+const GUIDE_VS: &str = "\
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: bookinfo
+spec:
+  hosts:
+    - \"bookinfo.example.com\"
+  gateways:
+    - bookinfo-gateway
+  http:
+    - match:
+        - uri:
+            prefix: /productpage
+        - uri:
+            prefix: /api/v1
+      route:
+        - destination:
+            host: productpage
+            port:
+              number: 9080
+";
+
+/// Applies a manifest file and waits until both agents route with it.
+fn apply(tb: &mut Testbed, file: &str, yaml: &str) {
+    let generation = |tb: &Testbed, node: &str| {
+        admin_json(tb, node, "/stats")["routes_generation"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = [generation(tb, "node-1"), generation(tb, "node-2")];
+    tb.apply(file, yaml).expect("apply");
+    wait_until(&format!("{file} applied"), Duration::from_secs(15), || {
+        generation(tb, "node-1") > before[0] && generation(tb, "node-2") > before[1]
+    });
+}
+
+/// One curl per URL list from the client pod, each answer's status code (and, with
+/// `bodies`, the bodies as well).
+fn statuses(tb: &Testbed, urls: &[String], extra: &[&str]) -> Vec<u16> {
+    let mut cmd = tb.pod_command("client", "curl").expect("pod command");
+    cmd.args(["-sS", "-m", "20", "-w", "%{http_code}\\n"])
+        .args(extra);
+    for u in urls {
+        cmd.args(["-o", "/dev/null", u]);
+    }
+    let out = run_bounded(cmd, Duration::from_secs(120)).expect("curl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or(0))
+        .collect()
+}
+
+/// One request: (status, body, seconds taken).
+fn get(tb: &Testbed, url: &str, extra: &[&str]) -> (u16, String, f64) {
+    let mut cmd = tb.pod_command("client", "curl").expect("pod command");
+    cmd.args(["-sS", "-m", "20", "-w", "\n%{http_code} %{time_total}"])
+        .args(extra)
+        .arg(url);
+    let out = run_bounded(cmd, Duration::from_secs(30)).expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let mut tail = tail.split(' ');
+    let status = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let secs = tail.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    (status, body.to_string(), secs)
+}
+
+/// Versions answering `n` requests on one keep-alive connection.
+fn versions(tb: &Testbed, url: &str, n: usize, extra: &[&str]) -> BTreeMap<String, usize> {
+    let mut cmd = tb.pod_command("client", "curl").expect("pod command");
+    cmd.args(["-sS", "-m", "60"]).args(extra);
+    for _ in 0..n {
+        cmd.arg(url);
+    }
+    let out = run_bounded(cmd, Duration::from_secs(120)).expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    let mut count = BTreeMap::new();
+    for v in serde_json::Deserializer::from_str(&body).into_iter::<serde_json::Value>() {
+        let v = v.unwrap_or_else(|e| panic!("{e}: {body}"));
+        let version = v["version"].as_str().unwrap_or("?").to_string();
+        *count.entry(version).or_default() += 1;
+    }
+    count
+}
+
+/// `mesh-agent routes ARGS` against node-1's agent.
+fn routes_cli(tb: &Testbed, args: &[&str]) -> String {
+    let socket = tb.node("node-1").expect("node").admin_socket.clone();
+    let out = std::process::Command::new(AGENT)
+        .arg("routes")
+        .args(args)
+        .arg("--admin-socket")
+        .arg(&socket)
+        .output()
+        .expect("routes");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn metric_sum(tb: &Testbed, node: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut cmd = tb.node_command(node, "curl").expect("node command");
+    cmd.args([
+        "-sS",
+        "--fail",
+        "-m",
+        "5",
+        "http://127.0.0.1:15020/stats/prometheus",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(10)).expect("curl metrics");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+#[test]
+fn istio_routing_rules_route_real_requests() {
+    let Some(mut tb) = up("routing", 2, &[("app.yaml", &manifests())]) else {
+        return;
+    };
+    let serve_as = |pod: &str, service: &str, version: &str, extra: &[&str]| {
+        let mut args = vec![
+            "http",
+            "--listen",
+            "0.0.0.0:9080",
+            "--service",
+            service,
+            "--version",
+            version,
+        ];
+        args.extend_from_slice(extra);
+        serve(&tb, pod, &args)
+    };
+    let _servers = [
+        serve_as("productpage-v1", "productpage", "v1", &[]),
+        serve_as("reviews-v1", "reviews", "v1", &[]),
+        serve_as("reviews-v2", "reviews", "v2", &[]),
+        serve_as("reviews-v3", "reviews", "v3", &[]),
+        serve_as("flaky-ok", "flaky", "ok", &[]),
+        serve_as("flaky-bad", "flaky", "bad", &["--status", "503"]),
+    ];
+    let pp = tb
+        .service_ip("default", "productpage")
+        .expect("productpage");
+    let reviews = tb.service_ip("default", "reviews").expect("reviews");
+    let flaky = tb.service_ip("default", "flaky").expect("flaky");
+    let pp_url = |path: &str| format!("http://{pp}:9080{path}");
+
+    // Without a VirtualService every path reaches productpage.
+    assert_eq!(get(&tb, &pp_url("/other"), &[]).0, 200);
+
+    // The guide's VirtualService, unchanged: bound to its gateway, it changes nothing for
+    // traffic inside the mesh.
+    apply(&mut tb, "vs.yaml", GUIDE_VS);
+    assert_eq!(
+        get(&tb, &pp_url("/other"), &[]).0,
+        200,
+        "gateway-bound rules leave the mesh alone"
+    );
+
+    // The same rules without `gateways` and with `hosts` naming the productpage Service.
+    let mesh_vs = GUIDE_VS.replace(
+        "    - \"bookinfo.example.com\"\n  gateways:\n    - bookinfo-gateway\n",
+        "    - productpage\n",
+    );
+    apply(&mut tb, "vs.yaml", &mesh_vs);
+    let (status, body, _) = get(&tb, &pp_url("/productpage"), &[]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"service\":\"productpage\""), "{body}");
+    assert_eq!(get(&tb, &pp_url("/api/v1/products"), &[]).0, 200);
+    assert_eq!(
+        get(&tb, &pp_url("/other"), &[]).0,
+        404,
+        "no rule matches: 404 NR"
+    );
+    assert!(
+        metric_sum(
+            &tb,
+            "node-1",
+            "istio_requests_total",
+            &[("response_code", "404"), ("response_flags", "NR")]
+        ) >= 1
+    );
+
+    // Subsets by label, a header match for one user, and an 80/20 split for everyone else.
+    apply(
+        &mut tb,
+        "reviews.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: reviews\n\
+spec:\n  host: reviews\n  subsets:\n  - name: v1\n    labels: {version: v1}\n  - name: v2\n    labels: {version: v2}\n  \
+- name: v3\n    labels: {version: v3}\n---\n\
+apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  \
+- match:\n    - headers:\n        end-user: {exact: jason}\n    route:\n    - destination: {host: reviews, subset: v2}\n  \
+- route:\n    - destination: {host: reviews, subset: v1}\n      weight: 80\n    - destination: {host: reviews, subset: v3}\n      weight: 20\n",
+    );
+    let reviews_url = format!("http://{reviews}:9080/reviews/0");
+    let jason = versions(&tb, &reviews_url, 20, &["-H", "end-user: jason"]);
+    assert_eq!(
+        jason,
+        BTreeMap::from([("v2".to_string(), 20)]),
+        "the named user goes to v2"
+    );
+    let split = versions(&tb, &reviews_url, 2000, &[]);
+    let v1 = split.get("v1").copied().unwrap_or(0);
+    let v3 = split.get("v3").copied().unwrap_or(0);
+    assert_eq!(v1 + v3, 2000, "only the weighted subsets answer: {split:?}");
+    let share = v1 as f64 / 2000.0 * 100.0;
+    assert!(
+        (76.0..=84.0).contains(&share),
+        "v1 share {share:.1}% not within 80±4: {split:?}"
+    );
+
+    // `mesh-agent routes POD` shows the rules in force for the client, with their matches,
+    // subsets and weights; JSON carries the same.
+    let routes = routes_cli(&tb, &["default/client"]);
+    let line = |needle: &str| {
+        routes
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?} not in:\n{routes}"))
+            .to_string()
+    };
+    assert!(
+        line("headers[end-user]=jason").contains("default/reviews/v2:9080 (1/1 healthy)"),
+        "{routes}"
+    );
+    let split_line = line("default/reviews/v1:9080");
+    assert!(
+        split_line.contains("80%")
+            && split_line.contains("default/reviews/v3:9080")
+            && split_line.contains("20%"),
+        "{routes}"
+    );
+    assert!(
+        line("uri^=/productpage || uri^=/api/v1").contains("default/bookinfo"),
+        "{routes}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&routes_cli(&tb, &["client", "-o", "json"])).expect("json");
+    let reviews_port = json
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["service"] == "default/reviews"))
+        .expect("reviews in /routes");
+    assert_eq!(reviews_port["virtual_service"], "default/reviews");
+    assert_eq!(reviews_port["rules"][1]["destinations"][1]["weight"], 20);
+
+    // Retries: one of flaky's two pods always answers 503; with retries every request
+    // succeeds on the other pod, without them about half fail.
+    let flaky_url = |path: &str| format!("http://{flaky}{path}");
+    let flaky_vs = |http: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata:\n  name: flaky\nspec:\n  \
+             hosts: [flaky.default.svc.cluster.local]\n  http:\n{http}"
+        )
+    };
+    apply(
+        &mut tb,
+        "flaky.yaml",
+        &flaky_vs(
+            "  - route:\n    - destination: {host: flaky}\n    retries: {attempts: 3, retryOn: 5xx}\n",
+        ),
+    );
+    let urls: Vec<String> = (0..20).map(|_| flaky_url("/")).collect();
+    let codes = statuses(&tb, &urls, &[]);
+    assert_eq!(codes, vec![200; 20], "retries on the other endpoint");
+    apply(
+        &mut tb,
+        "flaky.yaml",
+        &flaky_vs("  - route:\n    - destination: {host: flaky}\n    retries: {attempts: 0}\n"),
+    );
+    let codes = statuses(&tb, &urls, &[]);
+    let failed = codes.iter().filter(|c| **c == 503).count();
+    assert!(
+        (5..=15).contains(&failed),
+        "without retries half fail: {codes:?}"
+    );
+
+    // Timeouts: the route's and a try's, both answered 504 `UT` well before the app answers.
+    apply(
+        &mut tb,
+        "flaky.yaml",
+        &flaky_vs(
+            "  - match:\n    - uri: {prefix: /slow}\n    timeout: 0.5s\n    route:\n    - destination: {host: flaky.default}\n  \
+- match:\n    - uri: {prefix: /try}\n    retries: {attempts: 1, perTryTimeout: 0.3s}\n    route:\n    - destination: {host: flaky}\n  \
+- route:\n    - destination: {host: flaky}\n",
+        ),
+    );
+    for path in ["/slow?delay_ms=5000", "/try?delay_ms=5000"] {
+        let (status, body, secs) = get(&tb, &flaky_url(path), &[]);
+        assert_eq!(status, 504, "{path}: {body}");
+        assert_eq!(body, "upstream request timeout");
+        assert!(secs < 4.0, "{path} took {secs} s");
+    }
+    assert!(
+        metric_sum(
+            &tb,
+            "node-1",
+            "istio_requests_total",
+            &[("response_code", "504"), ("response_flags", "UT")]
+        ) >= 2
+    );
+
+    // Faults: a 50% abort over 1000 requests, and a delay.
+    apply(
+        &mut tb,
+        "flaky.yaml",
+        &(flaky_vs(
+            "  - match:\n    - uri: {prefix: /delayed}\n    fault:\n      delay: {fixedDelay: 1s, percentage: {value: 100}}\n    route:\n    - destination: {host: flaky, subset: ok}\n  \
+- fault:\n      abort: {httpStatus: 418, percentage: {value: 50}}\n    route:\n    - destination: {host: flaky, subset: ok}\n",
+        ) + "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: flaky\nspec:\n  host: flaky\n  subsets:\n  - name: ok\n    labels: {version: ok}\n"),
+    );
+    let urls: Vec<String> = (0..1000).map(|_| flaky_url("/")).collect();
+    let codes = statuses(&tb, &urls, &[]);
+    let aborted = codes.iter().filter(|c| **c == 418).count();
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    assert_eq!(aborted + ok, 1000, "{codes:?}");
+    assert!(
+        (450..=550).contains(&aborted),
+        "{aborted} of 1000 aborted, not within 50±5%"
+    );
+    let (status, _, secs) = get(&tb, &flaky_url("/delayed"), &[]);
+    assert_eq!(status, 200);
+    assert!(secs >= 0.95, "the delay delays: {secs} s");
+
+    // Outlier detection ejects the failing pod after 2 consecutive 5xx and lets it back
+    // after the ejection time.
+    apply(
+        &mut tb,
+        "flaky.yaml",
+        &(flaky_vs("  - route:\n    - destination: {host: flaky}\n    retries: {attempts: 0}\n")
+            + "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: flaky\nspec:\n  host: flaky\n  \
+               trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}\n"),
+    );
+    let urls: Vec<String> = (0..10).map(|_| flaky_url("/")).collect();
+    let before = statuses(&tb, &urls, &[]);
+    assert!(
+        before.contains(&503),
+        "the bad pod answers at first: {before:?}"
+    );
+    let ejected_at = Instant::now();
+    let during = statuses(&tb, &urls, &[]);
+    assert!(
+        during.iter().all(|c| *c == 200) || ejected_at.elapsed() > Duration::from_secs(3),
+        "ejected: {during:?}"
+    );
+    std::thread::sleep(Duration::from_millis(3500));
+    let after = statuses(&tb, &urls, &[]);
+    assert!(
+        after.contains(&503),
+        "back after the ejection time: {after:?}"
+    );
+
+    // The connection pool: one request in flight; concurrent ones get 503 `UO`.
+    apply(
+        &mut tb,
+        "flaky.yaml",
+        &(flaky_vs("  - route:\n    - destination: {host: flaky, subset: ok}\n")
+            + "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: flaky\nspec:\n  host: flaky\n  \
+               trafficPolicy:\n    connectionPool:\n      http: {http2MaxRequests: 1}\n  subsets:\n  - name: ok\n    labels: {version: ok}\n"),
+    );
+    let urls: Vec<String> = (0..4).map(|_| flaky_url("/?delay_ms=1500")).collect();
+    let codes = statuses(
+        &tb,
+        &urls,
+        &["--parallel", "--parallel-immediate", "--parallel-max", "4"],
+    );
+    assert!(codes.contains(&200) && codes.contains(&503), "{codes:?}");
+    assert!(
+        metric_sum(
+            &tb,
+            "node-1",
+            "istio_requests_total",
+            &[("response_code", "503"), ("response_flags", "UO")]
+        ) >= 1
+    );
+
+    // Redirects, direct responses, rewrites and header edits.
+    apply(
+        &mut tb,
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bookinfo\nspec:\n  hosts: [productpage]\n  http:\n  \
+- match:\n    - uri: {exact: /moved}\n    redirect: {uri: /productpage, authority: bookinfo.example.com, redirectCode: 302}\n  \
+- match:\n    - uri: {regex: \"/ping/[0-9]+\"}\n    directResponse: {status: 200, body: {string: pong}}\n  \
+- match:\n    - uri: {prefix: /OLD/}\n      ignoreUriCase: true\n    rewrite: {uri: /new/}\n    headers:\n      request:\n        set: {x-mesh: nodemesh}\n      response:\n        add: {x-served-by: nodemesh}\n    route:\n    - destination: {host: productpage}\n",
+    );
+    let (status, _, _) = get(&tb, &pp_url("/moved"), &[]);
+    assert_eq!(status, 302);
+    let (_, headers, _) = get(&tb, &pp_url("/moved"), &["-D", "-", "-o", "/dev/null"]);
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("location: http://bookinfo.example.com/productpage"),
+        "{headers}"
+    );
+    assert_eq!(get(&tb, &pp_url("/ping/42"), &[]).1, "pong");
+    assert_eq!(get(&tb, &pp_url("/ping/x"), &[]).0, 404);
+    let (status, body, _) = get(&tb, &pp_url("/old/page?x=1"), &["-D", "/dev/stderr"]);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["path"], "/new/page", "{body}");
+    assert_eq!(v["query"], "x=1");
+    assert_eq!(v["headers"]["x-mesh"], "nodemesh");
+    let (_, headers, _) = get(&tb, &pp_url("/old/page"), &["-D", "-", "-o", "/dev/null"]);
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("x-served-by: nodemesh"),
+        "{headers}"
+    );
+
+    // `tcp[]` routes on a TCP port: every connection to the subset the rule names (the
+    // failing pod behind the same Service never answers).
+    apply(
+        &mut tb,
+        "tcp.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: flaky-tcp, namespace: default}\n\
+         spec:\n  selector: {app: flaky}\n  ports:\n  - {name: tcp, port: 7000, targetPort: http}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: flaky-tcp}\n\
+         spec:\n  host: flaky-tcp\n  subsets:\n  - {name: ok, labels: {version: ok}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: flaky-tcp}\n\
+         spec:\n  hosts: [flaky-tcp]\n  tcp:\n  - match: [{port: 7000}]\n    route:\n    - destination: {host: flaky-tcp, subset: ok}\n",
+    );
+    let tcp_ip = tb.service_ip("default", "flaky-tcp").expect("flaky-tcp");
+    let urls: Vec<String> = (0..10).map(|_| format!("http://{tcp_ip}:7000/")).collect();
+    // A connection per request: TCP routes choose per connection.
+    let codes = statuses(&tb, &urls, &["-H", "Connection: close"]);
+    assert_eq!(codes, vec![200; 10], "every connection to the ok subset");
+    tb.down().expect("down");
+}
