@@ -322,3 +322,99 @@ fn node_metrics(tb: &Testbed) -> String {
     assert!(out.status.success());
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Raw bytes from the client pod to `addr` (curl's telnet:// sends stdin as is); the answer.
+fn raw(tb: &Testbed, addr: &str, script: &str) -> String {
+    let mut cmd = tb.pod_command("client", "sh").expect("pod command");
+    cmd.args([
+        "-c",
+        &format!("{{ {script}; }} | curl -sS -m 3 telnet://{addr}"),
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(15)).expect("sh");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
+    let Some(tb) = up(
+        "http_malformed",
+        2,
+        &[("app.yaml", &manifests("/dev/stderr"))],
+    ) else {
+        return;
+    };
+    let _servers: Vec<_> = [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
+        .iter()
+        .map(|(p, v)| {
+            let args = [
+                "http",
+                "--listen",
+                "0.0.0.0:8080",
+                "--service",
+                "web",
+                "--version",
+                v,
+            ];
+            serve(&tb, p, &args)
+        })
+        .collect();
+    let svc = tb.service_ip("default", "web").expect("svc");
+    let addr = format!("{svc}:80");
+    let cases = [
+        (
+            "a header line without a colon",
+            r"printf 'GET / HTTP/1.1\r\nHost: web\r\nno colon here\r\n\r\n'",
+            "HTTP/1.1 400",
+        ),
+        (
+            "a control byte in a header value",
+            r"printf 'GET / HTTP/1.1\r\nHost: web\r\nX-Bad: a\001b\r\n\r\n'",
+            "HTTP/1.1 400",
+        ),
+        (
+            "70 KB of headers (the limit is 64 KiB, as Envoy's 60 KiB)",
+            r"printf 'GET / HTTP/1.1\r\nHost: web\r\nX-Big: '; head -c 70000 /dev/zero | tr '\000' a; printf '\r\n\r\n'",
+            "HTTP/1.1 431",
+        ),
+        (
+            "a chunk size that is not hexadecimal",
+            r"printf 'POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n'",
+            "HTTP/1.1 400",
+        ),
+    ];
+    for (what, script, expected) in cases {
+        let answer = raw(&tb, &addr, script);
+        assert!(answer.starts_with(expected), "{what}: {answer:?}");
+        assert!(
+            !answer.contains("\"service\":\"web\""),
+            "{what} reached the app: {answer}"
+        );
+        // The agent keeps serving well-formed requests.
+        let (ok, body) = curl_args(&tb, &[&format!("http://{svc}/")]);
+        assert!(
+            ok && body.contains("\"service\":\"web\""),
+            "after {what}: {body}"
+        );
+    }
+    // A well-formed chunked body goes through, counted.
+    let good = raw(
+        &tb,
+        &addr,
+        r"printf 'POST / HTTP/1.1\r\nHost: web\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n'",
+    );
+    assert!(
+        good.starts_with("HTTP/1.1 200") && good.contains("\"body_bytes\":3"),
+        "{good}"
+    );
+    let text = node_metrics(&tb);
+    assert_eq!(
+        metric(
+            &text,
+            "istio_requests_total",
+            &[("response_code", "400"), ("response_flags", "DPE")]
+        ),
+        1,
+        "the invalid chunked body is recorded as Envoy's DPE"
+    );
+    tb.down().expect("down");
+}

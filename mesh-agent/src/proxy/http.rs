@@ -74,7 +74,13 @@ pub async fn serve(conn: HttpConn, client: TcpStream) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.request(req).await) }
     });
-    let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Envoy's default limit on request headers (60 KiB): beyond it, 431 and no request.
+    builder.http1().max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let served = builder
         .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await;
     if let Err(e) = served {
@@ -86,6 +92,9 @@ struct Ctx {
     conn: HttpConn,
     upstreams: Upstreams,
 }
+
+/// The most request header bytes a client may send.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Envoy's bodies for its own error responses.
 const NO_HEALTHY_UPSTREAM: &str = "no healthy upstream";

@@ -108,6 +108,8 @@ pub enum ResponseFlags {
     FaultInjected,
     /// A fault delay held the request (`DI`).
     DelayInjected,
+    /// The client's request was not valid HTTP (invalid chunking, ...) (`DPE`).
+    DownstreamProtocolError,
 }
 
 impl ResponseFlags {
@@ -125,6 +127,7 @@ impl ResponseFlags {
             ResponseFlags::UpstreamOverflow => "UO",
             ResponseFlags::FaultInjected => "FI",
             ResponseFlags::DelayInjected => "DI",
+            ResponseFlags::DownstreamProtocolError => "DPE",
         }
     }
 }

@@ -20,6 +20,20 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the agent answers clients with: the upstream's body or its own.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// Set in a [`Counted`] counter when the body failed (a downstream protocol error, such as
+/// invalid chunking); the other bits count bytes. One atomic for both: no second allocation.
+const FAILED: u64 = 1 << 63;
+
+/// The bytes a [`Counted`] counter saw.
+pub fn count(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed) & !FAILED
+}
+
+/// Whether the body behind a [`Counted`] counter failed.
+pub fn failed(counter: &AtomicU64) -> bool {
+    counter.load(Ordering::Relaxed) & FAILED != 0
+}
+
 /// A body passed through unchanged, its data bytes counted.
 pub struct Counted<B> {
     inner: B,
@@ -49,12 +63,18 @@ impl<B: Body + Unpin> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if let Some(Ok(f)) = &frame
-            && let Some(d) = f.data_ref()
-        {
-            use bytes::Buf;
-            self.bytes
-                .fetch_add(d.remaining() as u64, Ordering::Relaxed);
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    use bytes::Buf;
+                    self.bytes
+                        .fetch_add(d.remaining() as u64, Ordering::Relaxed);
+                }
+            }
+            Some(Err(_)) => {
+                self.bytes.fetch_or(FAILED, Ordering::Relaxed);
+            }
+            None => {}
         }
         Poll::Ready(frame)
     }
@@ -87,7 +107,7 @@ impl OnEnd {
         if grpc_status.is_some() {
             self.labels.grpc_status = grpc_status;
         }
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = count(&self.request_bytes);
         self.metrics.request(&RequestDone {
             labels: &self.labels,
             duration: self.started.elapsed(),

@@ -179,6 +179,17 @@ impl Ctx {
             let wanted = retriable(&result, &retries);
             let retry = left && !overall_expired && wanted;
             match result {
+                // The client's body broke the upstream request: the client's fault, not the
+                // upstream's (Envoy's 400 `DPE`).
+                Tried::Reset(_) | Tried::Response(..) if body::failed(&request_counter) => {
+                    let mut reply = Reply::new(
+                        StatusCode::BAD_REQUEST,
+                        ResponseFlags::DownstreamProtocolError,
+                        "Bad Request",
+                    );
+                    reply.failure = Some("invalid request body".into());
+                    break Err(reply);
+                }
                 Tried::Response(resp, sender) if !retry => {
                     if wanted && tried.len() > 1 {
                         done.labels.flags = ResponseFlags::UpstreamRetryLimitExceeded;

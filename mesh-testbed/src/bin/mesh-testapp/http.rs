@@ -149,6 +149,20 @@ async fn handle(
         ));
     }
     let query = req.uri().query().map(str::to_string);
+    // Read the whole body first, as most apps do: a broken body never gets an answer.
+    let (parts, body) = req.into_parts();
+    let body_bytes = match body.collect().await {
+        Ok(b) => b.to_bytes().len(),
+        Err(e) => {
+            eprintln!("http: request body from {peer}: {e}");
+            return Ok(reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                Bytes::from_static(b"bad body\n"),
+            ));
+        }
+    };
+    let req = Request::from_parts(parts, ());
     if let Some(ms) = query_param(query.as_deref(), "delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -194,6 +208,7 @@ async fn handle(
         "http_version": format!("{:?}", req.version()),
         "path": path,
         "query": query,
+        "body_bytes": body_bytes,
         "headers": headers,
         "calls": calls,
     });
