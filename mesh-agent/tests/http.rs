@@ -418,3 +418,73 @@ fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
     );
     tb.down().expect("down");
 }
+
+#[test]
+fn grpc_unary_and_bidirectional_streaming_through_the_mesh() {
+    let echo = |name: &str, node: &str, version: &str| {
+        pod(
+            "default",
+            name,
+            node,
+            &[("app", "echo"), ("version", version)],
+            50051,
+        )
+        .replace("name: tcp-app", "name: grpc")
+    };
+    let yaml = docs(&[
+        namespace("default", true),
+        pod_sa("default", "client", "node-1", "client", 9999),
+        echo("echo-1", "node-2", "v1"),
+        echo("echo-2", "node-1", "v2"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: default}\n\
+         spec:\n  selector: {app: echo}\n  ports:\n  - {name: grpc-echo, port: 50051, targetPort: grpc}\n"
+            .to_string(),
+    ]);
+    let Some(tb) = up("http_grpc", 2, &[("app.yaml", &yaml)]) else {
+        return;
+    };
+    let _servers = [("echo-1", "v1"), ("echo-2", "v2")].map(|(p, v)| {
+        serve(
+            &tb,
+            p,
+            &["grpc-echo", "--listen", "0.0.0.0:50051", "--version", v],
+        )
+    });
+    let svc = tb.service_ip("default", "echo").expect("svc");
+    let out = testapp_in(
+        &tb,
+        "client",
+        &[
+            "grpc",
+            "--connect",
+            &format!("{svc}:50051"),
+            "--unary",
+            "10",
+            "--chat",
+            "50",
+        ],
+        Duration::from_secs(60),
+    )
+    .expect("grpc client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One HTTP/2 connection from the client, its calls balanced one by one.
+    assert!(stdout.contains("unary 10 ok (v1,v2)"), "{stdout}");
+    assert!(stdout.contains("chat 50 ok"), "{stdout}");
+    let text = node_metrics(&tb);
+    let grpc_ok = [
+        ("reporter", "source"),
+        ("request_protocol", "grpc"),
+        ("grpc_response_status", "0"),
+    ];
+    assert_eq!(
+        metric(&text, "istio_requests_total", &grpc_ok),
+        11,
+        "10 unary calls and 1 stream"
+    );
+    tb.down().expect("down");
+}

@@ -3,6 +3,7 @@
 //! Servers print `listening <addr>` once bound and exit on SIGTERM/SIGINT.
 
 mod fake_agent;
+mod grpc;
 mod http;
 mod tcp;
 
@@ -47,6 +48,10 @@ enum Cmd {
     /// Client: an HTTP/1.1 `Upgrade: echo` request, then a message echoed through the
     /// upgraded connection (how WebSocket crosses a proxy).
     Upgrade(tcp::UpgradeArgs),
+    /// gRPC echo server (tonic): unary, and bidirectional streaming.
+    GrpcEcho(grpc::ServeArgs),
+    /// gRPC client (tonic) against `grpc-echo`: unary calls, then one bidirectional stream.
+    Grpc(grpc::ClientArgs),
     /// A stand-in for `mesh-agent run` (same flags), for the testbed's own tests.
     #[command(hide = true)]
     Run(fake_agent::FakeAgentArgs),
@@ -104,6 +109,8 @@ fn main() -> Result<()> {
                 Cmd::Sink { listen } => tcp::sink(listen).await,
                 Cmd::Peer { listen } => tcp::peer(listen).await,
                 Cmd::Run(args) => fake_agent::run(args).await,
+                Cmd::GrpcEcho(args) => grpc::serve(args).await,
+                Cmd::Grpc(args) => grpc::client(args).await,
                 Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) | Cmd::Upgrade(_) => {
                     bail!("not a server")
                 }
