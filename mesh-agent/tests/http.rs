@@ -576,3 +576,98 @@ fn h2_rapid_reset_is_bounded_and_other_clients_keep_being_served() {
     assert!(curl_args(&tb, &[&url]).0, "served after the attack");
     tb.down().expect("down");
 }
+
+#[test]
+fn undeclared_ports_are_sniffed_http_per_request_and_server_first_tcp_unhindered() {
+    let svc = |name: &str, selector: &str, port: u16, target: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+             spec:\n  selector: {{app: {selector}}}\n  ports:\n  - {{port: {port}, targetPort: {target}}}\n"
+        )
+    };
+    let yaml = docs(&[
+        namespace("default", true),
+        pod_sa("default", "client", "node-1", "client", 9999),
+        web("web-1", "node-1", "v1"),
+        web("web-2", "node-2", "v2"),
+        web("web-3", "node-2", "v3"),
+        pod("default", "greeter", "node-2", &[("app", "greeter")], 7000),
+        // No port name, no appProtocol: undeclared.
+        svc("auto-web", "web", 80, 8080),
+        svc("auto-greeter", "greeter", 81, 7000),
+    ]);
+    let Some(tb) = up("http_sniff", 2, &[("app.yaml", &yaml)]) else {
+        return;
+    };
+    let _servers: Vec<_> = [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
+        .iter()
+        .map(|(p, v)| {
+            let args = [
+                "http",
+                "--listen",
+                "0.0.0.0:8080",
+                "--service",
+                "web",
+                "--version",
+                v,
+            ];
+            serve(&tb, p, &args)
+        })
+        .collect();
+    let _greeter = serve(&tb, "greeter", &["peer", "--listen", "0.0.0.0:7000"]);
+    let web = tb.service_ip("default", "auto-web").expect("svc");
+    // HTTP/1.1 on one keep-alive connection: sniffed, then balanced per request.
+    let url = format!("http://{web}/");
+    let nine: Vec<&str> = std::iter::repeat_n(url.as_str(), 9).collect();
+    let (ok, body) = curl_args(&tb, &nine);
+    assert!(ok, "{body}");
+    let split = versions(&body);
+    assert_eq!(
+        split.values().copied().collect::<Vec<_>>(),
+        vec![3, 3, 3],
+        "{split:?}"
+    );
+    // h2c with prior knowledge: sniffed as HTTP/2, spoken to the app as HTTP/2.
+    let (ok, body) = curl_args(&tb, &["--http2-prior-knowledge", &url]);
+    assert!(
+        ok && body.contains("\"http_version\":\"HTTP/2.0\""),
+        "{body}"
+    );
+    let text = node_metrics(&tb);
+    let http = [
+        ("reporter", "source"),
+        ("destination_service_name", "auto-web"),
+        ("request_protocol", "http"),
+    ];
+    assert_eq!(metric(&text, "istio_requests_total", &http), 10);
+    // A server-first protocol: the client sends nothing and waits for the greeting, which
+    // comes after the short detection wait, not never (the read gives up after 3 s).
+    let greeter = tb.service_ip("default", "auto-greeter").expect("svc");
+    let started = std::time::Instant::now();
+    let out = testapp_in(
+        &tb,
+        "client",
+        &[
+            "read",
+            "--connect",
+            &format!("{greeter}:81"),
+            "--keep-open",
+            "--timeout",
+            "3",
+        ],
+        Duration::from_secs(15),
+    )
+    .expect("read");
+    let greeting = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && greeting.trim().starts_with("10.244."),
+        "the server's greeting: {greeting:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    tb.down().expect("down");
+}

@@ -157,7 +157,9 @@ mod tests {
         };
         assert_eq!(protocol(&port(Some("tcp-db"), Some("http"))), "http");
         assert_eq!(protocol(&port(Some("grpc-api"), None)), "grpc");
-        assert_eq!(protocol(&port(Some("web"), None)), "tcp");
-        assert_eq!(protocol(&port(None, None)), "tcp");
+        assert_eq!(protocol(&port(Some("tcp-db"), None)), "tcp");
+        // Undeclared: detected per connection.
+        assert_eq!(protocol(&port(Some("web"), None)), "auto");
+        assert_eq!(protocol(&port(None, None)), "auto");
     }
 }

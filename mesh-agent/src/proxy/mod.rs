@@ -125,7 +125,9 @@ impl RouteTable {
                         .or_insert_with(|| Some(meta.clone()));
                 }
                 let protocol = protocol::AppProtocol::of(port);
-                let http = protocol.is_http().then(|| compiler.router(svc, port.port));
+                // Undeclared ports get both: each connection's first bytes choose.
+                let http = (protocol != protocol::AppProtocol::Tcp)
+                    .then(|| compiler.router(svc, port.port));
                 let tcp = if protocol.is_http() {
                     None
                 } else {

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 use super::connections::{ConnInfo, Direction, Progress, Protocol};
 use super::hbone::pool::Pool;
 use super::http::HttpConn;
-use super::protocol::AppProtocol;
+use super::protocol::{self, AppProtocol, Sniffed};
 use super::routing;
 use super::{Ended, LogEntry, ProxyInputs, Target, WorkloadStats};
 use crate::capture::OrigDstTable;
@@ -115,8 +115,29 @@ struct Upstream {
     local: Option<SocketAddr>,
 }
 
+/// How long an undeclared port waits for the client's first bytes before treating the
+/// connection as TCP (server-first protocols send nothing until the server speaks).
+const PROTOCOL_DETECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl Connection {
     async fn run(self, client: TcpStream) {
+        // An undeclared port: the client's first bytes say whether it speaks HTTP.
+        let detect = matches!(
+            self.inputs.routes.load().target(self.dst),
+            Target::Service(r) if r.protocol == AppProtocol::Detect
+        );
+        let sniffed = match detect {
+            true => match protocol::sniff(&client, PROTOCOL_DETECTION_TIMEOUT).await {
+                Sniffed::Tcp => None,
+                http => Some(http),
+            },
+            false => None,
+        };
+        self.run_as(client, sniffed).await;
+    }
+
+    /// `sniffed`: the HTTP version an undeclared port's client spoke, if it did.
+    async fn run_as(self, client: TcpStream, sniffed: Option<Sniffed>) {
         let proxy_stats = &self.inputs.stats;
         self.stats
             .outbound_connections
@@ -135,6 +156,19 @@ impl Connection {
                 route.stats.connections.fetch_add(1, Ordering::Relaxed);
                 let protocol = route.protocol;
                 drop(routes);
+                self.serve_http(client, protocol).await;
+                return;
+            }
+            // An undeclared port whose client spoke HTTP first.
+            Target::Service(route)
+                if route.protocol == AppProtocol::Detect && sniffed.is_some() =>
+            {
+                route.stats.connections.fetch_add(1, Ordering::Relaxed);
+                drop(routes);
+                let protocol = match sniffed {
+                    Some(Sniffed::Http2) => AppProtocol::Http2,
+                    _ => AppProtocol::Http,
+                };
                 self.serve_http(client, protocol).await;
                 return;
             }

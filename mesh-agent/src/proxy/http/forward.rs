@@ -98,7 +98,11 @@ impl Ctx {
             Some(_) => Some(InFlight(backend)),
             None => None,
         };
-        let h2 = backend.protocol.upstream_h2();
+        // An undeclared port speaks to the app as its client spoke to us.
+        let h2 = match backend.protocol {
+            AppProtocol::Detect => c.protocol == AppProtocol::Http2,
+            p => p.upstream_h2(),
+        };
         let version = req.version();
         // WebSocket and other HTTP/1.1 upgrades pass through: the request keeps its Upgrade
         // headers, and after a 101 the two connections are joined byte for byte.

@@ -165,6 +165,10 @@ pub struct ReadArgs {
     /// Read timeout in seconds (the connect timeout is 5 s).
     #[arg(long, default_value_t = 10)]
     timeout: u64,
+    /// Do not half-close: send nothing and wait for the server to speak first and close
+    /// (a server-first protocol's client).
+    #[arg(long, conflicts_with = "send")]
+    keep_open: bool,
 }
 
 fn connect(target: &str) -> Result<TcpStream> {
@@ -186,8 +190,10 @@ pub fn read(args: &ReadArgs) -> Result<()> {
         sock.write_all(text.as_bytes())
             .with_context(|| format!("sending to {}", args.connect))?;
     }
-    sock.shutdown(Shutdown::Write)
-        .with_context(|| format!("half-closing the connection to {}", args.connect))?;
+    if !args.keep_open {
+        sock.shutdown(Shutdown::Write)
+            .with_context(|| format!("half-closing the connection to {}", args.connect))?;
+    }
     let mut buf = Vec::new();
     sock.read_to_end(&mut buf)
         .with_context(|| format!("reading from {}", args.connect))?;
