@@ -19,7 +19,7 @@ struct Source {
     _dir: TempDir,
 }
 
-struct TempDir(std::path::PathBuf);
+pub(super) struct TempDir(std::path::PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -29,7 +29,7 @@ impl Drop for TempDir {
 
 /// A client from a kubeconfig file, as `Config::infer` builds it from KUBECONFIG (tests run
 /// in parallel, so not through the environment).
-async fn client_for(server: &FakeApiServer, tag: &str) -> (Client, TempDir) {
+pub(super) async fn client_for(server: &FakeApiServer, tag: &str) -> (Client, TempDir) {
     let dir = std::env::temp_dir().join(format!("nodemesh-kube-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
     let path = dir.join("kubeconfig");

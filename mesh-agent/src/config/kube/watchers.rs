@@ -235,7 +235,7 @@ async fn drive<K>(
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Note::Changed(kind),
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
             Err(watcher::Error::WatchError(status)) if status.code == 410 => Note::Expired(kind),
-            Err(e) => Note::Error(kind, error_chain(&e)),
+            Err(e) => Note::Error(kind, super::access::explain(kind, error_chain(&e))),
         };
         if notes.send(note).await.is_err() {
             debug!(
