@@ -185,5 +185,17 @@ impl Facts {
         }
     }
 }
+#[test]
+fn the_dockerfile_puts_mesh_agent_on_path() {
+    let path = deploy_dir().join("Dockerfile");
+    let text = std::fs::read_to_string(&path).expect("deploy/Dockerfile");
+    let copies = text.lines().any(|l| {
+        l.trim_start().starts_with("COPY") && l.trim_end().ends_with(" /usr/local/bin/mesh-agent")
+    });
+    assert!(
+        copies,
+        "deploy/Dockerfile must COPY the binary to /usr/local/bin/mesh-agent (the manifests run `mesh-agent`)"
+    );
+}
 
 mod mutations;
