@@ -8,12 +8,13 @@
 //! is a non-resource URL every authenticated client may read (the built-in `system:discovery`
 //! ClusterRole), so it needs no rule of ours.
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 #[cfg(test)]
 use super::watchers::KINDS;
 use super::watchers::{Kind, SECURITY_GROUP};
+use crate::config::model::ROOT_NAMESPACE;
 
 /// One RBAC-shaped permission: these verbs on this resource of this API group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -48,11 +49,16 @@ impl Kind {
             Kind::Service => typed::<Service>(),
             Kind::EndpointSlice => typed::<EndpointSlice>(),
             Kind::PeerAuthentication => (SECURITY_GROUP, "peerauthentications"),
+            Kind::MeshConfig => typed::<ConfigMap>(),
+        };
+        let namespace = match self {
+            Kind::MeshConfig => Some(ROOT_NAMESPACE),
+            _ => None,
         };
         ApiAccess {
             group,
             resource,
-            namespace: None,
+            namespace,
             verbs: WATCH,
         }
     }
@@ -78,9 +84,13 @@ pub fn explain(kind: Kind, error: String) -> String {
     } else {
         a.group.to_owned()
     };
+    let (scope, role) = match a.namespace {
+        Some(ns) => (format!("in namespace {ns}"), "Role"),
+        None => ("cluster-wide".to_owned(), "ClusterRole"),
+    };
     format!(
-        "{error} (the agent's service account needs {} on {} in {group}, cluster-wide: \
-         the ClusterRole nodemesh-agent in deploy/ grants it)",
+        "{error} (the agent's service account needs {} on {} in {group}, {scope}: the {role} \
+         nodemesh-agent in deploy/ grants it)",
         a.verbs.join(", "),
         a.resource
     )
