@@ -189,3 +189,18 @@ fn a_ca_service_that_misses_the_ca_is_named() {
         "Service nodemesh-system/nodemesh-ca must select the CA's pods and target its port 15012",
     );
 }
+
+#[test]
+fn a_namespaced_grant_without_its_binding_is_named() {
+    let p = problems_after(|docs| docs.retain(|d| !matches!(d.object, Object::RoleBinding(_))));
+    expect(
+        &p,
+        "lacks `watch` on configmaps (core group) in namespace nodemesh-system, which its code \
+         requests",
+    );
+    expect(
+        &p,
+        "deploy/base/agent-rbac.yaml document 4 (Role nodemesh-system/nodemesh-agent): bound to \
+         nobody",
+    );
+}
