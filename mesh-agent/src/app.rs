@@ -35,8 +35,9 @@ pub struct RunArgs {
     pub manifests: Option<PathBuf>,
 
     /// Kubernetes mode (preview): watch the API server (Namespaces, Pods, Services,
-    /// EndpointSlices, PeerAuthentications) with the in-cluster service account or
-    /// KUBECONFIG. Ready after the first full sync; invalid objects are skipped and logged.
+    /// EndpointSlices, PeerAuthentications, the MeshConfig ConfigMap) with the in-cluster
+    /// service account or KUBECONFIG. Ready after the first full sync; invalid objects are
+    /// skipped and logged.
     /// Pods are not enrolled yet: finding their network namespace (CNI) is to come.
     #[arg(long)]
     pub kubernetes: bool,

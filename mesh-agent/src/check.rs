@@ -23,23 +23,25 @@ fn check(name: &str, ok: bool, detail: impl Into<String>, hint: &str) -> Check {
     }
 }
 
-const CAP_NET_ADMIN: u32 = 12;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_BPF: u32 = 39;
+/// The capabilities the agent needs (bit, name): CAP_BPF to load programs and make maps,
+/// CAP_NET_ADMIN for cgroup/tc attachment, SO_MARK, IP_TRANSPARENT and the routing rules in
+/// pods' namespaces, CAP_SYS_ADMIN for setns into them and for mounting bpffs. deploy/'s
+/// DaemonSet grants exactly these (checked by `deploy_tests`).
+pub const REQUIRED_CAPS: [(u32, &str); 3] = [
+    (39, "CAP_BPF"),
+    (12, "CAP_NET_ADMIN"),
+    (21, "CAP_SYS_ADMIN"),
+];
 
 pub fn run_checks() -> Vec<Check> {
     let mut out = Vec::new();
 
     let caps = crate::sys::effective_caps().unwrap_or(0);
-    let missing: Vec<&str> = [
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-    ]
-    .iter()
-    .filter(|(bit, _)| caps & (1u64 << bit) == 0)
-    .map(|(_, n)| *n)
-    .collect();
+    let missing: Vec<&str> = REQUIRED_CAPS
+        .iter()
+        .filter(|(bit, _)| caps & (1u64 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect();
     out.push(check(
         "privileges",
         missing.is_empty(),

@@ -7,6 +7,8 @@ mod capture;
 mod check;
 mod cli;
 mod config;
+#[cfg(test)]
+mod deploy_tests;
 mod identity;
 mod proxy;
 mod sys;

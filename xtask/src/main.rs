@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod setup;
 mod test_cmd;
 mod testbed_cmd;
@@ -35,6 +36,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Manage a local testbed: nodes and pods as network namespaces, one agent per node.
     Testbed(testbed_cmd::TestbedArgs),
+    /// Build the container image of deploy/Dockerfile (release binary, then docker, podman or
+    /// buildah; without one, leaves the build context and says where).
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,5 +58,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo(args) => demo::run(&args),
         Cmd::Bench(args) => bench::run(&args),
         Cmd::Testbed(args) => testbed_cmd::run(args),
+        Cmd::Image(args) => image::run(&args),
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: make a fresh machine ready to build and test nodemesh.
 //!
 //! Idempotent and quick when everything is present. Steps: nightly rust-src, bpf-linker built
-//! against the nightly's own libLLVM, Debian packages used by tests/benchmarks/demo, bpffs and
+//! against the nightly's own libLLVM, Debian packages used by tests/benchmarks/demo, kubectl
+//! (for rendering deploy/'s profiles; Debian's kubernetes-client when none is there), bpffs and
 //! cgroup2 mounts, and a final check that the eBPF toolchain runs.
 
 use anyhow::{Context, Result, bail};
@@ -29,6 +30,7 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     rust_src().context("setup step rust-src")?;
     bpf_linker(args.force).context("setup step bpf-linker")?;
     apt_packages(args.skip_apt).context("setup step apt packages")?;
+    kubectl(args.skip_apt).context("setup step kubectl")?;
     bpffs().context("setup step bpffs")?;
     cgroup2().context("setup step cgroup2")?;
     final_check().context("setup step toolchain check")?;
@@ -261,6 +263,11 @@ fn apt_packages(skip: bool) -> Result<()> {
         report(step, &format!("skipped (--skip-apt); missing: {list}"));
         return Ok(());
     }
+    apt_install(step, &list)
+}
+
+/// `apt-get update` and `apt-get install` of `list` (space-separated), as root.
+fn apt_install(step: &str, list: &str) -> Result<()> {
     need_root(step, &format!("apt-get install {list}"))?;
     report(step, &format!("installing {list}"));
     // Keep package maintainer scripts from starting daemons (e.g. prometheus) via invoke-rc.d.
@@ -273,6 +280,35 @@ fn apt_packages(skip: bool) -> Result<()> {
     );
     stream(cmd(&install).env(frontend.0, frontend.1))?;
     report(step, &format!("installed {list}"));
+    Ok(())
+}
+
+/// The first `name` on PATH.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// kubectl renders deploy/'s profiles in the tests (`kubectl kustomize`). Any kubectl will
+/// do; when there is none, Debian's kubernetes-client (kubectl 1.20, with the kustomize the
+/// profiles are written for).
+fn kubectl(skip: bool) -> Result<()> {
+    let step = "kubectl";
+    if let Some(path) = on_path("kubectl") {
+        report(step, &format!("ok (already present: {})", path.display()));
+        return Ok(());
+    }
+    if skip {
+        report(
+            step,
+            "skipped (--skip-apt); missing: kubectl (kubernetes-client)",
+        );
+        return Ok(());
+    }
+    apt_install(step, "kubernetes-client")?;
+    check(&mut cmd("kubectl version --client"))?;
     Ok(())
 }
 

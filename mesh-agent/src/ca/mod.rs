@@ -36,6 +36,19 @@ root.key mode 0600) and reused.\n\n\
 `ca issue` signs a certificate offline with the root on disk (tests, break-glass); `ca root` \
 prints the root, generating it if the state directory is empty.";
 
+/// What the CA asks of the Kubernetes API: nothing yet. It learns pods from a manifests
+/// directory and agents from static node tokens. Validating agents' projected tokens with
+/// TokenReview (issue 8 item 3) adds `create` on `tokenreviews` in `authentication.k8s.io`
+/// here, and deploy/'s RBAC test then requires the ClusterRole for it.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "read by the deploy/ RBAC test (deploy_tests::rbac)"
+    )
+)]
+pub const API_ACCESS: &[crate::config::kube::ApiAccess] = &[];
+
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
 pub const DEFAULT_SERVER_NAME: &str = "nodemesh-ca.nodemesh-system.svc";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";

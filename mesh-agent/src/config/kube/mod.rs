@@ -16,8 +16,13 @@
 //! a manifests directory there is no "last good" whole to fall back on, and one bad object in
 //! a cluster must not freeze every other change.
 
+mod access;
 mod rebuild;
 mod watchers;
+
+pub use access::ApiAccess;
+#[cfg(test)]
+pub use access::agent_api_access;
 
 use std::sync::Arc;
 

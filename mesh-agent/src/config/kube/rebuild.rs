@@ -18,7 +18,7 @@ use super::ResourceStatus;
 use super::watchers::{KINDS, Kind, Note, Stores};
 use crate::config::convert::{self, Input, Mode, Problem, istio};
 use crate::config::manifests::LoadStats;
-use crate::config::model::Snapshot;
+use crate::config::model::{MeshSettings, Snapshot};
 use crate::config::watch::ConfigStatus;
 
 /// Quiet time after a change before rebuilding: a rollout changes many objects at once.
@@ -181,6 +181,7 @@ impl Rebuild {
         let pods = self.stores.pods.state();
         let services = self.stores.services.state();
         let slices = self.stores.slices.state();
+        let mesh_config = self.stores.mesh_config.state();
         let dynamic = self.stores.peer_authentications();
         let mut invalid: Vec<InvalidObject> = Vec::new();
         let peer_auths: Vec<(ObjectKey, istio::PeerAuthentication)> = dynamic
@@ -234,7 +235,13 @@ impl Rebuild {
                 peer_auths
                     .iter()
                     .map(|(k, pa)| (k.clone(), Input::PeerAuthentication(pa))),
-            );
+            )
+            .chain(mesh_config.iter().map(|o| {
+                (
+                    ObjectKey::of(Kind::MeshConfig, &o.metadata),
+                    Input::ConfigMap(o),
+                )
+            }));
         let (mut snapshot, problems) = convert::build(inputs, Mode::Kubernetes);
         invalid.extend(
             problems
@@ -250,6 +257,7 @@ impl Rebuild {
             (Kind::Service, services.len()),
             (Kind::EndpointSlice, slices.len()),
             (Kind::PeerAuthentication, dynamic.len()),
+            (Kind::MeshConfig, mesh_config.len()),
         ];
         for (kind, n) in counts {
             let bad: HashSet<&str> = invalid
@@ -352,6 +360,12 @@ fn same_config(a: &Snapshot, b: &Snapshot) -> bool {
         && a.pods == b.pods
         && a.services == b.services
         && a.peer_authentications == b.peer_authentications
+        && same_mesh(&a.mesh, &b.mesh)
+}
+
+/// MeshSettings compared by what they say (as `/config_dump` shows them).
+fn same_mesh(a: &MeshSettings, b: &MeshSettings) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
 /// The API server's JSON of a PeerAuthentication, decoded like a manifest (unknown fields

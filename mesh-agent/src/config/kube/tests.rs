@@ -19,7 +19,7 @@ struct Source {
     _dir: TempDir,
 }
 
-struct TempDir(std::path::PathBuf);
+pub(super) struct TempDir(std::path::PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -29,7 +29,7 @@ impl Drop for TempDir {
 
 /// A client from a kubeconfig file, as `Config::infer` builds it from KUBECONFIG (tests run
 /// in parallel, so not through the environment).
-async fn client_for(server: &FakeApiServer, tag: &str) -> (Client, TempDir) {
+pub(super) async fn client_for(server: &FakeApiServer, tag: &str) -> (Client, TempDir) {
     let dir = std::env::temp_dir().join(format!("nodemesh-kube-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
     let path = dir.join("kubeconfig");
@@ -167,7 +167,7 @@ async fn first_sync_gates_the_snapshot_then_changes_follow() {
     // Everything but Services listed: nothing published, not synced, Service named.
     let st = src
         .status("the other kinds to sync", |s| {
-            s.resources.iter().filter(|r| r.synced).count() == 5
+            s.resources.iter().filter(|r| r.synced).count() == super::watchers::KINDS.len() - 1
         })
         .await;
     assert!(!st.synced && !resource(&st, "Service").synced, "{st:?}");
@@ -397,4 +397,79 @@ async fn peer_authentication_version_fallback_and_errors_per_kind() {
         pa.synced && pa.note.is_some() && pa.api_version.is_none(),
         "{pa:?}"
     );
+}
+
+fn mesh_config(ns: &str, name: &str, mesh: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": ns},
+           "data": {"mesh": mesh}})
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn mesh_config_comes_from_the_istio_config_map_of_the_root_namespace() {
+    let server = FakeApiServer::start().expect("fake API server");
+    // Only `istio` in nodemesh-system is MeshConfig; the watch does not even see the others.
+    server
+        .apply(mesh_config(
+            "default",
+            "istio",
+            "accessLogFile: /dev/stderr\n",
+        ))
+        .expect("cm");
+    server
+        .apply(mesh_config(
+            "nodemesh-system",
+            "other",
+            "accessLogFile: /dev/stderr\n",
+        ))
+        .expect("cm");
+    let mut src = start(server, "mesh").await;
+    let snap = src
+        .snapshot("the first snapshot", |s| s.generation >= 1)
+        .await;
+    assert!(snap.mesh.access_log.is_none() && snap.mesh.source.is_none());
+    let st = src.status.borrow().clone();
+    let cm = resource(&st, "ConfigMap");
+    assert_eq!(
+        (cm.objects, cm.selector.as_deref()),
+        (0, Some("metadata.name=istio"))
+    );
+
+    // The demo profile's MeshConfig turns access logs on, at runtime.
+    src.apply(mesh_config(
+        "nodemesh-system",
+        "istio",
+        "accessLogFile: /dev/stdout\n",
+    ));
+    let snap = src
+        .snapshot("access logs on", |s| s.mesh.access_log.is_some())
+        .await;
+    let log = snap.mesh.access_log.as_ref().expect("on");
+    assert_eq!(log.file, "/dev/stdout");
+    assert_eq!(
+        snap.mesh.source.as_deref(),
+        Some("ConfigMap nodemesh-system/istio data.mesh")
+    );
+
+    // A typo is skipped and named; the last valid MeshConfig is not kept (the object is
+    // skipped as a whole, as any invalid object), and the rest still applies.
+    src.apply(mesh_config(
+        "nodemesh-system",
+        "istio",
+        "accesLogFile: /dev/stdout\n",
+    ));
+    let st = src
+        .status("the invalid MeshConfig", |s| {
+            resource(s, "ConfigMap").invalid == 1
+        })
+        .await;
+    let error = resource(&st, "ConfigMap")
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        error.contains("ConfigMap nodemesh-system/istio") && error.contains("accesLogFile"),
+        "{error}"
+    );
+    src.snapshot("access logs off again", |s| s.mesh.access_log.is_none())
+        .await;
 }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::Store;
@@ -41,6 +41,8 @@ use tracing::{debug, info};
 
 use super::ResourceStatus;
 use crate::config::convert::SERVICE_NAME_LABEL;
+use crate::config::convert::mesh_config::CONFIG_MAP;
+use crate::config::model::ROOT_NAMESPACE;
 
 /// The watched kinds, in the order `/status` lists them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,15 +55,18 @@ pub enum Kind {
     Service,
     EndpointSlice,
     PeerAuthentication,
+    /// MeshConfig: the ConfigMap `istio` of the root namespace (field selector on the name).
+    MeshConfig,
 }
 
-pub const KINDS: [Kind; 6] = [
+pub const KINDS: [Kind; 7] = [
     Kind::Namespace,
     Kind::NodePod,
     Kind::Pod,
     Kind::Service,
     Kind::EndpointSlice,
     Kind::PeerAuthentication,
+    Kind::MeshConfig,
 ];
 
 impl Kind {
@@ -72,6 +77,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::MeshConfig => "ConfigMap",
         }
     }
 }
@@ -108,6 +114,8 @@ pub struct Stores {
     pub pods: Store<Pod>,
     pub services: Store<Service>,
     pub slices: Store<EndpointSlice>,
+    /// The `istio` ConfigMap of the root namespace, if any.
+    pub mesh_config: Store<ConfigMap>,
     /// Set once discovery found the served version.
     pub peer_authentications: Arc<Mutex<Option<Store<DynamicObject>>>>,
 }
@@ -141,6 +149,7 @@ fn selector(kind: Kind, node: &str) -> Option<String> {
         Kind::NodePod => Some(format!("spec.nodeName={node}")),
         // Only slices a Service owns; the others (custom controllers) mean nothing to us.
         Kind::EndpointSlice => Some(SERVICE_NAME_LABEL.into()),
+        Kind::MeshConfig => Some(format!("metadata.name={CONFIG_MAP}")),
         _ => None,
     }
 }
@@ -152,6 +161,9 @@ pub fn start(client: Client, node: &str, notes: mpsc::Sender<Note>) -> Stores {
         .clone()
         .fields(&selector(Kind::NodePod, node).unwrap_or_default());
     let slices = cfg.clone().labels(SERVICE_NAME_LABEL);
+    let mesh_config = cfg
+        .clone()
+        .fields(&selector(Kind::MeshConfig, node).unwrap_or_default());
     let stores = Stores {
         namespaces: spawn(
             Kind::Namespace,
@@ -185,6 +197,15 @@ pub fn start(client: Client, node: &str, notes: mpsc::Sender<Note>) -> Stores {
             Kind::EndpointSlice,
             Api::all(client.clone()),
             slices,
+            trim_meta,
+            &notes,
+        ),
+        // Only in the root namespace: the agent reads no other ConfigMap (and its RBAC is a
+        // Role there, not a ClusterRole).
+        mesh_config: spawn(
+            Kind::MeshConfig,
+            Api::namespaced(client.clone(), ROOT_NAMESPACE),
+            mesh_config,
             trim_meta,
             &notes,
         ),
@@ -235,7 +256,7 @@ async fn drive<K>(
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Note::Changed(kind),
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => continue,
             Err(watcher::Error::WatchError(status)) if status.code == 410 => Note::Expired(kind),
-            Err(e) => Note::Error(kind, error_chain(&e)),
+            Err(e) => Note::Error(kind, super::access::explain(kind, error_chain(&e))),
         };
         if notes.send(note).await.is_err() {
             debug!(

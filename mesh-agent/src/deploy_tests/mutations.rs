@@ -1,0 +1,206 @@
+//! The checks fail, and say where, when deploy/ drifts from the code: each test breaks one
+//! thing in a copy of the base and expects the problem that names it.
+
+use super::docs::{Doc, Object};
+use super::{base, workloads};
+
+fn problems_after(change: impl FnOnce(&mut Vec<Doc>)) -> Vec<String> {
+    let mut docs = base();
+    change(&mut docs);
+    workloads::check(&docs)
+}
+
+fn expect(problems: &[String], needle: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(needle)),
+        "expected a problem containing {needle:?}, got:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+fn cluster_role(docs: &mut [Doc]) -> &mut k8s_openapi::api::rbac::v1::ClusterRole {
+    docs.iter_mut()
+        .find_map(|d| match &mut d.object {
+            Object::ClusterRole(r) => Some(r),
+            _ => None,
+        })
+        .expect("a ClusterRole")
+}
+
+fn agent(docs: &mut [Doc]) -> &mut k8s_openapi::api::core::v1::PodTemplateSpec {
+    docs.iter_mut()
+        .find_map(|d| match &mut d.object {
+            Object::DaemonSet(ds) => Some(&mut ds.spec.template),
+            _ => None,
+        })
+        .expect("the agent DaemonSet")
+}
+
+fn agent_container(docs: &mut [Doc]) -> &mut k8s_openapi::api::core::v1::Container {
+    let spec = agent(docs).spec.as_mut().expect("pod spec");
+    &mut spec.containers[0]
+}
+
+#[test]
+fn a_verb_removed_from_the_cluster_role_is_named() {
+    let p = problems_after(|docs| {
+        let rules = cluster_role(docs).rules.as_mut().expect("rules");
+        let pods = rules
+            .iter_mut()
+            .find(|r| r.resources.iter().flatten().any(|x| x == "pods"))
+            .expect("a rule for pods");
+        pods.resources = Some(vec!["pods".into()]);
+        pods.verbs.retain(|v| v != "watch");
+    });
+    expect(
+        &p,
+        "ServiceAccount nodemesh-system/nodemesh-agent of the agent (mesh-agent/src/config/kube/access.rs) \
+         lacks `watch` on pods (core group) cluster-wide",
+    );
+    expect(&p, "lacks `list` on namespaces (core group) cluster-wide");
+}
+
+#[test]
+fn a_verb_added_to_the_cluster_role_is_named() {
+    let p = problems_after(|docs| {
+        let rules = cluster_role(docs).rules.as_mut().expect("rules");
+        rules[0].verbs.push("delete".into());
+    });
+    expect(
+        &p,
+        "deploy/base/agent-rbac.yaml document 2 (ClusterRole nodemesh-agent): grants `delete` on \
+         namespaces (core group) cluster-wide to ServiceAccount nodemesh-system/nodemesh-agent, \
+         which the code of the agent",
+    );
+}
+
+#[test]
+fn rbac_bound_to_the_wrong_account_is_named() {
+    let p = problems_after(|docs| {
+        for d in docs.iter_mut() {
+            if let Object::ClusterRoleBinding(b) = &mut d.object {
+                b.subjects.as_mut().expect("subjects")[0].name = "nodemesh-ca".into();
+            }
+        }
+    });
+    expect(
+        &p,
+        "ServiceAccount nodemesh-system/nodemesh-agent of the agent",
+    );
+    expect(
+        &p,
+        "to ServiceAccount nodemesh-system/nodemesh-ca, which the code of the CA",
+    );
+}
+
+#[test]
+fn an_argument_the_agent_does_not_know_is_named() {
+    let p = problems_after(|docs| {
+        let args = agent_container(docs).args.as_mut().expect("args");
+        args.push("--drain-timout=5s".into());
+    });
+    expect(&p, "the agent's CLI refuses `mesh-agent run --kubernetes");
+    expect(&p, "--drain-timout");
+}
+
+#[test]
+fn an_environment_variable_the_agent_does_not_read_is_named() {
+    let p = problems_after(|docs| {
+        let env = agent_container(docs).env.as_mut().expect("env");
+        env[0].name = "NODENAME".into();
+    });
+    expect(&p, "env NODENAME: `mesh-agent run` reads no such variable");
+}
+
+#[test]
+fn an_extra_capability_is_named() {
+    let p = problems_after(|docs| {
+        let sc = agent_container(docs)
+            .security_context
+            .as_mut()
+            .expect("securityContext");
+        let caps = sc.capabilities.as_mut().expect("capabilities");
+        caps.add.as_mut().expect("add").push("NET_RAW".into());
+    });
+    expect(&p, "add exactly [\"BPF\", \"NET_ADMIN\", \"SYS_ADMIN\"]");
+}
+
+#[test]
+fn a_probe_or_scrape_port_that_is_not_the_agents_is_named() {
+    let p = problems_after(|docs| {
+        let tpl = agent(docs);
+        let annotations = tpl.metadata.as_mut().and_then(|m| m.annotations.as_mut());
+        annotations
+            .expect("annotations")
+            .insert("prometheus.io/port".into(), "15090".into());
+        let c = &mut tpl.spec.as_mut().expect("spec").containers[0];
+        c.args
+            .as_mut()
+            .expect("args")
+            .push("--readiness-addr=0.0.0.0:15022".into());
+    });
+    expect(&p, "pod annotation prometheus.io/port must be \"15020\"");
+    expect(&p, "readinessProbe: httpGet /healthz/ready on 15022");
+}
+
+#[test]
+fn a_memory_limit_below_the_connection_budget_is_named() {
+    let p = problems_after(|docs| {
+        let args = agent_container(docs).args.as_mut().expect("args");
+        args.retain(|a| !a.starts_with("--max-connections"));
+    });
+    expect(&p, "is below the agent's worst case");
+}
+
+#[test]
+fn a_mesh_config_typo_is_named_by_the_agents_conversion() {
+    let p = problems_after(|docs| {
+        for d in docs.iter_mut() {
+            if let Object::ConfigMap(cm) = &mut d.object {
+                let data = cm.data.as_mut().expect("data");
+                data.insert("mesh".into(), "accesLogFile: /dev/stdout\n".into());
+            }
+        }
+    });
+    expect(
+        &p,
+        "deploy/base/mesh-config.yaml document 1 (ConfigMap nodemesh-system/istio)",
+    );
+    expect(&p, "accesLogFile");
+}
+
+#[test]
+fn a_ca_service_that_misses_the_ca_is_named() {
+    let p = problems_after(|docs| {
+        for d in docs.iter_mut() {
+            if let Object::Service(s) = &mut d.object {
+                let ports = s
+                    .spec
+                    .as_mut()
+                    .and_then(|s| s.ports.as_mut())
+                    .expect("ports");
+                ports[0].target_port =
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(15013));
+            }
+        }
+    });
+    expect(
+        &p,
+        "Service nodemesh-system/nodemesh-ca must select the CA's pods and target its port 15012",
+    );
+}
+
+#[test]
+fn a_namespaced_grant_without_its_binding_is_named() {
+    let p = problems_after(|docs| docs.retain(|d| !matches!(d.object, Object::RoleBinding(_))));
+    expect(
+        &p,
+        "lacks `watch` on configmaps (core group) in namespace nodemesh-system, which its code \
+         requests",
+    );
+    expect(
+        &p,
+        "deploy/base/agent-rbac.yaml document 4 (Role nodemesh-system/nodemesh-agent): bound to \
+         nobody",
+    );
+}
