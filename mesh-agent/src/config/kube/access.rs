@@ -4,7 +4,8 @@
 //! send to the fake API server (the test below), so a new watcher, or a new kind of request,
 //! cannot reach a cluster without its RBAC.
 //!
-//! Discovery (`GET /apis/security.istio.io/v1`, to find the served PeerAuthentication version)
+//! Discovery (`GET /apis/security.istio.io/v1` and the like, to find the served version of each
+//! Istio kind)
 //! is a non-resource URL every authenticated client may read (the built-in `system:discovery`
 //! ClusterRole), so it needs no rule of ours.
 
@@ -13,7 +14,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 #[cfg(test)]
 use super::watchers::KINDS;
-use super::watchers::{Kind, SECURITY_GROUP};
+use super::watchers::Kind;
 use crate::config::model::ROOT_NAMESPACE;
 
 /// One RBAC-shaped permission: these verbs on this resource of this API group.
@@ -48,7 +49,10 @@ impl Kind {
             Kind::NodePod | Kind::Pod => typed::<Pod>(),
             Kind::Service => typed::<Service>(),
             Kind::EndpointSlice => typed::<EndpointSlice>(),
-            Kind::PeerAuthentication => (SECURITY_GROUP, "peerauthentications"),
+            Kind::PeerAuthentication | Kind::VirtualService | Kind::DestinationRule => {
+                let istio = self.istio().expect("an Istio kind");
+                (istio.group, istio.plural)
+            }
             Kind::MeshConfig => typed::<ConfigMap>(),
         };
         let namespace = match self {

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::ResourceStatus;
 use super::watchers::{KINDS, Kind, Note, Stores};
-use crate::config::convert::{self, Input, Mode, Problem, istio};
+use crate::config::convert::{self, Input, Mode, Problem, istio, routing};
 use crate::config::manifests::LoadStats;
 use crate::config::model::{MeshSettings, Snapshot};
 use crate::config::watch::ConfigStatus;
@@ -182,21 +182,16 @@ impl Rebuild {
         let services = self.stores.services.state();
         let slices = self.stores.slices.state();
         let mesh_config = self.stores.mesh_config.state();
-        let dynamic = self.stores.peer_authentications();
+        let dynamic = self.stores.istio(Kind::PeerAuthentication);
+        let dynamic_vs = self.stores.istio(Kind::VirtualService);
+        let dynamic_dr = self.stores.istio(Kind::DestinationRule);
         let mut invalid: Vec<InvalidObject> = Vec::new();
-        let peer_auths: Vec<(ObjectKey, istio::PeerAuthentication)> = dynamic
-            .iter()
-            .filter_map(|o| {
-                let key = ObjectKey::of(Kind::PeerAuthentication, &o.metadata);
-                match decode_peer_authentication(o) {
-                    Ok(pa) => Some((key, pa)),
-                    Err(problem) => {
-                        invalid.push(InvalidObject { key, problem });
-                        None
-                    }
-                }
-            })
-            .collect();
+        let peer_auths: Vec<(ObjectKey, istio::PeerAuthentication)> =
+            decode_all(Kind::PeerAuthentication, &dynamic, &mut invalid);
+        let virtual_services: Vec<(ObjectKey, routing::VirtualService)> =
+            decode_all(Kind::VirtualService, &dynamic_vs, &mut invalid);
+        let destination_rules: Vec<(ObjectKey, routing::DestinationRule)> =
+            decode_all(Kind::DestinationRule, &dynamic_dr, &mut invalid);
         // This node's pods come only from the node's own watch (see `watchers`).
         let node = self.node.as_str();
         let elsewhere = |p: &&Arc<k8s_openapi::api::core::v1::Pod>| {
@@ -236,6 +231,16 @@ impl Rebuild {
                     .iter()
                     .map(|(k, pa)| (k.clone(), Input::PeerAuthentication(pa))),
             )
+            .chain(
+                virtual_services
+                    .iter()
+                    .map(|(k, vs)| (k.clone(), Input::VirtualService(vs))),
+            )
+            .chain(
+                destination_rules
+                    .iter()
+                    .map(|(k, dr)| (k.clone(), Input::DestinationRule(dr))),
+            )
             .chain(mesh_config.iter().map(|o| {
                 (
                     ObjectKey::of(Kind::MeshConfig, &o.metadata),
@@ -257,6 +262,8 @@ impl Rebuild {
             (Kind::Service, services.len()),
             (Kind::EndpointSlice, slices.len()),
             (Kind::PeerAuthentication, dynamic.len()),
+            (Kind::VirtualService, dynamic_vs.len()),
+            (Kind::DestinationRule, dynamic_dr.len()),
             (Kind::MeshConfig, mesh_config.len()),
         ];
         for (kind, n) in counts {
@@ -360,6 +367,8 @@ fn same_config(a: &Snapshot, b: &Snapshot) -> bool {
         && a.pods == b.pods
         && a.services == b.services
         && a.peer_authentications == b.peer_authentications
+        && a.virtual_services == b.virtual_services
+        && a.destination_rules == b.destination_rules
         && same_mesh(&a.mesh, &b.mesh)
 }
 
@@ -370,7 +379,28 @@ fn same_mesh(a: &MeshSettings, b: &MeshSettings) -> bool {
 
 /// The API server's JSON of a PeerAuthentication, decoded like a manifest (unknown fields
 /// aside): a wrong type is a problem at its field path.
-fn decode_peer_authentication(obj: &DynamicObject) -> Result<istio::PeerAuthentication, Problem> {
+/// Decodes every object of an Istio kind; the ones that do not decode are set aside, named.
+fn decode_all<T: serde::de::DeserializeOwned>(
+    kind: Kind,
+    objects: &[Arc<DynamicObject>],
+    invalid: &mut Vec<InvalidObject>,
+) -> Vec<(ObjectKey, T)> {
+    objects
+        .iter()
+        .filter_map(|o| {
+            let key = ObjectKey::of(kind, &o.metadata);
+            match decode_dynamic(o) {
+                Ok(v) => Some((key, v)),
+                Err(problem) => {
+                    invalid.push(InvalidObject { key, problem });
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+fn decode_dynamic<T: serde::de::DeserializeOwned>(obj: &DynamicObject) -> Result<T, Problem> {
     let value = serde_json::to_value(obj).map_err(|e| Problem::Decode {
         field: "(object)".into(),
         reason: e.to_string(),

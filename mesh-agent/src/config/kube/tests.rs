@@ -473,3 +473,82 @@ async fn mesh_config_comes_from_the_istio_config_map_of_the_root_namespace() {
     src.snapshot("access logs off again", |s| s.mesh.access_log.is_none())
         .await;
 }
+
+fn virtual_service(version: &str, subset: &str, regex: &str) -> Value {
+    json!({"apiVersion": format!("networking.istio.io/{version}"), "kind": "VirtualService",
+           "metadata": {"name": "reviews", "namespace": "shop"},
+           "spec": {"hosts": ["reviews"], "http": [
+               {"match": [{"uri": {"regex": regex}}],
+                "route": [{"destination": {"host": "reviews", "subset": subset}}]}]}})
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn routing_rules_are_watched_and_an_edit_changes_routing() {
+    use crate::config::routing::HttpAction;
+    let server = FakeApiServer::start().expect("fake API server");
+    // VirtualService only as v1beta1 (an older Istio), DestinationRule as v1.
+    server.serve_versions("networking.istio.io", "VirtualService", &["v1beta1"]);
+    server.apply(namespace("shop", true)).expect("ns");
+    server
+        .apply(service("shop", "reviews", "10.96.0.20", 9080))
+        .expect("svc");
+    server
+        .apply(
+            json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+                      "metadata": {"name": "reviews", "namespace": "shop"},
+                      "spec": {"host": "reviews", "subsets": [
+                          {"name": "v1", "labels": {"version": "v1"}},
+                          {"name": "v2", "labels": {"version": "v2"}}]}}),
+        )
+        .expect("dr");
+    server
+        .apply(virtual_service("v1beta1", "v1", "/r/.*"))
+        .expect("vs");
+    let subset = |s: &Snapshot| {
+        let vs = s.virtual_services.get(&id("shop", "reviews"))?;
+        match &vs.http.first()?.action {
+            HttpAction::Route(d) => d.first()?.destination.subset.clone(),
+            _ => None,
+        }
+    };
+    let mut src = start(server, "routing").await;
+    let snap = src
+        .snapshot("the VirtualService", |s| subset(s).as_deref() == Some("v1"))
+        .await;
+    assert_eq!(
+        snap.destination_rules[&id("shop", "reviews")].subsets.len(),
+        2
+    );
+    let st = src.status.borrow().clone();
+    assert_eq!(
+        resource(&st, "VirtualService").api_version.as_deref(),
+        Some("networking.istio.io/v1beta1")
+    );
+
+    // An edit reaches the snapshot.
+    src.apply(virtual_service("v1beta1", "v2", "/r/.*"));
+    src.snapshot("the edited route", |s| subset(s).as_deref() == Some("v2"))
+        .await;
+
+    // An invalid edit (a regex that does not compile) is skipped and named; the rest applies.
+    src.apply(virtual_service("v1beta1", "v1", "(unclosed"));
+    let st = src
+        .status("the invalid VirtualService", |s| {
+            resource(s, "VirtualService").invalid == 1
+        })
+        .await;
+    let error = resource(&st, "VirtualService")
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        error.contains("shop/reviews") && error.contains("regular expression"),
+        "{error}"
+    );
+    let snap = src.snapshots.borrow().clone();
+    assert!(
+        snap.virtual_services.is_empty(),
+        "the invalid rule is not half-applied"
+    );
+    assert_eq!(snap.destination_rules.len(), 1);
+}

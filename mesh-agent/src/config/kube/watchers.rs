@@ -55,18 +55,40 @@ pub enum Kind {
     Service,
     EndpointSlice,
     PeerAuthentication,
+    VirtualService,
+    DestinationRule,
     /// MeshConfig: the ConfigMap `istio` of the root namespace (field selector on the name).
     MeshConfig,
 }
 
-pub const KINDS: [Kind; 7] = [
+pub const KINDS: [Kind; 9] = [
     Kind::Namespace,
     Kind::NodePod,
     Kind::Pod,
     Kind::Service,
     Kind::EndpointSlice,
     Kind::PeerAuthentication,
+    Kind::VirtualService,
+    Kind::DestinationRule,
     Kind::MeshConfig,
+];
+
+/// An Istio kind: served only where Istio's CRDs are installed, in one of several versions,
+/// found by discovery.
+#[derive(Clone, Copy, Debug)]
+pub struct IstioKind {
+    pub group: &'static str,
+    /// Served versions we read, preferred first.
+    pub versions: &'static [&'static str],
+    /// The plural resource name.
+    pub plural: &'static str,
+}
+
+/// The Istio kinds the agent watches.
+pub const ISTIO_KINDS: [Kind; 3] = [
+    Kind::PeerAuthentication,
+    Kind::VirtualService,
+    Kind::DestinationRule,
 ];
 
 impl Kind {
@@ -77,7 +99,28 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
             Kind::MeshConfig => "ConfigMap",
+        }
+    }
+
+    /// Where an Istio kind is served; `None` for Kubernetes' own kinds.
+    pub fn istio(self) -> Option<IstioKind> {
+        let networking = |plural| IstioKind {
+            group: NETWORKING_GROUP,
+            versions: &NETWORKING_VERSIONS,
+            plural,
+        };
+        match self {
+            Kind::PeerAuthentication => Some(IstioKind {
+                group: SECURITY_GROUP,
+                versions: &SECURITY_VERSIONS,
+                plural: "peerauthentications",
+            }),
+            Kind::VirtualService => Some(networking("virtualservices")),
+            Kind::DestinationRule => Some(networking("destinationrules")),
+            _ => None,
         }
     }
 }
@@ -101,7 +144,10 @@ pub enum Note {
 pub const SECURITY_GROUP: &str = "security.istio.io";
 /// Served versions we read, preferred first.
 const SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
-/// How often to look again for PeerAuthentication when the API server does not serve it.
+/// Where the Istio routing kinds live.
+pub const NETWORKING_GROUP: &str = "networking.istio.io";
+const NETWORKING_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+/// How often to look again for an Istio kind when the API server does not serve it.
 const REDISCOVER: Duration = Duration::from_secs(60);
 /// Backoff between failed discoveries.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(5);
@@ -116,8 +162,9 @@ pub struct Stores {
     pub slices: Store<EndpointSlice>,
     /// The `istio` ConfigMap of the root namespace, if any.
     pub mesh_config: Store<ConfigMap>,
-    /// Set once discovery found the served version.
-    pub peer_authentications: Arc<Mutex<Option<Store<DynamicObject>>>>,
+    /// The Istio kinds ([`ISTIO_KINDS`], same order), each set once discovery found the
+    /// served version.
+    pub istio: [Arc<Mutex<Option<Store<DynamicObject>>>>; 3],
 }
 
 impl Stores {
@@ -128,7 +175,7 @@ impl Stores {
                 kind: k.name(),
                 api_version: match k {
                     Kind::EndpointSlice => Some("discovery.k8s.io/v1".into()),
-                    Kind::PeerAuthentication => None,
+                    Kind::PeerAuthentication | Kind::VirtualService | Kind::DestinationRule => None,
                     _ => Some("v1".into()),
                 },
                 selector: selector(k, node),
@@ -137,8 +184,12 @@ impl Stores {
             .collect()
     }
 
-    pub fn peer_authentications(&self) -> Vec<Arc<DynamicObject>> {
-        let slot = self.peer_authentications.lock();
+    /// The objects of an Istio kind (none while it is not served).
+    pub fn istio(&self, kind: Kind) -> Vec<Arc<DynamicObject>> {
+        let Some(i) = ISTIO_KINDS.iter().position(|k| *k == kind) else {
+            return Vec::new();
+        };
+        let slot = self.istio[i].lock();
         let slot = slot.unwrap_or_else(std::sync::PoisonError::into_inner);
         slot.as_ref().map(Store::state).unwrap_or_default()
     }
@@ -209,10 +260,12 @@ pub fn start(client: Client, node: &str, notes: mpsc::Sender<Note>) -> Stores {
             trim_meta,
             &notes,
         ),
-        peer_authentications: Arc::new(Mutex::new(None)),
+        istio: Default::default(),
     };
-    let slot = stores.peer_authentications.clone();
-    tokio::spawn(peer_authentications(client, cfg, slot, notes));
+    for (kind, slot) in ISTIO_KINDS.into_iter().zip(&stores.istio) {
+        let (client, cfg, slot, notes) = (client.clone(), cfg.clone(), slot.clone(), notes.clone());
+        tokio::spawn(istio_kind(kind, client, cfg, slot, notes));
+    }
     stores
 }
 
@@ -283,20 +336,21 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Finds the PeerAuthentication version served (v1, else v1beta1), then watches it. A
-/// cluster without Istio's CRDs is normal: the kind counts as synced and empty, and is looked
-/// for again every [`REDISCOVER`].
-async fn peer_authentications(
+/// Finds the version of an Istio kind served (the first of its versions), then watches it.
+/// A cluster without Istio's CRDs is normal: the kind counts as synced and empty, and is
+/// looked for again every [`REDISCOVER`].
+async fn istio_kind(
+    kind: Kind,
     client: Client,
     cfg: watcher::Config,
     slot: Arc<Mutex<Option<Store<DynamicObject>>>>,
     notes: mpsc::Sender<Note>,
 ) {
-    let kind = Kind::PeerAuthentication;
+    let Some(istio) = kind.istio() else { return };
     loop {
-        let (note, wait) = match served_version(&client).await {
+        let (note, wait) = match served_version(&client, istio).await {
             Ok(Some(version)) => {
-                let api_version = format!("{SECURITY_GROUP}/{version}");
+                let api_version = format!("{}/{version}", istio.group);
                 info!(kind = kind.name(), %api_version, "watching");
                 if notes
                     .send(Note::Served(kind, Some(api_version)))
@@ -305,7 +359,7 @@ async fn peer_authentications(
                 {
                     return;
                 }
-                let gvk = GroupVersionKind::gvk(SECURITY_GROUP, version, kind.name());
+                let gvk = GroupVersionKind::gvk(istio.group, version, kind.name());
                 let ar = ApiResource::from_gvk(&gvk);
                 let writer = Writer::new(ar.clone());
                 *slot
@@ -328,20 +382,18 @@ async fn peer_authentications(
     }
 }
 
-/// The first of [`SECURITY_VERSIONS`] that serves `peerauthentications`; `None` if none
-/// does (404: the group or version is not there).
-async fn served_version(client: &Client) -> Result<Option<&'static str>, kube::Error> {
-    for version in SECURITY_VERSIONS {
+/// The first of the kind's versions that serves it; `None` if none does (404: the group or
+/// version is not there).
+async fn served_version(
+    client: &Client,
+    istio: IstioKind,
+) -> Result<Option<&'static str>, kube::Error> {
+    for &version in istio.versions {
         match client
-            .list_api_group_resources(&format!("{SECURITY_GROUP}/{version}"))
+            .list_api_group_resources(&format!("{}/{version}", istio.group))
             .await
         {
-            Ok(list)
-                if list
-                    .resources
-                    .iter()
-                    .any(|r| r.name == "peerauthentications") =>
-            {
+            Ok(list) if list.resources.iter().any(|r| r.name == istio.plural) => {
                 return Ok(Some(version));
             }
             Ok(_) => {}
