@@ -194,8 +194,8 @@ fn istio_routing_rules_route_real_requests() {
         args.extend_from_slice(extra);
         serve(&tb, pod, &args)
     };
-    let _servers = [
-        serve_as("productpage-v1", "productpage", "v1", &[]),
+    let mut servers = [
+        serve_as("productpage-v1", "productpage", "v1", &["--log-requests"]),
         serve_as("reviews-v1", "reviews", "v1", &[]),
         serve_as("reviews-v2", "reviews", "v2", &[]),
         serve_as("reviews-v3", "reviews", "v3", &[]),
@@ -469,6 +469,77 @@ apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: rev
             .to_ascii_lowercase()
             .contains("x-served-by: nodemesh"),
         "{headers}"
+    );
+
+    // Mirroring: every request to flaky is copied to productpage with a `-shadow` authority;
+    // the client gets flaky's answer.
+    apply(
+        &mut tb,
+        "flaky.yaml",
+        &(flaky_vs(
+            "  - route:\n    - destination: {host: flaky, subset: ok}\n    mirror: {host: productpage}\n    mirrorPercentage: {value: 100}\n",
+        ) + "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: flaky\nspec:\n  host: flaky\n  \
+               subsets:\n  - name: ok\n    labels: {version: ok}\n"),
+    );
+    let (status, body, _) = get(&tb, &flaky_url("/mirrored-1"), &[]);
+    assert!(
+        status == 200 && body.contains("\"service\":\"flaky\""),
+        "{body}"
+    );
+    let line = servers[0]
+        .wait_for_line("request GET /mirrored-1", Duration::from_secs(5))
+        .expect("the mirrored copy reaches productpage");
+    assert!(line.ends_with(&format!("host={flaky}-shadow")), "{line}");
+
+    // CORS: a preflight from an allowed origin is answered by the agent; an allowed origin's
+    // request gets Access-Control-Allow-Origin; another origin gets nothing.
+    apply(
+        &mut tb,
+        "vs.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: bookinfo\nspec:\n  hosts: [productpage]\n  http:\n  \
+- corsPolicy:\n      allowOrigins: [{exact: \"https://example.com\"}]\n      allowMethods: [GET, POST]\n      \
+allowHeaders: [x-custom]\n      maxAge: 1h\n      allowCredentials: true\n    route:\n    - destination: {host: productpage}\n",
+    );
+    let head = |extra: &[&str]| {
+        let mut args = vec!["-D", "-", "-o", "/dev/null"];
+        args.extend_from_slice(extra);
+        get(&tb, &pp_url("/productpage"), &args)
+            .1
+            .to_ascii_lowercase()
+    };
+    let preflight = head(&[
+        "-X",
+        "OPTIONS",
+        "-H",
+        "Origin: https://example.com",
+        "-H",
+        "Access-Control-Request-Method: POST",
+    ]);
+    for h in [
+        "access-control-allow-origin: https://example.com",
+        "access-control-allow-methods: get,post",
+        "access-control-allow-headers: x-custom",
+        "access-control-max-age: 3600",
+        "access-control-allow-credentials: true",
+    ] {
+        assert!(
+            preflight.contains(h),
+            "{h} in the preflight answer:\n{preflight}"
+        );
+    }
+    assert!(
+        !preflight.contains("content-type: application/json"),
+        "answered by the agent, not the app"
+    );
+    let allowed = head(&["-H", "Origin: https://example.com"]);
+    assert!(
+        allowed.contains("access-control-allow-origin: https://example.com"),
+        "{allowed}"
+    );
+    let other = head(&["-H", "Origin: https://evil.example"]);
+    assert!(
+        other.starts_with("http/1.1 200") && !other.contains("access-control-allow-origin"),
+        "{other}"
     );
 
     // `tcp[]` routes on a TCP port: every connection to the subset the rule names (the

@@ -63,6 +63,8 @@ pub struct BenchArgs {
 /// Extra time a load generator gets beyond its nominal duration before it is killed.
 const SLACK: Duration = Duration::from_secs(30);
 const WARMUP_S: u32 = 1;
+/// Idle keep-alive connections held to measure their memory.
+const IDLE_CONNECTIONS: usize = 1000;
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     // /proc/self belongs to our effective uid.
@@ -99,7 +101,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             bail!("{tool} is not installed (cargo xtask setup installs it)");
         }
     }
-    let http = bed::HttpServer::pick(testapp);
+    let http = bed::HttpServer::pick(testapp.clone());
     let load_before = bed::loadavg()?;
     let date = date();
     let started = Instant::now();
@@ -123,11 +125,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         other_pid: agent_pid(&tb, "node-2")?,
         mtls: !args.plaintext,
         http: args.http,
+        testapp: &testapp,
     };
     let scenarios = vec![
         bench.scenario("same-node", &SERVERS[0])?,
         bench.scenario("cross-node", &SERVERS[1])?,
     ];
+    let idle = bench
+        .idle(&SERVERS[1], IDLE_CONNECTIONS)
+        .context("idle keep-alive connections")?;
     eprintln!("bench: stopping the servers and taking the testbed down");
     drop(servers);
     tb.down().context("taking the testbed down")?;
@@ -144,6 +150,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         elapsed_s: started.elapsed().as_secs_f64(),
         notes: markdown::notes(&http, load_before, args.quick, !args.plaintext, args.http),
         scenarios,
+        idle: Some(idle),
     };
     if let Some(dir) = output.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -220,9 +227,58 @@ struct Bench<'a> {
     mtls: bool,
     /// wrk through the HTTP path (the `http` port) rather than L4 (`tcp-web`).
     http: bool,
+    testapp: &'a std::path::Path,
 }
 
 impl Bench<'_> {
+    /// Both agents' memory before and while the mesh client holds `n` idle connections to
+    /// `server`'s Service (after one request each on the HTTP path).
+    fn idle(&self, server: &ServerPod, n: usize) -> Result<report::IdleMemory> {
+        let (_, cluster_ip) = bed::targets(self.tb, server.name)?;
+        let port = if self.http {
+            bed::MESH_HTTP_PORT
+        } else {
+            bed::HTTP_PORT
+        };
+        let before_kib = [bed::rss_kib(self.agent_pid)?, bed::rss_kib(self.other_pid)?];
+        let connect = format!("{cluster_ip}:{port}");
+        let count = n.to_string();
+        let mut args = vec![
+            "hold",
+            "--connect",
+            &connect,
+            "--connections",
+            &count,
+            "--seconds",
+            "300",
+        ];
+        if self.http {
+            args.push("--http");
+        }
+        let mut holder = self
+            .tb
+            .spawn_in_pod(&Self::client(Mode::Mesh), self.testapp, &args)
+            .context("starting mesh-testapp hold")?;
+        holder
+            .wait_for_line("holding", Duration::from_secs(120))
+            .context("waiting for the connections to be open")?;
+        // Let the agents settle (connections registered, buffers shrunk after the request).
+        std::thread::sleep(Duration::from_secs(2));
+        let holding_kib = [bed::rss_kib(self.agent_pid)?, bed::rss_kib(self.other_pid)?];
+        drop(holder);
+        let idle = report::IdleMemory {
+            connections: n,
+            before_kib,
+            holding_kib,
+        };
+        let per = idle.per_connection_kib();
+        eprintln!(
+            "bench: {n} idle connections: client's agent {:.1} KiB each, server's agent {:.1} KiB each",
+            per[0], per[1]
+        );
+        Ok(idle)
+    }
+
     fn scenario(&self, title: &'static str, server: &ServerPod) -> Result<Scenario> {
         let (pod_ip, cluster_ip) = bed::targets(self.tb, server.name)?;
         let description = format!(

@@ -213,6 +213,8 @@ struct ConfigDump<'a> {
     services: Vec<&'a crate::config::model::Service>,
     pods: Vec<&'a crate::config::model::Pod>,
     peer_authentications: Vec<&'a crate::config::model::PeerAuthentication>,
+    virtual_services: Vec<&'a crate::config::routing::VirtualService>,
+    destination_rules: Vec<&'a crate::config::routing::DestinationRule>,
     /// What is taken from MeshConfig (access log), and from where.
     mesh: &'a crate::config::model::MeshSettings,
     /// The mTLS mode PeerAuthentication gives each meshed pod of this node (pod level, before
@@ -397,6 +399,8 @@ pub fn handle(
                 services: snap.services.values().collect(),
                 pods: snap.pods.values().collect(),
                 peer_authentications: snap.peer_authentications.values().collect(),
+                virtual_services: snap.virtual_services.values().map(|v| &**v).collect(),
+                destination_rules: snap.destination_rules.values().map(|d| &**d).collect(),
                 mesh: &snap.mesh,
                 effective_mtls: snap
                     .enrolled_pods(&view.node)
@@ -407,7 +411,7 @@ pub fn handle(
         }
         "/" => text(
             StatusCode::OK,
-            "nodemesh admin: /healthz/ready /status /config_dump /workloads /certs /stats /stats/prometheus /logging\n"
+            "nodemesh admin: /healthz/ready /status /config_dump /workloads /certs /connections /routes /stats /stats/prometheus /logging\n"
                 .into(),
         ),
         other => text(

@@ -319,6 +319,35 @@ pub struct Fault {
     pub abort: Option<FaultAbort>,
 }
 
+/// `corsPolicy`: Envoy's CORS filter for one rule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CorsPolicy {
+    /// Origins allowed (`allowOrigins`, and the deprecated exact `allowOrigin`).
+    pub allow_origins: Vec<StringMatch>,
+    pub allow_methods: Vec<String>,
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<Duration>,
+    pub allow_credentials: bool,
+    /// `unmatchedPreflights: IGNORE`: a preflight from an origin not allowed is answered
+    /// without CORS headers instead of being forwarded (`FORWARD`, the default).
+    pub ignore_unmatched_preflights: bool,
+}
+
+impl CorsPolicy {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allow_origins.iter().any(|m| m.matches(origin, false))
+    }
+}
+
+/// A copy of each request (of `percent` of them) sent to another destination, its answer
+/// ignored (`mirror` / `mirrors`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Mirror {
+    pub destination: Destination,
+    pub percent: Percent,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HttpRoute {
     pub name: Option<String>,
@@ -331,6 +360,8 @@ pub struct HttpRoute {
     /// `None`: Istio's default policy applies.
     pub retries: Option<Retries>,
     pub fault: Option<Fault>,
+    pub cors: Option<CorsPolicy>,
+    pub mirrors: Vec<Mirror>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

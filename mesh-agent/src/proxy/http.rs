@@ -105,7 +105,7 @@ const RESET: &str = "upstream connect error or disconnect/reset before headers. 
 impl Ctx {
     /// One request: routed by the VirtualService in force (or straight to the Service),
     /// then answered by the agent (404 `NR`, redirect, direct response, fault) or forwarded.
-    async fn request(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn request(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let c = &self.conn;
         let routes = c.inputs.routes.load_full();
@@ -190,6 +190,15 @@ impl Ctx {
         // Istio labels requests with the Service they were routed to.
         done.labels.service = Some(backend.meta.clone());
         let hash = routing::hash_key(&backend.policy, &head, c.src);
+        // CORS: preflights are answered here, allowed origins get their response headers.
+        let mut cors_headers = None;
+        if let Some(cors) = rule.as_ref().and_then(|r| r.rule.cors.as_ref()) {
+            match rules::cors(cors, &req) {
+                rules::Cors::Preflight(reply) => return self.local_reply(done, reply),
+                rules::Cors::Allowed(ops) => cors_headers = Some(ops),
+                rules::Cors::Plain => {}
+            }
+        }
         if let Some(rule) = &rule
             && let Some(fault) = &rule.rule.fault
             && let Some(reply) = rules::fault(fault, &mut done).await
@@ -201,6 +210,13 @@ impl Ctx {
             rules::apply(&rule.rule.headers.request, req.headers_mut());
         }
         rules::apply(&target.headers.request, req.headers_mut());
+        if let Some(rule) = &rule {
+            for (mirror, percent) in &rule.mirrors {
+                if rules::hit(*percent) {
+                    self.mirror(&req, mirror, &routes);
+                }
+            }
+        }
         let plan = forward::Plan {
             routes,
             backend,
@@ -210,6 +226,7 @@ impl Ctx {
             response_headers: [
                 rule.as_ref().map(|r| r.rule.headers.response.clone()),
                 Some(target.headers.response.clone()),
+                cors_headers,
             ],
         };
         self.forward(req, plan, done).await

@@ -260,6 +260,8 @@ pub struct CompiledRule {
     pub rule: r::HttpRoute,
     pub targets: Vec<Arc<RouteTarget>>,
     total_weight: u32,
+    /// Where copies of requests go, and for what percentage of them.
+    pub mirrors: Vec<(Arc<RouteTarget>, r::Percent)>,
 }
 
 impl CompiledRule {
@@ -540,11 +542,24 @@ impl<'a> Compiler<'a> {
                         _ => Vec::new(),
                     };
                     let total_weight = targets.iter().map(|t| t.weight).sum();
+                    let mirrors = rule
+                        .mirrors
+                        .iter()
+                        .map(|m| {
+                            let target = Arc::new(RouteTarget {
+                                backend: self.destination(&m.destination, svc, port),
+                                weight: 100,
+                                headers: r::Headers::default(),
+                            });
+                            (target, m.percent)
+                        })
+                        .collect();
                     Arc::new(CompiledRule {
                         index,
                         rule: rule.clone(),
                         targets,
                         total_weight,
+                        mirrors,
                     })
                 })
                 .collect();

@@ -284,6 +284,16 @@ pub fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Resident set size (VmRSS) of a process now, in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no VmRSS line in {path}"))
+}
+
 /// Peak resident set size (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Result<u64> {
     let path = format!("/proc/{pid}/status");

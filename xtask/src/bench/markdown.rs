@@ -229,6 +229,13 @@ pub fn document(r: &Report) -> String {
             let _ = writeln!(out, "### Targets\n\n{}", targets_table(s));
         }
     }
+    if let Some(idle) = &r.idle {
+        let _ = writeln!(
+            out,
+            "{}",
+            idle_section(idle, r.scenarios.first().is_some_and(|s| s.http))
+        );
+    }
     out.push_str("## Notes\n\n");
     for n in &r.notes {
         let _ = writeln!(out, "- {n}");
@@ -247,6 +254,47 @@ pub fn document(r: &Report) -> String {
     out.push_str("\n## Every run\n\n");
     for s in &r.scenarios {
         let _ = writeln!(out, "### {}\n\n{}", s.title, samples_table(s));
+    }
+    out
+}
+
+/// What idle keep-alive connections cost each agent.
+fn idle_section(idle: &super::report::IdleMemory, http: bool) -> String {
+    let per = idle.per_connection_kib();
+    let mut out = format!(
+        "## Idle keep-alive connections\n\n`mesh-testapp hold` in the mesh client pod opens {} \
+         connections to the cross-node server's Service{}, then keeps them idle; each agent's \
+         resident memory (VmRSS) before and while they are held:\n\n\
+         | agent | RSS before | RSS holding | per connection |\n|---|---|---|---|\n",
+        idle.connections,
+        if http {
+            " (one HTTP/1.1 request each, on the HTTP port)"
+        } else {
+            " (L4 port, no request)"
+        }
+    );
+    for (i, name) in ["client's (node-1)", "server's (node-2)"]
+        .iter()
+        .enumerate()
+    {
+        let _ = writeln!(
+            out,
+            "| {name} | {:.1} MiB | {:.1} MiB | {:.1} KiB |",
+            idle.before_kib[i] as f64 / 1024.0,
+            idle.holding_kib[i] as f64 / 1024.0,
+            per[i]
+        );
+    }
+    if http {
+        let t = super::report::idle_target(idle);
+        let _ = writeln!(
+            out,
+            "\nTarget (L7 issue): {} {}: {} — {}\n",
+            t.name,
+            t.required,
+            t.got,
+            if t.pass { "pass" } else { "FAIL" }
+        );
     }
     out
 }

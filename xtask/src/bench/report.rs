@@ -110,6 +110,27 @@ pub struct Scenario {
     pub errors: Vec<String>,
 }
 
+/// What idle keep-alive connections cost the agents: their resident memory before and while
+/// a client holds `connections` open (each after one request on the HTTP path).
+#[derive(Clone, Debug, Default)]
+pub struct IdleMemory {
+    pub connections: usize,
+    /// VmRSS in KiB: [client's agent, server's agent].
+    pub before_kib: [u64; 2],
+    pub holding_kib: [u64; 2],
+}
+
+impl IdleMemory {
+    /// KiB per connection, for each agent.
+    pub fn per_connection_kib(&self) -> [f64; 2] {
+        let per = |i: usize| {
+            (self.holding_kib[i] as f64 - self.before_kib[i] as f64)
+                / self.connections.max(1) as f64
+        };
+        [per(0), per(1)]
+    }
+}
+
 pub struct Report {
     pub machine: Machine,
     pub date: String,
@@ -121,6 +142,8 @@ pub struct Report {
     pub elapsed_s: f64,
     pub notes: Vec<String>,
     pub scenarios: Vec<Scenario>,
+    /// Idle keep-alive connections to the cross-node server.
+    pub idle: Option<IdleMemory>,
 }
 
 /// One of the targets, evaluated.
@@ -222,12 +245,30 @@ fn http_targets(s: &Scenario) -> Vec<Target> {
     out
 }
 
+/// The L7 issue's memory target: at most 16 KB per idle keep-alive connection in either agent.
+pub fn idle_target(idle: &IdleMemory) -> Target {
+    let [client, server] = idle.per_connection_kib();
+    let worst = client.max(server) * 1.024; // KiB to kB
+    Target {
+        name: "agent memory per idle keep-alive connection (the larger of the two agents)",
+        required: "≤ 16 KB".into(),
+        got: format!("{worst:.1} KB"),
+        pass: worst <= 16.0,
+    }
+}
+
 /// Whether every target holds (false if there is no cross-node scenario).
 pub fn all_targets_pass(r: &Report) -> bool {
-    r.scenarios
-        .iter()
-        .find(|s| s.title == "cross-node")
-        .is_some_and(|s| targets(s).iter().all(|t| t.pass))
+    let http = r.scenarios.first().is_some_and(|s| s.http);
+    let idle_ok = match (&r.idle, http) {
+        (Some(i), true) => idle_target(i).pass,
+        _ => true,
+    };
+    idle_ok
+        && r.scenarios
+            .iter()
+            .find(|s| s.title == "cross-node")
+            .is_some_and(|s| targets(s).iter().all(|t| t.pass))
 }
 
 #[cfg(test)]

@@ -68,12 +68,37 @@ struct HttpRoute {
     timeout: Option<String>,
     retries: Option<Retries>,
     fault: Option<Fault>,
-    mirror: Option<Value>,
-    mirrors: Option<Value>,
-    mirror_percent: Option<Value>,
-    mirror_percentage: Option<Value>,
-    cors_policy: Option<Value>,
+    mirror: Option<Destination>,
+    #[serde(default)]
+    mirrors: Vec<MirrorPolicy>,
+    mirror_percent: Option<i64>,
+    mirror_percentage: Option<Percentage>,
+    cors_policy: Option<CorsPolicy>,
     headers: Option<Headers>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct MirrorPolicy {
+    destination: Option<Destination>,
+    percentage: Option<Percentage>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CorsPolicy {
+    #[serde(default)]
+    allow_origins: Vec<StringMatch>,
+    #[serde(default)]
+    allow_origin: Vec<String>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    max_age: Option<String>,
+    allow_credentials: Option<bool>,
+    unmatched_preflights: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -613,17 +638,8 @@ impl At<'_> {
     }
 
     fn http_route(&mut self, h: &HttpRoute, ns: &str, field: &str) -> Option<r::HttpRoute> {
-        for (v, name) in [
-            (&h.delegate, "delegate"),
-            (&h.mirror, "mirror"),
-            (&h.mirrors, "mirrors"),
-            (&h.mirror_percent, "mirrorPercent"),
-            (&h.mirror_percentage, "mirrorPercentage"),
-            (&h.cors_policy, "corsPolicy"),
-        ] {
-            if v.is_some() {
-                self.unsupported(format!("{field}.{name}"), name);
-            }
+        if h.delegate.is_some() {
+            self.unsupported(format!("{field}.delegate"), "delegate");
         }
         let matches = h
             .matches
@@ -698,7 +714,102 @@ impl At<'_> {
                 .fault
                 .as_ref()
                 .map(|f| self.fault(f, &format!("{field}.fault"))),
+            cors: h
+                .cors_policy
+                .as_ref()
+                .map(|c| self.cors(c, &format!("{field}.corsPolicy"))),
+            mirrors: self.mirrors(h, ns, field),
         })
+    }
+
+    fn cors(&mut self, c: &CorsPolicy, field: &str) -> r::CorsPolicy {
+        let mut allow_origins: Vec<r::StringMatch> = c
+            .allow_origins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                self.string_match(m, &format!("{field}.allowOrigins[{i}]"), false, false)
+            })
+            .collect();
+        allow_origins.extend(c.allow_origin.iter().map(|o| match o.as_str() {
+            // The deprecated list's `*` means any origin.
+            "*" => r::StringMatch::Present,
+            o => r::StringMatch::Exact(o.to_owned()),
+        }));
+        let token = |at: &mut Self, list: &[String], name: &str| -> Vec<String> {
+            for (i, v) in list.iter().enumerate() {
+                if hyper::header::HeaderValue::from_str(v).is_err() || v.contains(',') {
+                    let reason = format!("{v:?} is not a single header token");
+                    at.bad(format!("{field}.{name}[{i}]"), reason);
+                }
+            }
+            list.to_vec()
+        };
+        let ignore = match c.unmatched_preflights.as_deref() {
+            None | Some("UNSPECIFIED" | "FORWARD") => false,
+            Some("IGNORE") => true,
+            Some(o) => {
+                let reason = format!("{o:?} is not FORWARD or IGNORE");
+                self.bad(format!("{field}.unmatchedPreflights"), reason);
+                false
+            }
+        };
+        r::CorsPolicy {
+            allow_origins,
+            allow_methods: token(self, &c.allow_methods, "allowMethods"),
+            allow_headers: token(self, &c.allow_headers, "allowHeaders"),
+            expose_headers: token(self, &c.expose_headers, "exposeHeaders"),
+            max_age: self.duration(c.max_age.as_deref(), &format!("{field}.maxAge")),
+            allow_credentials: c.allow_credentials.unwrap_or(false),
+            ignore_unmatched_preflights: ignore,
+        }
+    }
+
+    /// `mirror` with `mirrorPercentage` (or the deprecated `mirrorPercent`), and `mirrors`.
+    fn mirrors(&mut self, h: &HttpRoute, ns: &str, field: &str) -> Vec<r::Mirror> {
+        let mut out = Vec::new();
+        if h.mirror.is_some() && !h.mirrors.is_empty() {
+            self.bad(field, "set only one of mirror, mirrors");
+        }
+        let mut one = |at: &mut Self, d: &Destination, percent: f64, f: String| {
+            let route = [RouteDestination {
+                destination: Some(Destination {
+                    host: d.host.clone(),
+                    subset: d.subset.clone(),
+                    port: d.port.as_ref().map(|p| PortSelector { number: p.number }),
+                }),
+                weight: None,
+                headers: None,
+            }];
+            if let Some(wd) = at.destinations(&route, ns, &f).pop() {
+                out.push(r::Mirror {
+                    destination: wd.destination,
+                    percent,
+                });
+            }
+        };
+        if let Some(m) = &h.mirror {
+            let percent = self.percent(
+                h.mirror_percentage.as_ref(),
+                h.mirror_percent,
+                &format!("{field}.mirrorPercentage.value"),
+            );
+            one(self, m, percent, format!("{field}.mirror"));
+        }
+        for (i, m) in h.mirrors.iter().enumerate() {
+            let f = format!("{field}.mirrors[{i}]");
+            let Some(d) = &m.destination else {
+                self.bad(format!("{f}.destination"), "missing");
+                continue;
+            };
+            let percent = self.percent(
+                m.percentage.as_ref(),
+                None,
+                &format!("{f}.percentage.value"),
+            );
+            one(self, d, percent, format!("{f}.destination"));
+        }
+        out
     }
 
     fn redirect(&mut self, rd: &Redirect, field: &str) -> Option<r::Redirect> {

@@ -100,8 +100,8 @@ fn problems_name_the_field_and_the_value() {
             "field spec.http[0]: needs one of route, redirect, directResponse",
         ),
         (
-            "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n    mirror: {host: r2}\n",
-            "field spec.http[0].mirror: mirror is not supported by nodemesh yet",
+            "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n    delegate: {name: r2}\n",
+            "field spec.http[0].delegate: delegate is not supported by nodemesh yet",
         ),
         (
             "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n    fault: {abort: {httpStatus: 99}}\n",
@@ -114,6 +114,14 @@ fn problems_name_the_field_and_the_value() {
         (
             "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n    rewrite: {uri: /a}\n    rewritten: true\n",
             "field spec.http[0].rewritten: unknown field of VirtualService",
+        ),
+        (
+            "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n    mirror: {host: m}\n    mirrorPercentage: {value: 150}\n",
+            "field spec.http[0].mirrorPercentage.value: 150 is not a percentage",
+        ),
+        (
+            "  hosts: [r]\n  http:\n  - route: [{destination: {host: r}}]\n    corsPolicy: {unmatchedPreflights: DROP}\n",
+            "field spec.http[0].corsPolicy.unmatchedPreflights: \"DROP\" is not FORWARD or IGNORE",
         ),
         (
             "  hosts: [r]\n  http:\n  - redirect: {uri: /a, redirectCode: 200}\n",

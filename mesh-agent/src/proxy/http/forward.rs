@@ -37,7 +37,7 @@ pub struct Plan {
     /// The rule's retry policy; `None`: Istio's default.
     pub retries: Option<Retries>,
     pub timeout: Option<Duration>,
-    pub response_headers: [Option<HeaderOps>; 2],
+    pub response_headers: [Option<HeaderOps>; 3],
 }
 
 /// A request slot in the backend's connection pool, given back on drop.
@@ -78,6 +78,83 @@ enum Tried {
 }
 
 impl Ctx {
+    /// Sends a copy of a bodiless request to `target`, with `-shadow` appended to its
+    /// authority (Envoy's convention); the answer is read and dropped, failures only logged.
+    pub(super) fn mirror(
+        self: &Arc<Self>,
+        req: &Request<Incoming>,
+        target: &Arc<crate::proxy::routing::RouteTarget>,
+        routes: &Arc<RouteTable>,
+    ) {
+        let Ok(backend) = &target.backend else { return };
+        if !hyper::body::Body::is_end_stream(req.body()) {
+            return; // the body streams to the real destination only
+        }
+        let Some(picked) = backend.pick(None, &[]) else {
+            return;
+        };
+        let endpoint = picked.endpoint.addr;
+        let h2 = match backend.protocol {
+            AppProtocol::Detect => self.conn.protocol == AppProtocol::Http2,
+            p => p.upstream_h2(),
+        };
+        let mut copy = Request::new(Counted::new(Either::Right(Empty::new())));
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        let authority = crate::telemetry::access_log::request_authority(req).unwrap_or_default();
+        let shadow = match authority.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                format!("{host}-shadow:{port}")
+            }
+            _ => format!("{authority}-shadow"),
+        };
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&shadow) {
+            copy.headers_mut().insert(header::HOST, v);
+            if copy.uri().authority().is_some()
+                && let Ok(uri) = Uri::builder()
+                    .scheme("http")
+                    .authority(shadow.as_str())
+                    .path_and_query(copy.uri().path_and_query().map_or("/", |p| p.as_str()))
+                    .build()
+            {
+                *copy.uri_mut() = uri;
+            }
+        }
+        super::prepare_request(&mut copy, h2);
+        let identity = self
+            .conn
+            .hbone
+            .as_ref()
+            .and_then(|_| routes.identity(endpoint.ip()).cloned());
+        let ctx = self.clone();
+        let deadline = self.conn.inputs.connect_timeout * 2;
+        tokio::spawn(async move {
+            let c = &ctx.conn;
+            let sent = tokio::time::timeout(deadline, async {
+                let mut sender = ctx
+                    .upstreams
+                    .get(&c.pod, endpoint, identity.as_ref(), h2)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let resp = sender.send(copy).await.map_err(|e| e.to_string())?;
+                http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            })
+            .await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(pod = %c.pod, upstream = %endpoint, error = %e, "mirrored request failed")
+                }
+                Err(_) => debug!(pod = %c.pod, upstream = %endpoint, "mirrored request timed out"),
+            }
+        });
+    }
+
     pub(super) async fn forward(
         &self,
         mut req: Request<Incoming>,

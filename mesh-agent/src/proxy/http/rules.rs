@@ -5,7 +5,9 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 
 use super::{Done, Reply};
-use crate::config::routing::{Fault, HeaderOps, HttpMatch, HttpRoute, Redirect, StringMatch};
+use crate::config::routing::{
+    CorsPolicy, Fault, HeaderOps, HttpMatch, HttpRoute, Redirect, StringMatch,
+};
 use crate::telemetry::metrics::ResponseFlags;
 
 /// Applies `remove`, then `set`, then `add` (Envoy's order); invalid names and values were
@@ -122,7 +124,7 @@ pub fn redirect<B>(rd: &Redirect, req: &Request<B>, authority: Option<&str>, por
     reply
 }
 
-fn hit(percent: f64) -> bool {
+pub fn hit(percent: f64) -> bool {
     percent >= 100.0 || fastrand::f64() * 100.0 < percent
 }
 
@@ -139,4 +141,80 @@ pub async fn fault(f: &Fault, done: &mut Done) -> Option<Reply> {
     let mut reply = Reply::new(status, ResponseFlags::FaultInjected, "fault filter abort");
     reply.grpc_status = a.grpc_status;
     Some(reply)
+}
+
+/// What a rule's CORS policy makes of a request.
+pub enum Cors {
+    /// Not a cross-origin request (no `Origin`), or an origin the policy does not allow on
+    /// a normal request: passed on as is.
+    Plain,
+    /// A preflight the agent answers itself.
+    Preflight(Reply),
+    /// An allowed cross-origin request: these response headers are added.
+    Allowed(HeaderOps),
+}
+
+/// Envoy's CORS filter for one request.
+pub fn cors<B>(policy: &CorsPolicy, req: &Request<B>) -> Cors {
+    let Some(origin) = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Cors::Plain;
+    };
+    let allowed = policy.allows(origin);
+    let preflight = req.method() == hyper::Method::OPTIONS
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut ops = HeaderOps::default();
+    if allowed {
+        ops.set
+            .push(("access-control-allow-origin".into(), origin.to_owned()));
+        if policy.allow_credentials {
+            ops.set
+                .push(("access-control-allow-credentials".into(), "true".into()));
+        }
+    }
+    match (preflight, allowed) {
+        (true, true) => {
+            let mut reply = Reply::new(StatusCode::OK, ResponseFlags::None, "");
+            let mut set = |k: &str, v: String| {
+                if !v.is_empty() {
+                    ops.set.push((k.to_owned(), v));
+                }
+            };
+            set(
+                "access-control-allow-methods",
+                policy.allow_methods.join(","),
+            );
+            set(
+                "access-control-allow-headers",
+                policy.allow_headers.join(","),
+            );
+            set(
+                "access-control-max-age",
+                policy
+                    .max_age
+                    .map(|d| d.as_secs().to_string())
+                    .unwrap_or_default(),
+            );
+            reply.headers = ops;
+            Cors::Preflight(reply)
+        }
+        (true, false) if policy.ignore_unmatched_preflights => {
+            Cors::Preflight(Reply::new(StatusCode::OK, ResponseFlags::None, ""))
+        }
+        (false, true) => {
+            if !policy.expose_headers.is_empty() {
+                ops.set.push((
+                    "access-control-expose-headers".into(),
+                    policy.expose_headers.join(","),
+                ));
+            }
+            Cors::Allowed(ops)
+        }
+        _ => Cors::Plain,
+    }
 }

@@ -60,6 +60,9 @@ pub struct HttpArgs {
     /// Status of every answer without a `status` query parameter (a failing backend: 503).
     #[arg(long, default_value_t = 200)]
     status: u16,
+    /// Print `request METHOD PATH host=HOST` on stdout for every request.
+    #[arg(long)]
+    log_requests: bool,
 }
 
 fn parse_call(s: &str) -> Result<(String, String)> {
@@ -78,6 +81,7 @@ struct Config {
     calls: Vec<(String, String)>,
     resolve: BTreeMap<String, String>,
     status: StatusCode,
+    log_requests: bool,
 }
 
 pub async fn serve(args: HttpArgs) -> Result<()> {
@@ -92,6 +96,7 @@ pub async fn serve(args: HttpArgs) -> Result<()> {
         resolve: args.resolve.into_iter().collect(),
         status: StatusCode::from_u16(args.status)
             .with_context(|| format!("--status {}", args.status))?,
+        log_requests: args.log_requests,
     });
     loop {
         let (stream, peer) = listener.accept().await.context("accepting")?;
@@ -134,6 +139,16 @@ async fn handle(
     peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
+    if cfg.log_requests {
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        println!("request {} {path} host={host}", req.method());
+    }
     if req
         .headers()
         .get(hyper::header::UPGRADE)

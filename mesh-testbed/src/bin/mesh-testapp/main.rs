@@ -4,6 +4,7 @@
 
 mod fake_agent;
 mod grpc;
+mod hold;
 mod http;
 mod tcp;
 
@@ -48,6 +49,8 @@ enum Cmd {
     /// Client: an HTTP/1.1 `Upgrade: echo` request, then a message echoed through the
     /// upgraded connection (how WebSocket crosses a proxy).
     Upgrade(tcp::UpgradeArgs),
+    /// Opens many connections (optionally one HTTP request each) and keeps them idle.
+    Hold(hold::HoldArgs),
     /// Hostile HTTP/2 client: opens streams and resets them at once, in a loop.
     RapidReset(tcp::RapidResetArgs),
     /// gRPC echo server (tonic): unary, and bidirectional streaming.
@@ -114,6 +117,7 @@ fn main() -> Result<()> {
                 Cmd::GrpcEcho(args) => grpc::serve(args).await,
                 Cmd::Grpc(args) => grpc::client(args).await,
                 Cmd::RapidReset(args) => tcp::rapid_reset(args).await,
+                Cmd::Hold(args) => hold::hold(args).await,
                 Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) | Cmd::Upgrade(_) => {
                     bail!("not a server")
                 }
