@@ -7,6 +7,10 @@
 //!   agent (both ends on the node) kept about 7 MB of buffers resident. Here each direction
 //!   starts at [`INITIAL_BUFFER`] and doubles, up to the configured maximum, only when a read
 //!   fills the buffer: bulk transfers still move 64 KiB per read.
+//! - An idle connection holds no buffer at all: while a direction waits for data it reads into
+//!   a small stack buffer and writes straight from it; a heap buffer exists only while data
+//!   is queued behind a slow writer or a transfer keeps filling reads. Thousands of idle
+//!   keep-alive connections then cost the agent their sockets' and tasks' memory only.
 //! - tokio returns only an error when either direction fails, losing the byte counts; the
 //!   telemetry wants the bytes moved before a reset as well.
 //!
@@ -24,8 +28,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::connections::Progress;
 
-/// What each direction's buffer starts at: one TLS record's worth.
+/// What each direction's heap buffer starts at: one TLS record's worth.
 pub const INITIAL_BUFFER: usize = 16 * 1024;
+/// The stack buffer an idle direction reads into: most requests and responses fit.
+const STACK_READ: usize = 4 * 1024;
 
 /// The outcome of [`relay`]: bytes moved each way, and the error that ended it, if any.
 #[derive(Debug)]
@@ -87,8 +93,8 @@ impl Direction {
     fn new(max: usize) -> Self {
         let max = max.max(1);
         Direction {
-            // Allocated here, not lazily: a connection that is relayed at all carries data.
-            buf: vec![0; INITIAL_BUFFER.min(max)].into_boxed_slice(),
+            // No heap buffer until data queues up (see the module doc).
+            buf: Box::default(),
             max,
             pos: 0,
             filled: 0,
@@ -119,17 +125,30 @@ impl Direction {
                 }
                 Stage::Copying => {
                     if self.pos == self.filled && !self.read_eof {
-                        match self.poll_fill(cx, r) {
+                        let polled = if self.buf.is_empty() {
+                            self.poll_through_stack(cx, r, w, progress)
+                        } else {
+                            self.poll_fill(cx, r)
+                        };
+                        match polled {
                             Poll::Ready(r) => r?,
                             Poll::Pending => {
-                                // Nothing to read now: push out what was written so far.
+                                // Nothing to read now (or the writer took only part of a
+                                // stack read, now queued): push out what was written so far.
                                 if self.need_flush {
                                     ready!(Pin::new(&mut *w).poll_flush(cx))?;
                                     self.need_flush = false;
                                 }
+                                // Drained and waiting: give a small buffer back (a grown one
+                                // stays while the transfer goes on).
+                                if self.pos == self.filled && self.buf.len() <= INITIAL_BUFFER {
+                                    self.buf = Box::default();
+                                    (self.pos, self.filled) = (0, 0);
+                                }
                                 return Poll::Pending;
                             }
                         }
+                        continue;
                     }
                     while self.pos < self.filled {
                         let n = ready!(
@@ -150,6 +169,59 @@ impl Direction {
                     }
                 }
             }
+        }
+    }
+
+    /// Without a heap buffer: reads into the stack and writes straight from it. What the writer
+    /// does not take now is queued in a new heap buffer; a read that filled the stack buffer
+    /// (more is coming) switches to the heap buffer for the next reads.
+    fn poll_through_stack<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut R,
+        w: &mut W,
+        progress: &AtomicU64,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut stack = [0u8; STACK_READ];
+        let limit = STACK_READ.min(self.max);
+        let mut rb = ReadBuf::new(&mut stack[..limit]);
+        ready!(Pin::new(&mut *r).poll_read(cx, &mut rb))?;
+        let data = rb.filled();
+        if data.is_empty() {
+            self.read_eof = true;
+            return Poll::Ready(Ok(()));
+        }
+        let mut written = 0;
+        while written < data.len() {
+            match Pin::new(&mut *w).poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    self.moved += n as u64;
+                    progress.fetch_add(n as u64, Ordering::Relaxed);
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        let rest = &data[written..];
+        let full = data.len() == limit;
+        if !rest.is_empty() || full {
+            let mut buf = vec![0; INITIAL_BUFFER.min(self.max).max(rest.len())];
+            buf[..rest.len()].copy_from_slice(rest);
+            self.buf = buf.into_boxed_slice();
+            (self.pos, self.filled) = (0, rest.len());
+        }
+        if rest.is_empty() {
+            Poll::Ready(Ok(()))
+        } else {
+            // The writer registered the waker; the rest waits in the heap buffer.
+            Poll::Pending
         }
     }
 
@@ -221,14 +293,21 @@ mod tests {
         let (mut client, mut a) = duplex(1 << 20);
         let mut d = Direction::new(64 * 1024);
         let (mut sink, _keep) = duplex(1 << 20);
-        // Small writes: the buffer stays at its initial size.
+        // Idle, and small writes: no heap buffer at all (read on the stack, written through).
+        poll_fn(|cx| {
+            let _ = d.poll(cx, &mut a, &mut sink, &AtomicU64::new(0));
+            Poll::Ready(())
+        })
+        .await;
+        assert!(d.buf.is_empty());
         client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         poll_fn(|cx| {
             let _ = d.poll(cx, &mut a, &mut sink, &AtomicU64::new(0));
             Poll::Ready(())
         })
         .await;
-        assert_eq!(d.buf.len(), INITIAL_BUFFER);
+        assert!(d.buf.is_empty(), "{}", d.buf.len());
+        assert_eq!(d.moved, 18);
         // A bulk write fills it: it doubles up to the maximum, never beyond.
         client.write_all(&pattern(512 * 1024)).await.unwrap();
         poll_fn(|cx| {
@@ -238,6 +317,41 @@ mod tests {
         .await;
         assert_eq!(d.buf.len(), 64 * 1024);
         assert_eq!(d.moved, 18 + 512 * 1024);
+    }
+
+    #[tokio::test]
+    async fn a_slow_writer_queues_the_rest_and_the_buffer_goes_when_drained() {
+        let (mut client, mut a) = duplex(1 << 20);
+        // The writer takes at most 1000 bytes before it must be read.
+        let (mut sink, mut reader) = duplex(1000);
+        let mut d = Direction::new(64 * 1024);
+        client.write_all(&pattern(3000)).await.unwrap();
+        poll_fn(|cx| {
+            let _ = d.poll(cx, &mut a, &mut sink, &AtomicU64::new(0));
+            Poll::Ready(())
+        })
+        .await;
+        assert_eq!(
+            (d.buf.len(), d.filled - d.pos),
+            (INITIAL_BUFFER, 2000),
+            "the rest is queued"
+        );
+        let mut got = Vec::new();
+        while got.len() < 3000 {
+            let mut chunk = [0u8; 1000];
+            let n = reader.read(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk[..n]);
+            poll_fn(|cx| {
+                let _ = d.poll(cx, &mut a, &mut sink, &AtomicU64::new(0));
+                Poll::Ready(())
+            })
+            .await;
+        }
+        assert_eq!(got, pattern(3000), "in order, nothing lost");
+        assert!(
+            d.buf.is_empty(),
+            "drained and idle: the buffer is given back"
+        );
     }
 
     #[tokio::test]
