@@ -468,26 +468,9 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         unix,
         args.admin_socket.clone(),
     ));
-    let mut cni_rx = crate::cni::server::start(crate::cni::server::CniServerInputs {
-        socket: args.cni_socket(),
-        node: args.node.clone(),
-        snapshot: snap_rx.clone(),
-        view: state.view.clone(),
-    })?;
+    // Pod sandboxes the CNI plugin reports: where each pod's network namespace is.
+    let mut cni_rx = crate::cni::start(&args, snap_rx.clone(), state.view.clone())?;
     enroller.set_node_netns(cni_rx.clone());
-    if let (Some(bin_dir), Some(conf_dir)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
-        let install = crate::cni::install::InstallArgs {
-            bin_dir: bin_dir.clone(),
-            conf_dir: conf_dir.clone(),
-            agent_socket: args.cni_socket(),
-            timeout: "30s".into(),
-            exclude_namespaces: crate::cni::DEFAULT_EXCLUDED.map(String::from).to_vec(),
-        };
-        tokio::spawn(crate::cni::install::keep_installed(
-            install,
-            Duration::from_secs(10),
-        ));
-    }
 
     // Before the first full sync the config says nothing: reconciling would unenroll the
     // pods a previous agent left enrolled (and fail them open).

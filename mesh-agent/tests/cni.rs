@@ -63,7 +63,9 @@ fn cni_add_enrolls_before_returning_and_fails_closed_without_the_agent() {
     let mut agent = Agent::new(&server, "main", &rt.socket());
     agent.start();
 
-    // Installed as a DaemonSet would: the binary as nodemesh-cni, chained after the bridge.
+    // Installed by hand (`mesh-agent cni install`): the binary as nodemesh-cni, chained after
+    // the bridge.
+    let bridge_only = std::fs::read(rt.conf_dir().join("10-bridge.conflist")).expect("conflist");
     let out = std::process::Command::new(AGENT)
         .args(["cni", "install", "--timeout", "10s", "--bin-dir"])
         .arg(rt.bin_dir())
@@ -78,13 +80,7 @@ fn cni_add_enrolls_before_returning_and_fails_closed_without_the_agent() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let types: Vec<String> = rt.conflist()["plugins"]
-        .as_array()
-        .expect("plugins")
-        .iter()
-        .map(|p| p["type"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    assert_eq!(types, ["bridge", "nodemesh-cni"]);
+    assert_eq!(rt.chain(), ["bridge", "nodemesh-cni"]);
 
     // ADD of a meshed pod returns only once the agent shows it enrolled in its netns.
     let mut web = rt.sandbox("shop", "web");
@@ -189,12 +185,28 @@ fn cni_add_enrolls_before_returning_and_fails_closed_without_the_agent() {
         Some("pending".into())
     );
 
-    // A restarted agent re-enrolls the pods it had from its record, without the CNI.
+    // A restarted agent re-enrolls the pods it had from its record, without the CNI. This
+    // one keeps the plugin chained itself, as the DaemonSet's does: the cluster's CNI
+    // rewriting its conflist (without our entry) does not unchain it for long.
     agent.stop();
+    std::fs::write(rt.conf_dir().join("10-bridge.conflist"), &bridge_only).expect("rewrite");
+    let (bin, conf) = (rt.bin_dir(), rt.conf_dir());
+    agent.extra_args = vec![
+        format!("--cni-bin-dir={}", bin.display()),
+        format!("--cni-conf-dir={}", conf.display()),
+    ];
     agent.start();
     agent.wait("shop/late re-enrolled after a restart", |a| {
         a.state_of("shop", "late") == Some(("enrolled".into(), late.netns.clone()))
     });
+    agent.wait("the plugin chained by the agent", |_| {
+        rt.chain() == ["bridge", "nodemesh-cni"]
+    });
+    std::fs::write(rt.conf_dir().join("10-bridge.conflist"), &bridge_only).expect("rewrite");
+    agent.wait("the plugin chained again", |_| {
+        rt.chain() == ["bridge", "nodemesh-cni"]
+    });
+    assert!(agent.log().contains("appended again"), "{}", agent.log());
 
     // The agent gone: ADD fails for a pod of an enrolled namespace with a CNI error naming
     // the socket, passes for a namespace the agent's list says is not enrolled; DEL succeeds.

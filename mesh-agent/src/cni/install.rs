@@ -124,6 +124,9 @@ pub fn primary_config(conf_dir: &Path) -> Result<PathBuf> {
     })
 }
 
+/// Top-level fields of a config file, values kept as written.
+type Fields = BTreeMap<String, Box<RawValue>>;
+
 /// A conflist with its plugins and other fields kept as written.
 struct ConfList {
     plugins: Vec<Box<RawValue>>,
@@ -133,11 +136,8 @@ struct ConfList {
 
 impl ConfList {
     /// A conflist (`Some`), or a single plugin config (`None`, with its top-level fields).
-    fn parse(
-        path: &Path,
-        text: &[u8],
-    ) -> Result<(Option<ConfList>, BTreeMap<String, Box<RawValue>>)> {
-        let mut doc: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(text)
+    fn parse(path: &Path, text: &[u8]) -> Result<(Option<ConfList>, Fields)> {
+        let mut doc: Fields = serde_json::from_slice(text)
             .with_context(|| format!("{}: not a JSON object", path.display()))?;
         let Some(plugins) = doc.remove("plugins") else {
             return Ok((None, doc));

@@ -50,6 +50,13 @@ pub mod server;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::admin::ControlView;
+use crate::config::model::Snapshot;
 
 /// The plugin's `type` in a conflist, and its executable's name in the CNI bin directory.
 pub const PLUGIN_TYPE: &str = "nodemesh-cni";
@@ -57,6 +64,32 @@ pub const PLUGIN_TYPE: &str = "nodemesh-cni";
 pub const DEFAULT_SOCKET: &str = "/var/run/nodemesh/cni.sock";
 /// Namespaces whose pods start when the agent is unreachable and cannot be asked.
 pub const DEFAULT_EXCLUDED: [&str; 2] = ["kube-system", crate::config::model::ROOT_NAMESPACE];
+
+/// `run`'s CNI side, on the control runtime: the socket (and the registry it feeds, returned),
+/// and with `--cni-bin-dir`/`--cni-conf-dir` the plugin kept installed, checked every 10 s.
+pub fn start(
+    args: &crate::app::RunArgs,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    view: watch::Receiver<Arc<ControlView>>,
+) -> anyhow::Result<watch::Receiver<Arc<registry::CniPods>>> {
+    let reports = server::start(server::CniServerInputs {
+        socket: args.cni_socket(),
+        node: args.node.clone(),
+        snapshot,
+        view,
+    })?;
+    if let (Some(bin_dir), Some(conf_dir)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
+        let install = install::InstallArgs {
+            bin_dir: bin_dir.clone(),
+            conf_dir: conf_dir.clone(),
+            agent_socket: args.cni_socket(),
+            timeout: "30s".into(),
+            exclude_namespaces: DEFAULT_EXCLUDED.map(String::from).to_vec(),
+        };
+        tokio::spawn(install::keep_installed(install, Duration::from_secs(10)));
+    }
+    Ok(reports)
+}
 
 /// The agent's namespace list for the fail-closed rule, beside the socket.
 pub fn namespaces_file(socket: &Path) -> PathBuf {

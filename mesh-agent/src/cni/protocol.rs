@@ -302,7 +302,8 @@ mod tests {
 
     #[test]
     fn fields_are_checked_and_named() {
-        let cases: [(fn(&mut Request), &str); 8] = [
+        type Change = fn(&mut Request);
+        let cases: [(Change, &str); 8] = [
             (|r| r.version = 2, "protocol version 2"),
             (
                 |r| r.pod_namespace = "Shop".into(),

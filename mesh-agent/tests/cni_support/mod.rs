@@ -104,6 +104,16 @@ impl Runtime {
         self.dir.join("cni.sock")
     }
 
+    /// The plugin types of the conflist, in order.
+    pub fn chain(&self) -> Vec<String> {
+        let list = self.conflist();
+        let plugins = list["plugins"].as_array().cloned().unwrap_or_default();
+        plugins
+            .iter()
+            .map(|p| p["type"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     /// The config the runtime uses: the first file by name, as a conflist.
     pub fn conflist(&self) -> Value {
         let mut files: Vec<PathBuf> = std::fs::read_dir(self.conf_dir())
@@ -284,6 +294,8 @@ pub struct Agent {
     pub readiness: SocketAddr,
     cni_socket: PathBuf,
     kubeconfig: PathBuf,
+    /// Appended to `run`'s arguments.
+    pub extra_args: Vec<String>,
 }
 
 impl Agent {
@@ -305,6 +317,7 @@ impl Agent {
             readiness: free_port(),
             cni_socket: cni_socket.to_owned(),
             kubeconfig,
+            extra_args: Vec::new(),
         }
     }
 
@@ -327,6 +340,7 @@ impl Agent {
             .args(["--admin-addr", &self.admin.to_string()])
             .args(["--metrics-addr", &free_port().to_string()])
             .args(["--readiness-addr", &self.readiness.to_string()])
+            .args(&self.extra_args)
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
