@@ -37,8 +37,8 @@ pub struct RunArgs {
     /// Kubernetes mode (preview): watch the API server (Namespaces, Pods, Services,
     /// EndpointSlices, PeerAuthentications, the MeshConfig ConfigMap) with the in-cluster
     /// service account or KUBECONFIG. Ready after the first full sync; invalid objects are
-    /// skipped and logged.
-    /// Pods are not enrolled yet: finding their network namespace (CNI) is to come.
+    /// skipped and logged. Pods are enrolled when the CNI plugin (nodemesh-cni) reports
+    /// their network namespace on --cni-socket.
     #[arg(long)]
     pub kubernetes: bool,
 
@@ -59,6 +59,21 @@ pub struct RunArgs {
     /// Admin API unix socket (used by `mesh-agent workloads` and friends).
     #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
+
+    /// Unix socket the CNI plugin (nodemesh-cni) reaches the agent on, root only. Default:
+    /// cni.sock beside --admin-socket (/var/run/nodemesh/cni.sock with the default).
+    #[arg(long, value_name = "PATH")]
+    pub cni_socket: Option<PathBuf>,
+
+    /// Keep the CNI plugin installed on the node: this binary copied to DIR as nodemesh-cni
+    /// (with --cni-conf-dir), and its entry in the runtime's conflist re-appended whenever the
+    /// cluster's CNI rewrites it.
+    #[arg(long, value_name = "DIR", requires = "cni_conf_dir")]
+    pub cni_bin_dir: Option<PathBuf>,
+
+    /// The runtime's CNI config directory (with --cni-bin-dir).
+    #[arg(long, value_name = "DIR", requires = "cni_bin_dir")]
+    pub cni_conf_dir: Option<PathBuf>,
 
     /// Admin API TCP address, in the agent's network namespace. Keep it on loopback.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15000")]
@@ -142,6 +157,19 @@ pub struct RunArgs {
     /// Log filter (tracing EnvFilter syntax), overridden by RUST_LOG.
     #[arg(long, value_name = "FILTER", default_value = "info")]
     pub log_level: String,
+}
+
+impl RunArgs {
+    /// The CNI socket: as given, or cni.sock beside the admin socket.
+    pub fn cni_socket(&self) -> PathBuf {
+        self.cni_socket.clone().unwrap_or_else(|| {
+            let dir = self
+                .admin_socket
+                .parent()
+                .unwrap_or(std::path::Path::new("/"));
+            dir.join("cni.sock")
+        })
+    }
 }
 
 /// Data-path threads: as asked, or for 0 a quarter of the CPUs within [1, 4].
@@ -440,6 +468,9 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         unix,
         args.admin_socket.clone(),
     ));
+    // Pod sandboxes the CNI plugin reports: where each pod's network namespace is.
+    let mut cni_rx = crate::cni::start(&args, snap_rx.clone(), state.view.clone())?;
+    enroller.set_node_netns(cni_rx.clone());
 
     // Before the first full sync the config says nothing: reconciling would unenroll the
     // pods a previous agent left enrolled (and fail them open).
@@ -484,6 +515,13 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
                 Some(rx) => rx.changed().await,
                 None => std::future::pending().await,
             } } => {
+                if status_rx.borrow().synced {
+                    let snap = snap_rx.borrow().clone();
+                    enroller.reconcile(&snap);
+                }
+            }
+            // The CNI plugin reported a pod sandbox, or one was forgotten.
+            Ok(()) = cni_rx.changed() => {
                 if status_rx.borrow().synced {
                     let snap = snap_rx.borrow().clone();
                     enroller.reconcile(&snap);

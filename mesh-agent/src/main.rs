@@ -6,6 +6,7 @@ mod ca;
 mod capture;
 mod check;
 mod cli;
+mod cni;
 mod config;
 #[cfg(test)]
 mod deploy_tests;
@@ -133,9 +134,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The CNI plugin that enrolls each new pod before its containers start. Without a
+    /// subcommand it acts as the plugin (CNI_COMMAND, CNI_* and the config on stdin), as it
+    /// does when run under the name nodemesh-cni.
+    #[command(long_about = CNI_ABOUT)]
+    Cni {
+        #[command(subcommand)]
+        action: Option<CniAction>,
+    },
+}
+
+const CNI_ABOUT: &str = "The CNI plugin that enrolls each new pod before its containers start.\n\n\
+Without a subcommand it acts as the plugin: the container runtime runs it (installed as \
+nodemesh-cni) with CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME, CNI_ARGS and the network \
+config on stdin. ADD asks the agent (agentSocket) to enroll the pod and returns once it is \
+enrolled or known not to be meshed; if the agent cannot be reached, ADD fails unless the agent's \
+last namespace list says the pod's namespace is not enrolled (fail closed).";
+
+#[derive(Subcommand, Debug)]
+enum CniAction {
+    /// Copy this binary to the CNI bin directory as nodemesh-cni and append the plugin to the
+    /// runtime's conflist (the first config by name). Idempotent.
+    Install(cni::install::InstallArgs),
+    /// Remove the plugin's entry from every conflist and the binary.
+    Uninstall(cni::install::InstallArgs),
 }
 
 fn main() -> ExitCode {
+    // Installed as nodemesh-cni, the runtime runs this binary as a CNI plugin: no arguments.
+    if cni::invoked_as_plugin(std::env::args_os().next().as_deref()) {
+        return cni::plugin::main();
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => match app::run(*args) {
@@ -183,12 +212,50 @@ fn main() -> ExitCode {
             admin_socket,
         } => client_command(cli::status::logging(&admin_socket, level.as_deref())),
         Command::Version { admin_socket } => client_command(cli::status::version(&admin_socket)),
+        Command::Cni { action } => cni_command(action),
         Command::Check { json } => {
             if check::print(&check::run_checks(), json) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+fn cni_command(action: Option<CniAction>) -> ExitCode {
+    let result = match action {
+        None => return cni::plugin::main(),
+        Some(CniAction::Install(args)) => std::env::current_exe()
+            .map_err(anyhow::Error::from)
+            .and_then(|exe| cni::install::install(&args, &exe))
+            .map(|done| {
+                let said = |written| {
+                    if written {
+                        "installed"
+                    } else {
+                        "already in place"
+                    }
+                };
+                println!("{}: {}", done.binary.display(), said(done.binary_written));
+                println!(
+                    "{}: {} chained",
+                    done.conflist.display(),
+                    said(done.conflist_written)
+                );
+            }),
+        Some(CniAction::Uninstall(args)) => cni::install::uninstall(&args).map(|done| {
+            if done.is_empty() {
+                println!("nothing to remove");
+            }
+            done.iter().for_each(|d| println!("{d}"));
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mesh-agent cni: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

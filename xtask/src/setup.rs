@@ -12,8 +12,8 @@ use std::process::{Command, Output, Stdio};
 use std::{env, fs};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const APT_PACKAGES: &str =
-    "curl openssl iproute2 iperf3 wrk nghttp2-client tshark prometheus procps psmisc ethtool nginx";
+const APT_PACKAGES: &str = "curl openssl iproute2 iperf3 wrk nghttp2-client tshark prometheus procps psmisc ethtool nginx \
+     containernetworking-plugins";
 
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct SetupArgs {

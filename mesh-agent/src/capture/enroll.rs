@@ -6,6 +6,7 @@
 //! the cookie first (new connections are no longer captured), then stop accepting;
 //! established connections run in their own tasks and keep flowing.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -14,11 +15,13 @@ use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use super::Capture;
 use super::netns::{Listen, PodNetns};
+use crate::cni::registry::CniPods;
 use crate::config::model::{ObjectRef, Pod, Snapshot};
 use crate::identity::{CertManager, Identity};
 use crate::proxy::hbone::PoolSettings;
@@ -51,8 +54,9 @@ pub enum EnrollError {
 
 /// Why a pod is `pending`: it is meshed, but where its network namespace is is not known
 /// yet. Not a failure: nothing is retried or logged as an error until a netns arrives.
-pub const PENDING_NETNS: &str = "waiting for the pod's network namespace: Kubernetes mode \
-     does not take it from the pod (a pod could name another's); CNI enrollment will report it";
+pub const PENDING_NETNS: &str = "waiting for the pod's network namespace: the CNI plugin \
+     reports it when the pod's sandbox is created (Kubernetes mode does not take it from the \
+     pod: a pod could name another's)";
 
 /// Start of [`EnrollError::NoCertificate`]'s message.
 const WAITING_FOR_CERTIFICATE: &str = "waiting for a certificate";
@@ -155,6 +159,8 @@ pub struct Enroller {
     pending: BTreeMap<ObjectRef, Pod>,
     /// ENROLLED entries left by a previous agent, removed after the first reconcile.
     stale_checked: bool,
+    /// Pod sandboxes the CNI plugin reported: where each pod's network namespace is.
+    node_netns: Option<watch::Receiver<Arc<CniPods>>>,
 }
 
 impl Enroller {
@@ -175,7 +181,14 @@ impl Enroller {
             failed: BTreeMap::new(),
             pending: BTreeMap::new(),
             stale_checked: false,
+            node_netns: None,
         }
+    }
+
+    /// Takes pods' network namespaces from the CNI plugin's reports (the config's `netns`,
+    /// local mode's annotation, wins where it has one).
+    pub fn set_node_netns(&mut self, reports: watch::Receiver<Arc<CniPods>>) {
+        self.node_netns = Some(reports);
     }
 
     pub fn capture(&self) -> &Capture {
@@ -186,9 +199,13 @@ impl Enroller {
     /// retried on the next call; they never stop other pods.
     pub fn reconcile(&mut self, snap: &Snapshot) {
         let node = self.node.clone();
-        let desired: BTreeMap<ObjectRef, &Pod> = snap
+        let reports = match &self.node_netns {
+            Some(rx) => rx.borrow().clone(),
+            None => Arc::default(),
+        };
+        let desired: BTreeMap<ObjectRef, Cow<'_, Pod>> = snap
             .enrolled_pods(&node)
-            .map(|p| (p.id.clone(), p))
+            .map(|p| (p.id.clone(), reports.overlay(p)))
             .collect();
         // Certificates for every identity with a pod here; a pod is enrolled only once its
         // identity has one (the manager signals `changed` when it arrives).
@@ -215,18 +232,26 @@ impl Enroller {
 
         for (id, pod) in desired {
             if let Some(e) = self.enrolled.get_mut(&id) {
-                e.pod = pod.clone();
+                e.pod = pod.into_owned();
                 continue;
             }
             if pod.netns.is_none() {
                 // Known and meshed, not enrollable yet: no error, no retry tick.
                 self.failed.remove(&id);
-                if self.pending.insert(id.clone(), pod.clone()).is_none() {
+                if self.pending.insert(id.clone(), pod.into_owned()).is_none() {
                     debug!(pod = %id, "meshed pod pending: its network namespace is not known yet");
                 }
                 continue;
             }
-            match self.enroll(pod) {
+            // A reported namespace is believed only while its path still names it.
+            let reported = reports
+                .get(&id)
+                .filter(|c| pod.netns.as_ref() == Some(&c.netns));
+            if let Some(Err(why)) = reported.map(|c| c.netns_id.recheck(&c.netns)) {
+                self.failed.insert(id, (pod.into_owned(), why));
+                continue;
+            }
+            match self.enroll(&pod) {
                 Ok(e) => {
                     info!(pod = %id, netns = %e.netns.path().display(), cookie = e.netns.cookie(), "enrolled");
                     self.failed.remove(&id);
@@ -242,7 +267,7 @@ impl Enroller {
                     } else if first {
                         error!(pod = %id, %reason, "cannot enroll pod; will retry");
                     }
-                    self.failed.insert(id, (pod.clone(), reason));
+                    self.failed.insert(id, (pod.into_owned(), reason));
                 }
             }
         }

@@ -177,6 +177,53 @@ fn paths(
             ))),
         }
     }
+    cni_paths(spec, c, run, at, p);
+}
+
+/// The CNI plugin runs on the host: the runtime finds it and its conflist at the host's CNI
+/// paths, and it reaches the agent's socket at the path the agent wrote into the conflist.
+/// So each is a writable hostPath volume, the socket's at the same path on both sides.
+fn cni_paths(
+    spec: &PodSpec,
+    c: &Container,
+    run: &RunArgs,
+    at: &dyn Fn(&str) -> String,
+    p: &mut Vec<String>,
+) {
+    let (Some(bin), Some(conf)) = (&run.cni_bin_dir, &run.cni_conf_dir) else {
+        p.push(at(
+            "args: --cni-bin-dir and --cni-conf-dir must be set: the agent installs its CNI \
+             plugin there, and without it no pod is enrolled",
+        ));
+        return;
+    };
+    let socket = run.cni_socket();
+    let socket_dir = socket.parent().unwrap_or(Path::new("/"));
+    let want = [
+        (bin.as_path(), "--cni-bin-dir", Path::new("/opt/cni/bin")),
+        (
+            conf.as_path(),
+            "--cni-conf-dir",
+            Path::new("/etc/cni/net.d"),
+        ),
+        (socket_dir, "--cni-socket's directory", socket_dir),
+    ];
+    for (path, flag, host) in want {
+        let on_host = mount_of(spec, c, path).and_then(|(m, v)| {
+            let rest = path.strip_prefix(&m.mount_path).ok()?;
+            let writable = m.read_only != Some(true);
+            let host = host_path(v).filter(|_| writable)?;
+            Some(Path::new(host).join(rest))
+        });
+        if on_host.as_deref() != Some(host) {
+            p.push(at(&format!(
+                "{flag} {} must be a writable hostPath volume at the host's {} (found {:?})",
+                path.display(),
+                host.display(),
+                on_host
+            )));
+        }
+    }
 }
 
 fn shutdown(

@@ -204,3 +204,38 @@ fn a_namespaced_grant_without_its_binding_is_named() {
          nobody",
     );
 }
+
+#[test]
+fn cni_mounts_that_do_not_reach_the_host_are_named() {
+    let p = problems_after(|docs| {
+        let spec = agent(docs).spec.as_mut().expect("pod spec");
+        for v in spec.volumes.iter_mut().flatten() {
+            if v.name == "run" {
+                v.host_path = None;
+                v.empty_dir = Some(Default::default());
+            }
+        }
+        let c = &mut spec.containers[0];
+        let conf = c
+            .volume_mounts
+            .iter_mut()
+            .flatten()
+            .find(|m| m.name == "cni-conf")
+            .expect("cni-conf mount");
+        conf.read_only = Some(true);
+    });
+    expect(
+        &p,
+        "--cni-socket's directory /var/run/nodemesh must be a writable hostPath volume at the \
+         host's /var/run/nodemesh",
+    );
+    expect(
+        &p,
+        "--cni-conf-dir /host/etc/cni/net.d must be a writable hostPath volume",
+    );
+    let p = problems_after(|docs| {
+        let args = agent_container(docs).args.as_mut().expect("args");
+        args.retain(|a| !a.starts_with("--cni-"));
+    });
+    expect(&p, "args: --cni-bin-dir and --cni-conf-dir must be set");
+}
