@@ -89,8 +89,17 @@ impl Input {
             origins: HashMap::new(),
             lines: HashMap::new(),
         };
-        let all = parsed.objects.iter().map(|(o, _)| o);
-        for origin in all.chain(parsed.ignored.iter().map(|(o, _)| o)) {
+        // Documents that did not decode count as declared too: their problem is reported
+        // once, as IST0106, not again at every reference to them.
+        let failed = input.errors.iter().filter_map(|e| {
+            let doc = e.document.clone()?;
+            let file = e.file.clone();
+            Some(Origin { file, doc })
+        });
+        let failed: Vec<Origin> = failed.collect();
+        let decoded = parsed.objects.iter().map(|(o, _)| o);
+        let all = decoded.chain(parsed.ignored.iter().map(|(o, _)| o));
+        for origin in all.chain(&failed) {
             if let (Some(kind), Some(name)) = (&origin.doc.kind, &origin.doc.name) {
                 let namespace = namespace_of(&origin.doc).unwrap_or_default().to_owned();
                 let id = ObjectRef {

@@ -102,6 +102,13 @@ spec:
         got[0].starts_with("Error [IST0106] (Service default/reviews in.yaml:2)"),
         "{got:#?}"
     );
+    // Nor one that does not even decode.
+    let got = lines(&yaml.replace("port: 0", "port: nine"));
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].contains("field spec.ports[0].port: invalid type"),
+        "{got:#?}"
+    );
 }
 
 #[test]
