@@ -87,13 +87,15 @@ fn referenced_port_not_found_and_port_selector_required() {
 }
 
 #[test]
-fn referenced_subset_not_found() {
+fn referenced_subset_and_mirror_not_found() {
     expect(
         "subset-not-found.yaml",
         1,
         &[
             r#"Error [IST0101] (VirtualService default/ratings subset-not-found.yaml:66) Referenced host+subset in destinationrule not found: "ratings+v1""#,
             r#"Error [IST0101] (VirtualService default/reviews subset-not-found.yaml:48) Referenced host+subset in destinationrule not found: "reviews+v9""#,
+            r#"Error [IST0101] (VirtualService default/reviews-shadow subset-not-found.yaml:80) Referenced mirror host not found: "reviews-v3""#,
+            r#"Error [IST0101] (VirtualService default/reviews-shadow subset-not-found.yaml:80) Referenced mirror+subset in destinationrule not found: "reviews+v2""#,
         ],
     );
 }
@@ -167,10 +169,10 @@ fn schema_validation_errors_name_the_field() {
         "schema.yaml",
         1,
         &[
-            "Error [IST0106] (Deployment default/ratings schema.yaml:39) Schema validation error: field spec.replica: unknown field of Deployment (misspelled or misplaced?)",
+            "Error [IST0106] (Deployment default/ratings schema.yaml:40) Schema validation error: field spec.replica: unknown field of Deployment (misspelled or misplaced?)",
             r#"Error [IST0106] (DestinationRule default/reviews schema.yaml:15) Schema validation error: field spec.trafficPolicy.loadBalancer.simple: "FASTEST" is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH"#,
-            "Error [IST0106] (Service default/reviews schema.yaml:68) Schema validation error: field spec.ports[0].port: port 70000 is out of range 1..65535",
-            "Error [IST0106] (VirtualService default/ratings schema.yaml:25) Schema validation error: field spec.http[0].mirror: mirror is not supported by nodemesh yet; remove it or apply the rule elsewhere",
+            "Error [IST0106] (Service default/reviews schema.yaml:69) Schema validation error: field spec.ports[0].port: port 70000 is out of range 1..65535",
+            "Error [IST0106] (VirtualService default/ratings schema.yaml:25) Schema validation error: field spec.http[0].retries.backoff: retries.backoff is not supported by nodemesh yet; remove it or apply the rule elsewhere",
             "Error [IST0106] (VirtualService default/reviews schema.yaml:3) Schema validation error: field spec.htttp: unknown field of VirtualService (misspelled or misplaced?)",
         ],
     );
@@ -234,7 +236,7 @@ fn json_and_yaml_list_code_level_resource_message_and_origin() {
         first["origin"],
         serde_json::json!({"file": "subset-not-found.yaml", "document": 6, "line": 66})
     );
-    assert_eq!(list.as_array().map(Vec::len), Some(2));
+    assert_eq!(list.as_array().map(Vec::len), Some(4));
 
     let out = analyze(&["-o", "yaml", "subset-not-found.yaml"]);
     let yaml: serde_json::Value = serde_yaml::from_slice(&out.stdout).expect("YAML");

@@ -1,5 +1,5 @@
 //! VirtualServices against the rest of the input, after Istio's `virtualservice` analyzers:
-//! destination hosts, ports and subsets (IST0101, IST0112), gateways (IST0101, IST0132), and
+//! destination and mirror hosts, ports and subsets (IST0101, IST0112), gateways (IST0101, IST0132), and
 //! unreachable rules and matches ([`super::rules`]: IST0130, IST0131).
 
 use std::collections::HashMap;
@@ -79,7 +79,11 @@ pub fn check(sink: &mut Sink<'_>) {
     let services = services(input);
     for vs in input.snapshot.virtual_services.values() {
         for d in destinations(vs) {
-            destination(sink, vs, d, &services);
+            destination(sink, vs, d, Use::Route, &services);
+        }
+        let mirrors = vs.http.iter().flat_map(|r| &r.mirrors);
+        for m in mirrors {
+            destination(sink, vs, &m.destination, Use::Mirror, &services);
         }
         gateways(sink, vs);
         rules::check(sink, vs);
@@ -96,16 +100,25 @@ fn destinations(vs: &VirtualService) -> impl Iterator<Item = &Destination> {
     http.chain(tcp).flatten().map(|w| &w.destination)
 }
 
+/// What a destination is for; Istio's messages name mirrors as such.
+#[derive(Clone, Copy, PartialEq)]
+enum Use {
+    Route,
+    Mirror,
+}
+
 fn destination(
     sink: &mut Sink<'_>,
     vs: &VirtualService,
     d: &Destination,
+    used: Use,
     services: &HashMap<String, &Service>,
 ) {
     let host = &d.host_written;
+    let what = if used == Use::Mirror { "mirror " } else { "" };
     match lookup(sink.input, services, &d.host) {
         Found::Missing => {
-            let text = format!("Referenced host not found: {host:?}");
+            let text = format!("Referenced {what}host not found: {host:?}");
             sink.report(KIND, &vs.id, REFERENCED_RESOURCE_NOT_FOUND, text);
         }
         Found::Service(svc) => match d.port {
@@ -133,8 +146,14 @@ fn destination(
             .filter(|dr| dr.host == d.host)
             .any(|dr| dr.subset(subset).is_some());
         if !defined {
-            let text =
-                format!("Referenced host+subset in destinationrule not found: \"{host}+{subset}\"");
+            let kind = if used == Use::Mirror {
+                "mirror"
+            } else {
+                "host"
+            };
+            let text = format!(
+                "Referenced {kind}+subset in destinationrule not found: \"{host}+{subset}\""
+            );
             sink.report(KIND, &vs.id, REFERENCED_RESOURCE_NOT_FOUND, text);
         }
     }
