@@ -127,6 +127,24 @@ enum Command {
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Analyze Kubernetes and Istio YAML offline, as `istioctl analyze` does: Istio's codes
+    /// and line format; exit status 1 when errors are found, 2 when input is unreadable.
+    #[command(long_about = cli::analyze::LONG_ABOUT)]
+    Analyze {
+        /// YAML files (`-`: standard input, e.g. from `kubectl kustomize`), or directories
+        /// whose *.yaml/*.yml files are read (not recursive; kustomization.yaml skipped).
+        #[arg(value_name = "FILES|DIRS", required = true)]
+        paths: Vec<PathBuf>,
+        /// Output format: Istio's lines (table), or a list of {code, level, resource,
+        /// message, origin} as JSON or YAML.
+        #[arg(short, long, value_enum, default_value_t)]
+        output: cli::Output,
+        /// Apply local mode's rules too (`mesh-agent run --manifests`): Services need a
+        /// selector, pods of enrolled namespaces with a node need the nodemesh.io/netns
+        /// annotation.
+        #[arg(long)]
+        local: bool,
+    },
     /// Check the kernel prerequisites (cgroup2, bpffs, BTF, program and map types,
     /// privileges); exits non-zero if any is missing.
     Check {
@@ -213,6 +231,11 @@ fn main() -> ExitCode {
         } => client_command(cli::status::logging(&admin_socket, level.as_deref())),
         Command::Version { admin_socket } => client_command(cli::status::version(&admin_socket)),
         Command::Cni { action } => cni_command(action),
+        Command::Analyze {
+            paths,
+            output,
+            local,
+        } => cli::analyze::run(&paths, output, local),
         Command::Check { json } => {
             if check::print(&check::run_checks(), json) {
                 ExitCode::SUCCESS

@@ -1,5 +1,7 @@
-//! Inspection commands: they talk to a running agent over its admin unix socket.
+//! Inspection commands: they talk to a running agent over its admin unix socket, except
+//! `analyze`, which checks YAML offline.
 
+pub mod analyze;
 pub mod certs;
 pub mod client;
 pub mod connections;

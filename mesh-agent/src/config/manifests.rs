@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as k8s;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
 use tracing::debug;
 
 use super::convert::{self, Input, Mode, Problems, istio, mesh_config, routing};
@@ -202,9 +201,9 @@ pub fn read_sources(dir: &Path) -> Result<Sources, ConfigError> {
 
 /// Where an object was defined.
 #[derive(Clone, Debug)]
-struct Origin {
-    file: PathBuf,
-    doc: DocumentRef,
+pub struct Origin {
+    pub file: PathBuf,
+    pub doc: DocumentRef,
 }
 
 impl Origin {
@@ -225,7 +224,7 @@ impl fmt::Display for Origin {
 }
 
 /// A decoded document, before conversion.
-enum Typed {
+pub enum Typed {
     Namespace(k8s::Namespace),
     Pod(Box<k8s::Pod>),
     Service(Box<k8s::Service>),
@@ -237,7 +236,7 @@ enum Typed {
 }
 
 impl Typed {
-    fn input(&self) -> Input<'_> {
+    pub fn input(&self) -> Input<'_> {
         match self {
             Typed::Namespace(n) => Input::Namespace(n),
             Typed::Pod(p) => Input::Pod(p),
@@ -251,15 +250,42 @@ impl Typed {
     }
 }
 
+/// The documents of some sources, decoded but not converted.
+pub struct Parsed {
+    /// Documents of the kinds local mode handles, in file and document order.
+    pub objects: Vec<(Origin, Typed)>,
+    /// Documents of other kinds (Deployment, Gateway, ...), as YAML: local mode ignores
+    /// them, `mesh-agent analyze` looks at some.
+    pub ignored: Vec<(Origin, serde_yaml::Value)>,
+    /// Unreadable files, syntax errors and documents that do not decode.
+    pub errors: Vec<ManifestError>,
+    /// Files, documents and ignored documents counted.
+    pub stats: LoadStats,
+}
+
+/// Parse every document of already read sources, without converting them.
+pub fn parse_sources(sources: &Sources) -> Parsed {
+    let unreadable = sources.unreadable.iter();
+    let mut parsed = Parsed {
+        objects: Vec::new(),
+        ignored: Vec::new(),
+        errors: unreadable.map(|(p, r)| file_error(p, r.clone())).collect(),
+        stats: LoadStats::default(),
+    };
+    for (path, text) in &sources.files {
+        parse_file(path, text, &mut parsed);
+    }
+    parsed
+}
+
 /// Parse, validate and build a snapshot from already read sources.
 pub fn load_sources(sources: &Sources) -> Result<LoadedManifests, ConfigError> {
-    let unreadable = sources.unreadable.iter();
-    let mut errors: Vec<_> = unreadable.map(|(p, r)| file_error(p, r.clone())).collect();
-    let mut objects = Vec::new();
-    let mut stats = LoadStats::default();
-    for (path, text) in &sources.files {
-        parse_file(path, text, &mut objects, &mut errors, &mut stats);
-    }
+    let Parsed {
+        objects,
+        mut errors,
+        stats,
+        ..
+    } = parse_sources(sources);
     let inputs = objects.iter().map(|(o, t)| (o.clone(), t.input()));
     let (snapshot, problems) = convert::build(inputs, Mode::Local);
     errors.extend(problems.into_iter().map(|(o, p)| o.error(p)));
@@ -287,13 +313,13 @@ pub fn load_sources(sources: &Sources) -> Result<LoadedManifests, ConfigError> {
     })
 }
 
-fn parse_file(
-    path: &Path,
-    text: &str,
-    objects: &mut Vec<(Origin, Typed)>,
-    errors: &mut Vec<ManifestError>,
-    stats: &mut LoadStats,
-) {
+fn parse_file(path: &Path, text: &str, parsed: &mut Parsed) {
+    let Parsed {
+        objects,
+        ignored,
+        errors,
+        stats,
+    } = parsed;
     // Two iterators in lockstep: one gives a `Value` to learn the kind, the other a fresh
     // deserializer of the same document for the typed decode (keeps line numbers).
     let typed = serde_yaml::Deserializer::from_str(text);
@@ -344,6 +370,7 @@ fn parse_file(
                 let kind = doc.kind.as_deref().unwrap_or("");
                 let name = doc.name.as_deref().unwrap_or("");
                 debug!(%file, document = doc.index, kind, name, "ignoring unhandled kind");
+                ignored.push((origin, value));
             }
             Err(problems) => errors.extend(problems.into_iter().map(|p| origin.error(p))),
         }
@@ -431,61 +458,8 @@ fn map<T>((v, problems): (T, Vec<Problem>), f: impl FnOnce(T) -> Typed) -> (Type
     (f(v), problems)
 }
 
-/// `serde_ignored`'s path in the `a.b[0].c` style of `serde_path_to_error`.
-fn ignored_path(path: &serde_ignored::Path<'_>, out: &mut String) {
-    use serde_ignored::Path as P;
-    match path {
-        P::Root => {}
-        P::Seq { parent, index } => {
-            ignored_path(parent, out);
-            out.push_str(&format!("[{index}]"));
-        }
-        P::Map { parent, key } => {
-            ignored_path(parent, out);
-            if !out.is_empty() {
-                out.push('.');
-            }
-            out.push_str(key);
-        }
-        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
-            ignored_path(parent, out)
-        }
-    }
-}
-
-/// Decode a document as `T`. A document that decodes comes back with its unknown fields as
-/// problems (its conversion may find more); one that does not is an error.
-pub(crate) fn decode<T: DeserializeOwned>(
-    de: serde_yaml::Deserializer<'_>,
-    kind: &'static str,
-) -> Result<(T, Vec<Problem>), Vec<Problem>> {
-    let mut problems = Vec::new();
-    let mut on_ignored = |path: serde_ignored::Path<'_>| {
-        let mut field = String::new();
-        ignored_path(&path, &mut field);
-        problems.push(Problem::UnknownField { field, kind });
-    };
-    let de = serde_ignored::Deserializer::new(de, &mut on_ignored);
-    match serde_path_to_error::deserialize::<_, T>(de) {
-        Ok(v) => Ok((v, problems)),
-        Err(e) => {
-            let path = e.path().to_string();
-            let message = e.inner().to_string();
-            // serde_yaml prefixes its own copy of the path.
-            let reason = message
-                .strip_prefix(&format!("{path}: "))
-                .unwrap_or(&message);
-            let reason = reason.to_owned();
-            let field = if path == "." {
-                "(document)".into()
-            } else {
-                path
-            };
-            problems.push(Problem::Decode { field, reason });
-            Err(problems)
-        }
-    }
-}
+mod decode;
+pub(crate) use decode::decode;
 
 #[cfg(test)]
 mod tests;
