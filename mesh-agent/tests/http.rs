@@ -22,6 +22,25 @@ fn web(name: &str, node: &str, version: &str) -> String {
     .replace("name: tcp-app", "name: http")
 }
 
+/// `mesh-testapp http` in web-1..3 (versions v1..v3) on 8080, listening.
+fn serve_web(tb: &Testbed) -> Vec<mesh_testbed::PodProcess> {
+    [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
+        .iter()
+        .map(|(p, v)| {
+            let args = [
+                "http",
+                "--listen",
+                "0.0.0.0:8080",
+                "--service",
+                "web",
+                "--version",
+                v,
+            ];
+            serve(tb, p, &args)
+        })
+        .collect()
+}
+
 fn http_service(name: &str, selector: &str, port_name: &str, target: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
@@ -80,19 +99,6 @@ fn versions(body: &str) -> BTreeMap<String, usize> {
     count
 }
 
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
 #[test]
 fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     let log_dir = std::env::temp_dir().join(format!("nodemesh-http-{}", std::process::id()));
@@ -105,24 +111,7 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     ) else {
         return;
     };
-    let _servers: Vec<_> = [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
-        .iter()
-        .map(|(p, v)| {
-            serve(
-                &tb,
-                p,
-                &[
-                    "http",
-                    "--listen",
-                    "0.0.0.0:8080",
-                    "--service",
-                    "web",
-                    "--version",
-                    v,
-                ],
-            )
-        })
-        .collect();
+    let _servers = serve_web(&tb);
     let svc = tb.service_ip("default", "web").expect("svc");
     let url = format!("http://{svc}/");
     let accepted = counter(&tb, "node-1", "proxy", "accepted");
@@ -210,7 +199,7 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     );
 
     // Istio's request metrics, reported by the client's agent.
-    let text = node_metrics(&tb);
+    let text = node_metrics(&tb, "node-1");
     let web = "web.default.svc.cluster.local";
     let base = [("reporter", "source"), ("destination_service", web)];
     let ok_200 = [
@@ -309,20 +298,6 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     let _ = std::fs::remove_dir_all(&log_dir);
 }
 
-fn node_metrics(tb: &Testbed) -> String {
-    let mut cmd = tb.node_command("node-1", "curl").expect("node command");
-    cmd.args([
-        "-sS",
-        "--fail",
-        "-m",
-        "5",
-        "http://127.0.0.1:15020/stats/prometheus",
-    ]);
-    let out = run_bounded(cmd, Duration::from_secs(10)).expect("curl metrics");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Raw bytes from the client pod to `addr` (curl's telnet:// sends stdin as is); the answer.
 fn raw(tb: &Testbed, addr: &str, script: &str) -> String {
     let mut cmd = tb.pod_command("client", "sh").expect("pod command");
@@ -343,21 +318,7 @@ fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
     ) else {
         return;
     };
-    let _servers: Vec<_> = [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
-        .iter()
-        .map(|(p, v)| {
-            let args = [
-                "http",
-                "--listen",
-                "0.0.0.0:8080",
-                "--service",
-                "web",
-                "--version",
-                v,
-            ];
-            serve(&tb, p, &args)
-        })
-        .collect();
+    let _servers = serve_web(&tb);
     let svc = tb.service_ip("default", "web").expect("svc");
     let addr = format!("{svc}:80");
     let cases = [
@@ -406,7 +367,7 @@ fn malformed_requests_are_refused_and_the_agent_keeps_serving() {
         good.starts_with("HTTP/1.1 200") && good.contains("\"body_bytes\":3"),
         "{good}"
     );
-    let text = node_metrics(&tb);
+    let text = node_metrics(&tb, "node-1");
     assert_eq!(
         metric(
             &text,
@@ -475,7 +436,7 @@ fn grpc_unary_and_bidirectional_streaming_through_the_mesh() {
     // One HTTP/2 connection from the client, its calls balanced one by one.
     assert!(stdout.contains("unary 10 ok (v1,v2)"), "{stdout}");
     assert!(stdout.contains("chat 50 ok"), "{stdout}");
-    let text = node_metrics(&tb);
+    let text = node_metrics(&tb, "node-1");
     let grpc_ok = [
         ("reporter", "source"),
         ("request_protocol", "grpc"),
@@ -505,21 +466,7 @@ fn h2_rapid_reset_is_bounded_and_other_clients_keep_being_served() {
     let Some(tb) = up("http_reset", 2, &[("app.yaml", &manifests("/dev/stderr"))]) else {
         return;
     };
-    let _servers: Vec<_> = [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
-        .iter()
-        .map(|(p, v)| {
-            let args = [
-                "http",
-                "--listen",
-                "0.0.0.0:8080",
-                "--service",
-                "web",
-                "--version",
-                v,
-            ];
-            serve(&tb, p, &args)
-        })
-        .collect();
+    let _servers = serve_web(&tb);
     let svc = tb.service_ip("default", "web").expect("svc");
     let url = format!("http://{svc}/");
     assert!(curl_args(&tb, &[&url]).0);
@@ -599,21 +546,7 @@ fn undeclared_ports_are_sniffed_http_per_request_and_server_first_tcp_unhindered
     let Some(tb) = up("http_sniff", 2, &[("app.yaml", &yaml)]) else {
         return;
     };
-    let _servers: Vec<_> = [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
-        .iter()
-        .map(|(p, v)| {
-            let args = [
-                "http",
-                "--listen",
-                "0.0.0.0:8080",
-                "--service",
-                "web",
-                "--version",
-                v,
-            ];
-            serve(&tb, p, &args)
-        })
-        .collect();
+    let _servers = serve_web(&tb);
     let _greeter = serve(&tb, "greeter", &["peer", "--listen", "0.0.0.0:7000"]);
     let web = tb.service_ip("default", "auto-web").expect("svc");
     // HTTP/1.1 on one keep-alive connection: sniffed, then balanced per request.
@@ -633,7 +566,7 @@ fn undeclared_ports_are_sniffed_http_per_request_and_server_first_tcp_unhindered
         ok && body.contains("\"http_version\":\"HTTP/2.0\""),
         "{body}"
     );
-    let text = node_metrics(&tb);
+    let text = node_metrics(&tb, "node-1");
     let http = [
         ("reporter", "source"),
         ("destination_service_name", "auto-web"),

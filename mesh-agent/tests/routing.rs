@@ -152,30 +152,6 @@ fn routes_cli(tb: &Testbed, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn metric_sum(tb: &Testbed, node: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    let mut cmd = tb.node_command(node, "curl").expect("node command");
-    cmd.args([
-        "-sS",
-        "--fail",
-        "-m",
-        "5",
-        "http://127.0.0.1:15020/stats/prometheus",
-    ]);
-    let out = run_bounded(cmd, Duration::from_secs(10)).expect("curl metrics");
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
 #[test]
 fn istio_routing_rules_route_real_requests() {
     let Some(mut tb) = up("routing", 2, &[("app.yaml", &manifests())]) else {
@@ -237,9 +213,8 @@ fn istio_routing_rules_route_real_requests() {
         "no rule matches: 404 NR"
     );
     assert!(
-        metric_sum(
-            &tb,
-            "node-1",
+        metric(
+            &node_metrics(&tb, "node-1"),
             "istio_requests_total",
             &[("response_code", "404"), ("response_flags", "NR")]
         ) >= 1
@@ -355,9 +330,8 @@ apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: rev
         assert!(secs < 4.0, "{path} took {secs} s");
     }
     assert!(
-        metric_sum(
-            &tb,
-            "node-1",
+        metric(
+            &node_metrics(&tb, "node-1"),
             "istio_requests_total",
             &[("response_code", "504"), ("response_flags", "UT")]
         ) >= 2
@@ -429,9 +403,8 @@ apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: rev
     );
     assert!(codes.contains(&200) && codes.contains(&503), "{codes:?}");
     assert!(
-        metric_sum(
-            &tb,
-            "node-1",
+        metric(
+            &node_metrics(&tb, "node-1"),
             "istio_requests_total",
             &[("response_code", "503"), ("response_flags", "UO")]
         ) >= 1

@@ -330,3 +330,36 @@ pub fn promtool_check(text: &str) {
         "promtool check metrics: {report}"
     );
 }
+
+/// The Prometheus exposition of `node`'s agent (its metrics port, from the node's network).
+pub fn node_metrics(tb: &Testbed, node: &str) -> String {
+    let mut cmd = tb.node_command(node, "curl").expect("node command");
+    cmd.args([
+        "-sS",
+        "--fail",
+        "-m",
+        "5",
+        "http://127.0.0.1:15020/stats/prometheus",
+    ]);
+    let out = run_bounded(cmd, Duration::from_secs(10)).expect("curl metrics");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The sum of a metric's samples whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
