@@ -10,18 +10,6 @@ use std::time::Duration;
 use common::*;
 use mesh_testbed::Testbed;
 
-/// A pod labelled app=web, version=VERSION, serving HTTP on the named port `http`.
-fn web(name: &str, node: &str, version: &str) -> String {
-    pod(
-        "default",
-        name,
-        node,
-        &[("app", "web"), ("version", version)],
-        8080,
-    )
-    .replace("name: tcp-app", "name: http")
-}
-
 /// `mesh-testapp http` in web-1..3 (versions v1..v3) on 8080, listening.
 fn serve_web(tb: &Testbed) -> Vec<mesh_testbed::PodProcess> {
     [("web-1", "v1"), ("web-2", "v2"), ("web-3", "v3")]
@@ -39,14 +27,6 @@ fn serve_web(tb: &Testbed) -> Vec<mesh_testbed::PodProcess> {
             serve(tb, p, &args)
         })
         .collect()
-}
-
-fn http_service(name: &str, selector: &str, port_name: &str, target: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
-         selector:\n    app: {selector}\n  ports:\n  - name: {port_name}\n    port: 80\n    \
-         targetPort: {target}\n"
-    )
 }
 
 fn manifests(access_log: &str) -> String {
@@ -209,15 +189,21 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     .concat();
     assert_eq!(metric(&text, "istio_requests_total", &ok_200), 21, "{text}");
     assert_eq!(
-        metric(&text, "istio_requests_total", &[("response_code", "101")]),
+        metric(
+            &text,
+            "istio_requests_total",
+            &[("reporter", "source"), ("response_code", "101")]
+        ),
         1
     );
     let h2 = [
+        ("reporter", "source"),
         ("destination_service", "web2.default.svc.cluster.local"),
         ("request_protocol", "http"),
     ];
     assert_eq!(metric(&text, "istio_requests_total", &h2), 3);
     let grpc = [
+        ("reporter", "source"),
         ("destination_service", "rpc.default.svc.cluster.local"),
         ("request_protocol", "grpc"),
     ];
@@ -246,6 +232,70 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         ),
         1
     );
+    // The destination agents parse the requests again and report each one that reached an
+    // app, as mutual TLS from the client's proven identity. web, web2 and rpc all send to
+    // the same pod port: the request's authority (the ClusterIP curl used) says which.
+    let mut dest_text = Vec::new();
+    let dest = |texts: &[String], labels: &[(&str, &str)]| -> u64 {
+        let d = [
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_workload", "client"),
+            (
+                "source_principal",
+                "spiffe://cluster.local/ns/default/sa/client",
+            ),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/default/sa/default",
+            ),
+        ];
+        let l = [d.as_slice(), labels].concat();
+        texts
+            .iter()
+            .map(|t| metric(t, "istio_requests_total", &l))
+            .sum()
+    };
+    let web_200 = [("destination_service", web), ("response_code", "200")];
+    wait_until(
+        "21 destination-reported requests",
+        Duration::from_secs(5),
+        || {
+            dest_text = vec![node_metrics(&tb, "node-1"), node_metrics(&tb, "node-2")];
+            dest(&dest_text, &web_200) >= 21
+        },
+    );
+    assert_eq!(dest(&dest_text, &web_200), 21, "{dest_text:#?}");
+    for (v, n) in [("v1", 7), ("v2", 7), ("v3", 7)] {
+        let l = [web_200.as_slice(), &[("destination_version", v)]].concat();
+        assert_eq!(dest(&dest_text, &l), n, "{v}");
+    }
+    // web-1 is on node-1: its share is reported there.
+    assert_eq!(dest(&dest_text[..1], &web_200), 7);
+    assert_eq!(dest(&dest_text, &[("response_code", "101")]), 1);
+    let web2 = [
+        ("destination_service", "web2.default.svc.cluster.local"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+    ];
+    assert_eq!(dest(&dest_text, &web2), 3);
+    let rpc = [
+        ("destination_service", "rpc.default.svc.cluster.local"),
+        ("request_protocol", "grpc"),
+    ];
+    assert_eq!(dest(&dest_text, &rpc), 1);
+    // No request reached an app of `empty` or `dead`: nothing reported for them.
+    for svc in ["empty", "dead"] {
+        let l = [("destination_service_name", svc)];
+        assert_eq!(dest(&dest_text, &l), 0, "{svc}");
+    }
+    // The HTTP requests are not reported again as TCP connections by the destination.
+    for t in &dest_text {
+        let l = [("reporter", "destination"), ("destination_service", web)];
+        assert_eq!(metric(t, "istio_tcp_connections_opened_total", &l), 0);
+        promtool_check(t);
+    }
+
     let base = [base.as_slice(), &[("response_code", "200")]].concat();
     let le_inf = [base.as_slice(), &[("le", "+Inf")]].concat();
     assert_eq!(

@@ -12,6 +12,7 @@
 
 mod body;
 mod forward;
+pub mod inbound;
 mod rules;
 mod upstream;
 
@@ -64,8 +65,10 @@ pub async fn serve(conn: HttpConn, client: TcpStream) {
     let peer = conn.client;
     let ctx = Arc::new(Ctx {
         upstreams: Upstreams::new(
-            conn.sockets.clone(),
-            conn.hbone.clone(),
+            upstream::Connector::Source {
+                sockets: conn.sockets.clone(),
+                hbone: conn.hbone.clone(),
+            },
             conn.inputs.connect_timeout,
         ),
         conn,
@@ -235,58 +238,148 @@ impl Ctx {
     /// A response the agent makes itself (no upstream answered), recorded like any other.
     fn local_reply(&self, done: Done, reply: Reply) -> Response<ProxyBody> {
         let c = &self.conn;
-        let Done {
-            mut labels,
-            started,
-            log,
-            info,
-        } = done;
-        if reply.flag != ResponseFlags::None {
-            labels.flags = reply.flag;
-        }
         if reply.status.is_server_error() {
             c.stats.outbound_errors.fetch_add(1, Ordering::Relaxed);
         }
-        let http = HttpLabels {
-            conn: labels,
-            grpc: c.protocol == AppProtocol::Grpc,
-            response_code: reply.status.as_u16(),
-            grpc_status: reply.grpc_status,
-        };
-        let on_end = body::OnEnd {
-            metrics: c.inputs.metrics.clone(),
-            access_log: c.inputs.access_log.clone(),
-            labels: http,
-            started,
-            request_bytes: Default::default(),
-            log: log.map(|l| {
-                let (ep, reason) = reply.upstream.clone().unzip();
-                let mut info = info;
-                if let Some(i) = info.as_mut() {
-                    i.failure = reason.or(reply.failure.clone());
-                }
-                (l, info, ep.unwrap_or(c.dst))
-            }),
-        };
-        let mut resp = Response::new(body::response(Full::new(reply.body), on_end));
-        *resp.status_mut() = reply.status;
-        let headers = resp.headers_mut();
-        if let Some(ct) = reply.content_type {
-            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-        }
-        if let Some(location) = reply.location {
-            headers.insert(header::LOCATION, location);
-        }
-        if let Some(g) = reply.grpc_status {
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
-            headers.insert("grpc-status", HeaderValue::from(g));
-        }
-        rules::apply(&reply.headers, headers);
-        resp
+        own_reply(
+            &c.inputs,
+            c.protocol == AppProtocol::Grpc,
+            c.dst,
+            done,
+            reply,
+        )
     }
+}
+
+/// Builds the response for an answer the agent gives itself, recorded (metrics, access log)
+/// when its body ends; `upstream` is what the access log names when no endpoint was tried.
+pub(crate) fn own_reply(
+    inputs: &ProxyInputs,
+    grpc: bool,
+    upstream: SocketAddrV4,
+    done: Done,
+    reply: Reply,
+) -> Response<ProxyBody> {
+    let Done {
+        mut labels,
+        started,
+        log,
+        info,
+    } = done;
+    if reply.flag != ResponseFlags::None {
+        labels.flags = reply.flag;
+    }
+    let http = HttpLabels {
+        conn: labels,
+        grpc,
+        response_code: reply.status.as_u16(),
+        grpc_status: reply.grpc_status,
+    };
+    let on_end = body::OnEnd {
+        metrics: inputs.metrics.clone(),
+        access_log: inputs.access_log.clone(),
+        labels: http,
+        started,
+        request_bytes: Default::default(),
+        log: log.map(|l| {
+            let (ep, reason) = reply.upstream.clone().unzip();
+            let mut info = info;
+            if let Some(i) = info.as_mut() {
+                i.failure = reason.or(reply.failure.clone());
+            }
+            (l, info, ep.unwrap_or(upstream))
+        }),
+    };
+    let mut resp = Response::new(body::response(Full::new(reply.body), on_end));
+    *resp.status_mut() = reply.status;
+    let headers = resp.headers_mut();
+    if let Some(ct) = reply.content_type {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+    }
+    if let Some(location) = reply.location {
+        headers.insert(header::LOCATION, location);
+    }
+    if let Some(g) = reply.grpc_status {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(g));
+    }
+    rules::apply(&reply.headers, headers);
+    resp
+}
+
+/// Builds the response for an upstream's answer: hop-by-hop headers gone (an upgrade's
+/// kept), `header_ops` applied, in the client's HTTP version, recorded when its body ends.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one response's parts, passed once from each side"
+)]
+pub(crate) fn upstream_reply(
+    inputs: &ProxyInputs,
+    resp: Response<Incoming>,
+    version: Version,
+    grpc: bool,
+    done: Done,
+    request_bytes: Arc<std::sync::atomic::AtomicU64>,
+    endpoint: SocketAddrV4,
+    header_ops: &[Option<crate::config::routing::HeaderOps>],
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    let kept = switching.then(|| upgrade_headers(&parts.headers)).flatten();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some((connection, proto)) = kept {
+        parts.headers.insert(header::CONNECTION, connection);
+        parts.headers.insert(header::UPGRADE, proto);
+    }
+    for ops in header_ops.iter().flatten() {
+        rules::apply(ops, &mut parts.headers);
+    }
+    parts.version = version;
+    let Done {
+        labels,
+        started,
+        log,
+        info,
+    } = done;
+    let http = HttpLabels {
+        conn: labels,
+        grpc,
+        response_code: parts.status.as_u16(),
+        grpc_status: grpc_status(&parts.headers),
+    };
+    let on_end = body::OnEnd {
+        metrics: inputs.metrics.clone(),
+        access_log: inputs.access_log.clone(),
+        labels: http,
+        started,
+        request_bytes,
+        log: log.map(|l| (l, info, endpoint)),
+    };
+    Response::from_parts(parts, body::response(body, on_end))
+}
+
+/// After a 101, joins the client's upgraded connection to the upstream's, byte for byte.
+pub(crate) fn join_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    resp: &mut Response<Incoming>,
+    pod: Arc<ObjectRef>,
+    endpoint: SocketAddrV4,
+    buffer_size: usize,
+) {
+    let upstream = hyper::upgrade::on(resp);
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((down, up)) => {
+                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                let progress = super::connections::Progress::default();
+                super::relay::relay(&mut down, &mut up, buffer_size, &progress).await;
+            }
+            Err(e) => debug!(%pod, upstream = %endpoint, error = %e, "upgrade failed"),
+        }
+    });
 }
 
 /// An answer the agent gives itself.

@@ -115,6 +115,7 @@ async fn plaintext(
     let inbound = &inputs.inbound;
     let routes = inputs.routes.load();
     let mode = routes.inbound_mode(&pod_ip, target.port());
+    let protocol = routes.endpoint_protocol(&target);
     let mut labels = TcpLabels {
         reporter: Reporter::Destination,
         source: routes.workload(peer.ip()).cloned(),
@@ -154,11 +155,8 @@ async fn plaintext(
             return;
         }
     };
-    let counters = inputs.metrics.tcp(&labels);
-    counters.opened.inc();
     stats.inbound_connections.fetch_add(1, Ordering::Relaxed);
     stats.inbound_active.fetch_add(1, Ordering::Relaxed);
-    let size = inputs.buffer_size;
     let open = inputs.connections.register(ConnInfo {
         pod: pod.clone(),
         direction: Direction::Inbound,
@@ -170,6 +168,26 @@ async fn plaintext(
         started: std::time::SystemTime::now(),
         progress: Progress::default(),
     });
+    if protocol.is_http() {
+        // Each request is recorded by the HTTP layer; the connection has no TCP metrics.
+        let delivered = super::http::inbound::Delivered {
+            inputs: inputs.clone(),
+            pod,
+            peer,
+            target,
+            protocol,
+            labels,
+            sockets,
+            app,
+        };
+        super::http::inbound::serve(delivered, client).await;
+        drop(open);
+        stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let counters = inputs.metrics.tcp(&labels);
+    counters.opened.inc();
+    let size = inputs.buffer_size;
     let r = super::relay::relay(&mut client, &mut app, size, &open.info.progress).await;
     drop(open);
     counters.received.inc_by(r.a_to_b);
@@ -299,6 +317,7 @@ async fn stream(
         );
     }
     let routes = ctx.inputs.routes.load();
+    let protocol = routes.endpoint_protocol(&target);
     let mut labels = TcpLabels {
         reporter: Reporter::Destination,
         source: routes.workload(peer.ip()).cloned(),
@@ -333,27 +352,55 @@ async fn stream(
     let upgrade = hyper::upgrade::on(&mut req);
     let size = ctx.inputs.buffer_size;
     tokio::spawn(async move {
-        let counters = ctx.inputs.metrics.tcp(&labels);
-        counters.opened.inc();
         ctx.stats.inbound_active.fetch_add(1, Ordering::Relaxed);
         ctx.stats
             .inbound_connections
             .fetch_add(1, Ordering::Relaxed);
+        let register = || {
+            ctx.inputs.connections.register(ConnInfo {
+                pod: ctx.pod.clone(),
+                direction: Direction::Inbound,
+                protocol: Protocol::Hbone,
+                client: peer.into(),
+                destination: target.into(),
+                upstream: target.into(),
+                peer_identity: Some(source.clone()),
+                started: std::time::SystemTime::now(),
+                progress: Progress::default(),
+            })
+        };
+        if protocol.is_http() {
+            // Each request is recorded by the HTTP layer; the stream has no TCP metrics.
+            match upgrade.await {
+                Ok(up) => {
+                    let open = register();
+                    let delivered = super::http::inbound::Delivered {
+                        inputs: ctx.inputs.clone(),
+                        pod: ctx.pod.clone(),
+                        peer,
+                        target,
+                        protocol,
+                        labels,
+                        sockets: ctx.sockets.clone(),
+                        app,
+                    };
+                    super::http::inbound::serve(delivered, TokioIo::new(up)).await;
+                    drop(open);
+                }
+                Err(e) => {
+                    info!(pod = %ctx.pod, %peer, %target, error = %e, "CONNECT stream closed before it was upgraded")
+                }
+            }
+            ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let counters = ctx.inputs.metrics.tcp(&labels);
+        counters.opened.inc();
         let mut app = app;
         match upgrade.await {
             Ok(up) => {
                 let mut tunnel = TokioIo::new(up);
-                let open = ctx.inputs.connections.register(ConnInfo {
-                    pod: ctx.pod.clone(),
-                    direction: Direction::Inbound,
-                    protocol: Protocol::Hbone,
-                    client: peer.into(),
-                    destination: target.into(),
-                    upstream: target.into(),
-                    peer_identity: Some(source.clone()),
-                    started: std::time::SystemTime::now(),
-                    progress: Progress::default(),
-                });
+                let open = register();
                 let r = super::relay::relay(&mut tunnel, &mut app, size, &open.info.progress).await;
                 drop(open);
                 counters.received.inc_by(r.a_to_b);

@@ -80,9 +80,9 @@ pub struct RouteTable {
     /// Meshed pods (reached through their agent over HBONE) and the identity each must prove.
     /// Empty when mutual TLS is off.
     identities: HashMap<Ipv4Addr, Arc<Identity>>,
-    /// Endpoint (pod IP, target port) -> the one Service it serves, for the destination
-    /// side's telemetry; None where several Services share the endpoint.
-    endpoint_services: HashMap<SocketAddrV4, Option<Arc<ServiceMeta>>>,
+    /// Endpoint (pod IP, target port) -> the Service ports that send to it, for the
+    /// destination side, which does not see the ClusterIP the client used.
+    endpoint_services: HashMap<SocketAddrV4, Vec<EndpointService>>,
     /// The snapshot the table was built from, for inbound policy (PeerAuthentication).
     snapshot: Arc<Snapshot>,
     /// Every backend (Service port and subset) the HTTP routers send to.
@@ -104,7 +104,7 @@ impl RouteTable {
             .collect();
         let mut services = HashMap::new();
         let mut compiler = routing::Compiler::new(snap, &prev.backends);
-        let mut endpoint_services: HashMap<SocketAddrV4, Option<Arc<ServiceMeta>>> = HashMap::new();
+        let mut endpoint_services: HashMap<SocketAddrV4, Vec<EndpointService>> = HashMap::new();
         for svc in snap.services.values() {
             let Some(ip) = svc.cluster_ip else { continue };
             let meta = Arc::new(ServiceMeta::of(svc));
@@ -114,17 +114,17 @@ impl RouteTable {
                 .unwrap_or_default();
             for (i, port) in svc.ports.iter().enumerate() {
                 let endpoints = svc.endpoints.get(i).cloned().unwrap_or_default();
+                let protocol = protocol::AppProtocol::of(port);
                 for ep in &endpoints {
                     endpoint_services
                         .entry(ep.addr)
-                        .and_modify(|m| {
-                            if m.as_ref().is_some_and(|m| **m != *meta) {
-                                *m = None;
-                            }
-                        })
-                        .or_insert_with(|| Some(meta.clone()));
+                        .or_default()
+                        .push(EndpointService {
+                            meta: meta.clone(),
+                            address: SocketAddrV4::new(ip, port.port),
+                            protocol,
+                        });
                 }
-                let protocol = protocol::AppProtocol::of(port);
                 // Undeclared ports get both: each connection's first bytes choose.
                 let http = (protocol != protocol::AppProtocol::Tcp)
                     .then(|| compiler.router(svc, port.port));
@@ -236,10 +236,57 @@ impl RouteTable {
         self.identities.get(ip)
     }
 
-    /// The Service a connection to this endpoint was for, if exactly one Service selects it
-    /// on that port (the destination side does not see the ClusterIP the client used).
+    /// The Service a connection to this endpoint was for, if exactly one Service sends to
+    /// it on that port (the destination side does not see the ClusterIP the client used).
     pub fn service_of_endpoint(&self, ep: &SocketAddrV4) -> Option<&Arc<ServiceMeta>> {
-        self.endpoint_services.get(ep).and_then(Option::as_ref)
+        let all = self.endpoint_services.get(ep)?;
+        let first = &all.first()?.meta;
+        all.iter().all(|s| s.meta == *first).then_some(first)
+    }
+
+    /// The protocol the Services sending to this endpoint declare for its port: whether the
+    /// destination side parses HTTP (see [`protocol::AppProtocol::shared_with`]). Undeclared
+    /// or unknown ports, and ports one Service declares HTTP and another not, are relayed as
+    /// bytes.
+    pub fn endpoint_protocol(&self, ep: &SocketAddrV4) -> protocol::AppProtocol {
+        self.endpoint_services
+            .get(ep)
+            .and_then(|all| {
+                let first = all.first()?.protocol;
+                Some(all.iter().fold(first, |p, s| p.shared_with(s.protocol)))
+            })
+            .unwrap_or(protocol::AppProtocol::Tcp)
+    }
+
+    /// Of the Service ports sending to this endpoint, the one an HTTP request's authority
+    /// names: its ClusterIP, or the Service's short, `name.namespace` or cluster-local name
+    /// (with or without the port).
+    pub fn endpoint_service_by_authority(
+        &self,
+        ep: &SocketAddrV4,
+        authority: &str,
+    ) -> Option<&EndpointService> {
+        let all = self.endpoint_services.get(ep)?;
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h, p.parse::<u16>().ok()),
+            _ => (authority, None),
+        };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let port_ok = |s: &EndpointService| port.is_none_or(|p| p == s.address.port());
+        if let Ok(ip) = host.parse::<Ipv4Addr>() {
+            return all.iter().find(|s| *s.address.ip() == ip && port_ok(s));
+        }
+        all.iter().find(|s| {
+            let m = &s.meta;
+            let named = host == m.name
+                || host == m.fqdn
+                || host
+                    .strip_prefix(m.name.as_str())
+                    .and_then(|r| r.strip_prefix('.'))
+                    .and_then(|r| r.strip_prefix(m.namespace.as_str()))
+                    .is_some_and(|r| r.is_empty() || r == ".svc");
+            named && port_ok(s)
+        })
     }
 
     /// The PeerAuthentication mode for a plaintext connection to `port` of the pod with this
@@ -272,6 +319,15 @@ impl RouteTable {
         out.dedup_by(|a, b| a.0 == b.0);
         out
     }
+}
+
+/// A Service port that sends to an endpoint.
+#[derive(Debug)]
+pub struct EndpointService {
+    pub meta: Arc<ServiceMeta>,
+    /// The ClusterIP and Service port.
+    pub address: SocketAddrV4,
+    pub protocol: protocol::AppProtocol,
 }
 
 /// Counters of the whole agent.
@@ -476,11 +532,58 @@ mod tests {
 
         let mut snap = snapshot(1);
         let mut other = snap.services[&id("web")].clone();
+        // The canary's port declares gRPC: the port is still parsed as HTTP inbound.
+        other.ports[0].name = Some("grpc".into());
         other.id = id("web-canary");
         other.cluster_ip = Some(Ipv4Addr::new(10, 96, 0, 11));
         snap.services.insert(other.id.clone(), other);
-        let table = RouteTable::build(&Arc::new(snap), &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(snap.clone()), &RouteTable::default(), None);
         assert!(table.service_of_endpoint(&ep).is_none(), "ambiguous");
+        assert_eq!(table.endpoint_protocol(&ep), protocol::AppProtocol::Http);
+        // A request's authority says which Service it was for.
+        let by = |a: &str| {
+            table
+                .endpoint_service_by_authority(&ep, a)
+                .map(|s| (s.meta.name.as_str(), s.protocol))
+        };
+        let canary = Some(("web-canary", protocol::AppProtocol::Grpc));
+        let web = Some(("web", protocol::AppProtocol::Http));
+        for a in [
+            "web-canary",
+            "web-canary:80",
+            "web-canary.default",
+            "web-canary.default.svc",
+            "WEB-CANARY.default.svc.cluster.local.:80",
+            "10.96.0.11",
+            "10.96.0.11:80",
+        ] {
+            assert_eq!(by(a), canary, "{a}");
+        }
+        assert_eq!(by("web"), web);
+        assert_eq!(by("10.96.0.10:80"), web);
+        for a in [
+            "web:81",
+            "10.96.0.11:81",
+            "web.other",
+            "webx",
+            "web.default.svc.x",
+            "",
+        ] {
+            assert_eq!(by(a), None, "{a}");
+        }
+        // A port one Service declares TCP is relayed as bytes.
+        let mut tcp = snap.services[&id("web")].clone();
+        tcp.ports[0].name = Some("tcp".into());
+        tcp.id = id("web-tcp");
+        tcp.cluster_ip = Some(Ipv4Addr::new(10, 96, 0, 12));
+        snap.services.insert(tcp.id.clone(), tcp);
+        let table = RouteTable::build(&Arc::new(snap), &RouteTable::default(), None);
+        assert_eq!(table.endpoint_protocol(&ep), protocol::AppProtocol::Tcp);
+        let unknown = SocketAddrV4::new(Ipv4Addr::new(10, 244, 9, 9), 8080);
+        assert_eq!(
+            table.endpoint_protocol(&unknown),
+            protocol::AppProtocol::Tcp
+        );
     }
 
     #[test]

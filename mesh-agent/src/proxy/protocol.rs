@@ -52,6 +52,17 @@ impl AppProtocol {
         })
     }
 
+    /// What an endpoint port selected by two Services declaring `self` and `other` is, for
+    /// the destination side: the same protocol if they agree, HTTP if both declare some
+    /// HTTP (the destination then speaks to the app as the peer spoke to it), else TCP.
+    pub fn shared_with(self, other: AppProtocol) -> AppProtocol {
+        match (self, other) {
+            (a, b) if a == b => a,
+            (a, b) if a.is_http() && b.is_http() => AppProtocol::Http,
+            _ => AppProtocol::Tcp,
+        }
+    }
+
     /// The name the CLI shows.
     pub fn name(self) -> &'static str {
         match self {

@@ -363,3 +363,24 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         .map(|v| v as u64)
         .sum()
 }
+
+/// A pod labelled app=web, version=VERSION, serving HTTP on the named port `http`.
+pub fn web(name: &str, node: &str, version: &str) -> String {
+    pod(
+        "default",
+        name,
+        node,
+        &[("app", "web"), ("version", version)],
+        8080,
+    )
+    .replace("name: tcp-app", "name: http")
+}
+
+/// A Service `name` selecting `app=<selector>`, port 80 named `port_name`, to `target`.
+pub fn http_service(name: &str, selector: &str, port_name: &str, target: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  \
+         selector:\n    app: {selector}\n  ports:\n  - name: {port_name}\n    port: 80\n    \
+         targetPort: {target}\n"
+    )
+}

@@ -11,17 +11,16 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
-use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::body::{self, Counted, ProxyBody};
 use super::upstream::{Sender, UpBody};
-use super::{CONNECT_FAILURE, Ctx, Done, RESET, Reply, rules};
+use super::{CONNECT_FAILURE, Ctx, Done, RESET, Reply};
 use crate::config::routing::{HeaderOps, Retries};
 use crate::proxy::RouteTable;
 use crate::proxy::protocol::AppProtocol;
 use crate::proxy::routing::{Backend, EndpointState};
-use crate::telemetry::metrics::{HttpLabels, ResponseFlags};
+use crate::telemetry::metrics::ResponseFlags;
 
 const TIMEOUT: &str = "upstream request timeout";
 const OVERFLOW: &str =
@@ -323,59 +322,29 @@ impl Ctx {
         {
             // The upstream connection now belongs to the upgraded stream: not kept.
             drop(sender);
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let (pod, size) = (c.pod.clone(), c.inputs.buffer_size);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((down, up)) => {
-                        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-                        let progress = crate::proxy::connections::Progress::default();
-                        crate::proxy::relay::relay(&mut down, &mut up, size, &progress).await;
-                    }
-                    Err(e) => debug!(%pod, upstream = %endpoint, error = %e, "upgrade failed"),
-                }
-            });
+            super::join_upgrade(
+                client_upgrade,
+                &mut resp,
+                c.pod.clone(),
+                endpoint,
+                c.inputs.buffer_size,
+            );
         } else {
             let max = backend.policy.connection_pool.max_requests_per_connection;
             self.upstreams.put_back(endpoint, sender, max);
         }
         drop(active);
-        let (mut parts, body) = resp.into_parts();
-        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let kept = switching
-            .then(|| super::upgrade_headers(&parts.headers))
-            .flatten();
-        super::strip_hop_by_hop(&mut parts.headers);
-        if let Some((connection, proto)) = kept {
-            parts.headers.insert(header::CONNECTION, connection);
-            parts.headers.insert(header::UPGRADE, proto);
-        }
-        for ops in plan.response_headers.iter().flatten() {
-            rules::apply(ops, &mut parts.headers);
-        }
-        parts.version = version;
         let grpc = c.protocol == AppProtocol::Grpc || backend.protocol == AppProtocol::Grpc;
-        let Done {
-            labels,
-            started,
-            log,
-            info,
-        } = done;
-        let http = HttpLabels {
-            conn: labels,
+        super::upstream_reply(
+            &c.inputs,
+            resp,
+            version,
             grpc,
-            response_code: parts.status.as_u16(),
-            grpc_status: super::grpc_status(&parts.headers),
-        };
-        let on_end = body::OnEnd {
-            metrics: c.inputs.metrics.clone(),
-            access_log: c.inputs.access_log.clone(),
-            labels: http,
-            started,
-            request_bytes: request_counter,
-            log: log.map(|l| (l, info, endpoint)),
-        };
-        Response::from_parts(parts, body::response(body, on_end))
+            done,
+            request_counter,
+            endpoint,
+            &plan.response_headers,
+        )
     }
 
     /// One try against one endpoint, bounded by `until`.

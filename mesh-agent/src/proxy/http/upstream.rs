@@ -1,6 +1,6 @@
-//! Upstream HTTP connections of one client connection: opened inside the client pod's
-//! namespace (directly, or as an HBONE tunnel to a meshed pod's agent), kept per endpoint
-//! for the requests that follow.
+//! Upstream HTTP connections of one client connection, kept per endpoint for the requests
+//! that follow: at the source opened inside the client pod's namespace (directly, or as an
+//! HBONE tunnel to a meshed pod's agent), at the destination to the app.
 
 use std::collections::HashMap;
 use std::io;
@@ -84,9 +84,26 @@ pub enum UpstreamError {
     },
 }
 
+/// How upstream connections are opened.
+pub enum Connector {
+    /// At the source: from inside the client pod's namespace, as an HBONE tunnel to a meshed
+    /// pod's agent (given its identity) or plain TCP.
+    Source {
+        sockets: SocketSource,
+        hbone: Option<Hbone>,
+    },
+    /// At the destination: to the app, from inside its pod's namespace with the client's IP
+    /// as source. `first` is the connection opened before the client was answered, used
+    /// before any new one.
+    Deliver {
+        sockets: SocketSource,
+        client: std::net::Ipv4Addr,
+        first: Mutex<Option<TcpStream>>,
+    },
+}
+
 pub struct Upstreams {
-    sockets: SocketSource,
-    hbone: Option<Hbone>,
+    connector: Connector,
     connect_timeout: Duration,
     /// This client connection's upstream connections, by endpoint and protocol (HTTP/2 or
     /// not). Only its own requests take the lock (several at once only for an HTTP/2
@@ -95,14 +112,9 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(
-        sockets: SocketSource,
-        hbone: Option<Hbone>,
-        connect_timeout: Duration,
-    ) -> Upstreams {
+    pub fn new(connector: Connector, connect_timeout: Duration) -> Upstreams {
         Upstreams {
-            sockets,
-            hbone,
+            connector,
             connect_timeout,
             idle: Mutex::new(HashMap::new()),
         }
@@ -186,16 +198,37 @@ impl Upstreams {
         addr: SocketAddrV4,
         identity: Option<&Arc<Identity>>,
     ) -> Result<UpstreamIo, UpstreamError> {
-        if let (Some(h), Some(id)) = (&self.hbone, identity) {
-            let tunnel = h
-                .pool
-                .connect(id, addr)
-                .await
-                .map_err(|source| UpstreamError::Hbone { addr, source })?;
-            return Ok(UpstreamIo::Hbone(Box::new(tunnel)));
-        }
         let tcp = |source| UpstreamError::Tcp { addr, source };
-        let socket = self.sockets.socket().await.map_err(tcp)?;
+        let sockets = match &self.connector {
+            Connector::Source { sockets, hbone } => {
+                if let (Some(h), Some(id)) = (hbone, identity) {
+                    let tunnel = h
+                        .pool
+                        .connect(id, addr)
+                        .await
+                        .map_err(|source| UpstreamError::Hbone { addr, source })?;
+                    return Ok(UpstreamIo::Hbone(Box::new(tunnel)));
+                }
+                sockets
+            }
+            Connector::Deliver {
+                sockets,
+                client,
+                first,
+            } => {
+                let kept = first.lock().unwrap_or_else(PoisonError::into_inner).take();
+                let stream = match kept {
+                    Some(s) => s,
+                    None => {
+                        crate::proxy::inbound::deliver(sockets, *client, addr, self.connect_timeout)
+                            .await
+                            .map_err(tcp)?
+                    }
+                };
+                return Ok(UpstreamIo::Tcp(TokioIo::new(stream)));
+            }
+        };
+        let socket = sockets.socket().await.map_err(tcp)?;
         let stream = tokio::time::timeout(self.connect_timeout, socket.connect(addr.into()))
             .await
             .map_err(|_| {
