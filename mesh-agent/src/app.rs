@@ -115,9 +115,10 @@ pub struct RunArgs {
 
     /// The mesh CA (`mesh-agent ca`). With it, traffic between meshed pods goes over mutual
     /// TLS (HBONE) and every enrolled pod gets a certificate for its service account first.
-    /// Without it the agent proxies plaintext TCP and says so at startup.
+    /// Without it the agent proxies plaintext TCP and says so at startup. IP:PORT, or
+    /// HOST:PORT resolved at every connection (in a cluster: the CA's Service name).
     #[arg(long, value_name = "ADDR", requires_all = ["ca_root", "ca_token_file"])]
-    pub ca_addr: Option<SocketAddr>,
+    pub ca_addr: Option<crate::identity::CaAddr>,
 
     /// PEM file with the mesh root certificate(s): trusted for the CA's own TLS and as the
     /// anchor of every workload certificate.
@@ -384,7 +385,7 @@ struct ControlInputs {
 
 /// The CA client settings, if mutual TLS is configured.
 fn mtls_config(args: &RunArgs) -> anyhow::Result<Option<CertManagerConfig>> {
-    let Some(ca_addr) = args.ca_addr else {
+    let Some(ca_addr) = args.ca_addr.clone() else {
         return Ok(None);
     };
     let (Some(ca_root), Some(token_file)) = (&args.ca_root, &args.ca_token_file) else {

@@ -10,25 +10,59 @@ use subtle::ConstantTimeEq;
 /// The future [`NodeAuthenticator::authenticate`] returns.
 pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<String, AuthError>> + Send + 'a>>;
 
+/// Why a caller is not authenticated. Every message is safe to log and to send back: none
+/// carries the credential.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("missing bearer credential")]
     Missing,
     #[error("unknown node credential")]
     Unknown,
+    /// The API server's TokenReview did not authenticate the token.
+    #[error("the token is not authenticated by the Kubernetes API server: {error}")]
+    NotAuthenticated { error: String },
+    #[error(
+        "the token is not for audience {want:?} (the API server reports audiences {got:?}); \
+         the agent's projected token must have audience {want:?}"
+    )]
+    WrongAudience { want: String, got: Vec<String> },
+    #[error("the token belongs to {username:?}, not to the agent's service account {want:?}")]
+    WrongServiceAccount { username: String, want: String },
+    #[error(
+        "the token names neither a node nor a pod (user.extra has no \
+         authentication.kubernetes.io/node-name or pod-name): not a pod-bound projected \
+         service-account token"
+    )]
+    NotBound,
+    #[error("the token's pod {pod}: {reason}")]
+    BoundPod { pod: String, reason: String },
+    /// The CA could not decide (the API server failed or is unreachable): fail closed.
+    #[error("cannot authenticate the caller now: {reason}")]
+    Unavailable { reason: String },
+}
+
+impl AuthError {
+    /// HTTP status of the refusal: 503 when the CA could not decide (the agent retries),
+    /// 401 otherwise.
+    pub fn status(&self) -> u16 {
+        match self {
+            AuthError::Unavailable { .. } => 503,
+            _ => 401,
+        }
+    }
 }
 
 /// Maps the bearer credential of a signing request to the name of the node that sent it.
 ///
-/// Local mode uses [`StaticTokens`]. In a cluster, a `TokenReview` implementation slots in
-/// here: the agent sends its projected ServiceAccount token (audience `nodemesh-ca`), the
-/// implementation POSTs a `authentication.k8s.io/v1` TokenReview with that token and the
-/// audience, requires `status.authenticated` and the agent's ServiceAccount
-/// (`system:serviceaccount:nodemesh-system:nodemesh-agent`), and returns the node from
+/// Local mode uses [`StaticTokens`]. In a cluster,
+/// [`TokenReviewAuth`](super::token_review::TokenReviewAuth): the agent sends its projected
+/// ServiceAccount token (audience `nodemesh-ca`), the CA POSTs an `authentication.k8s.io/v1`
+/// TokenReview with that token and the audience, requires `status.authenticated`, the
+/// audience and the agent's ServiceAccount
+/// (`system:serviceaccount:nodemesh-system:nodemesh-agent`), and takes the node from
 /// `status.user.extra["authentication.kubernetes.io/node-name"]` (set for tokens bound to a
-/// pod since Kubernetes 1.30; older clusters: look up the bound pod
-/// `…/pod-name` and read its spec.nodeName). Results may be cached for a short time by token
-/// hash.
+/// pod since Kubernetes 1.30; older clusters: it reads the bound pod `…/pod-name`, checks its
+/// uid and takes its spec.nodeName). Results are cached for a short time by token hash.
 pub trait NodeAuthenticator: Send + Sync {
     fn authenticate<'a>(&'a self, bearer: &'a str) -> AuthFuture<'a>;
 }
@@ -72,7 +106,7 @@ impl std::fmt::Debug for StaticTokens {
     }
 }
 
-fn digest(s: &str) -> [u8; 32] {
+pub(super) fn digest(s: &str) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());

@@ -7,10 +7,12 @@
 
 pub mod auth;
 pub mod authority;
+pub mod cluster;
 pub mod policy;
 pub mod server;
 #[cfg(test)]
 pub mod testing;
+pub mod token_review;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,8 +23,16 @@ use anyhow::{Context as _, bail};
 use clap::{ArgGroup, Args, Subcommand};
 use tracing::info;
 
+use k8s_openapi::api::authentication::v1::TokenReview;
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::config::kube::{ApiAccess, WATCH};
+use crate::config::model::ROOT_NAMESPACE;
 use crate::identity::{Identity, pki};
+use auth::NodeAuthenticator;
 use authority::{Authority, write_file};
+use policy::Pods;
+use token_review::{DEFAULT_AGENT_ACCOUNT, DEFAULT_AUDIENCE, ServiceAccountUser};
 
 /// `mesh-agent ca --help`.
 pub const LONG_ABOUT: &str = "The nodemesh certificate authority.\n\n\
@@ -30,16 +40,23 @@ Without a subcommand, serves the signing API over TLS 1.3 (POST /v1/sign, GET /v
 GET /healthz/ready). An agent authenticates with its node credential (`Authorization: Bearer \
 <token>`) and sends a CSR whose only SAN is spiffe://<trust-domain>/ns/<ns>/sa/<sa>; the CA \
 signs it only if a pod of that namespace and service account is scheduled on the agent's node.\n\n\
+Local mode (--manifests, --node-credentials) learns pods from a directory of YAML and agents \
+by static node tokens. Cluster mode (--kubernetes) learns pods from the API server and \
+authenticates each agent by a TokenReview of its projected service-account token (audience \
+--audience, service account --agent-service-account); the node is the one the token is bound \
+to. API errors refuse the request (503), never sign.\n\n\
 The root is either a Kubernetes TLS Secret's files (--root-dir: tls.crt, tls.key as PKCS#8, \
 optional ca.crt; cert-manager compatible) or generated once into --state-dir (root.crt, \
 root.key mode 0600) and reused.\n\n\
 `ca issue` signs a certificate offline with the root on disk (tests, break-glass); `ca root` \
 prints the root, generating it if the state directory is empty.";
 
-/// What the CA asks of the Kubernetes API: nothing yet. It learns pods from a manifests
-/// directory and agents from static node tokens. Validating agents' projected tokens with
-/// TokenReview (issue 8 item 3) adds `create` on `tokenreviews` in `authentication.k8s.io`
-/// here, and deploy/'s RBAC test then requires the ClusterRole for it.
+/// What the CA asks of the Kubernetes API in cluster mode (`--kubernetes`): TokenReviews of
+/// agents' tokens, every running pod (list + watch, for the signing policy), and, for tokens
+/// that name only their pod (clusters before 1.30), `get` of the agent's pod in its own
+/// namespace. deploy/'s RBAC for the CA's service account is checked against this list (no
+/// more, no less; `deploy_tests::rbac`), and this list against the requests the real binary
+/// sends to the fake API server (mesh-agent/tests/ca_cluster.rs).
 #[cfg_attr(
     not(test),
     expect(
@@ -47,7 +64,26 @@ prints the root, generating it if the state directory is empty.";
         reason = "read by the deploy/ RBAC test (deploy_tests::rbac)"
     )
 )]
-pub const API_ACCESS: &[crate::config::kube::ApiAccess] = &[];
+pub const API_ACCESS: &[ApiAccess] = &[
+    ApiAccess {
+        group: <TokenReview as k8s_openapi::Resource>::GROUP,
+        resource: <TokenReview as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        namespace: None,
+        verbs: &["create"],
+    },
+    ApiAccess {
+        group: <Pod as k8s_openapi::Resource>::GROUP,
+        resource: <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        namespace: None,
+        verbs: WATCH,
+    },
+    ApiAccess {
+        group: <Pod as k8s_openapi::Resource>::GROUP,
+        resource: <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        namespace: Some(ROOT_NAMESPACE),
+        verbs: &["get"],
+    },
+];
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:15012";
 pub const DEFAULT_SERVER_NAME: &str = "nodemesh-ca.nodemesh-system.svc";
@@ -76,8 +112,27 @@ pub struct ServeArgs {
 
     /// Local mode: the directory of Kubernetes YAML the agents read; the CA learns pods,
     /// their spec.nodeName and serviceAccountName from it (re-read on change).
-    #[arg(long, value_name = "DIR", required = true)]
+    #[arg(long, value_name = "DIR", required_unless_present = "kubernetes")]
     pub manifests: Option<PathBuf>,
+
+    /// Cluster mode: learn pods from the Kubernetes API server (KUBECONFIG, else the pod's
+    /// service account) and authenticate agents by a TokenReview of their projected
+    /// service-account token. Replaces --manifests and --node-credentials.
+    #[arg(long, conflicts_with_all = ["manifests", "node_credentials"])]
+    pub kubernetes: bool,
+
+    /// Cluster mode: the audience agents' projected tokens must carry.
+    #[arg(long, value_name = "AUDIENCE", default_value = DEFAULT_AUDIENCE)]
+    pub audience: String,
+
+    /// Cluster mode: the agents' service account; tokens of any other are refused.
+    #[arg(
+        long,
+        value_name = "USERNAME",
+        default_value = DEFAULT_AGENT_ACCOUNT,
+        value_parser = ServiceAccountUser::parse
+    )]
+    pub agent_service_account: ServiceAccountUser,
 
     /// Trust domain of the identities signed.
     #[arg(long, value_name = "DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
@@ -93,8 +148,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// YAML map of node name to bearer token (`node-1: s3cret`), one per agent.
-    #[arg(long, value_name = "FILE", required = true)]
+    /// Local mode: YAML map of node name to bearer token (`node-1: s3cret`), one per agent.
+    #[arg(long, value_name = "FILE", required_unless_present = "kubernetes")]
     pub node_credentials: Option<PathBuf>,
 
     /// DNS name in the CA's own serving certificate; agents verify it.
@@ -212,6 +267,46 @@ fn root(a: &RootArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the CA learns pods and callers; `_status` keeps local mode's directory watch going.
+struct Sources {
+    auth: Arc<dyn NodeAuthenticator>,
+    pods: Pods,
+    _status: Option<tokio::sync::watch::Receiver<crate::config::watch::ConfigStatus>>,
+}
+
+/// Local mode: pods from the manifests directory, agents by static node tokens.
+fn local_sources(manifests: &Path, creds: &Path) -> anyhow::Result<Sources> {
+    let tokens = auth::StaticTokens::load(creds)?;
+    let initial = crate::config::watch::initial(manifests)
+        .map_err(|e| anyhow::anyhow!("invalid manifests in {}:\n{e}", manifests.display()))?;
+    let fingerprint = initial.fingerprint;
+    let (snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(initial.snapshot));
+    let status = crate::config::watch::spawn_from(manifests.to_path_buf(), snap_tx, fingerprint);
+    info!(manifests = %manifests.display(), nodes = tokens.nodes(), "local mode: pods from the manifests, agents by node token");
+    Ok(Sources {
+        auth: Arc::new(tokens),
+        pods: Pods::Manifests(snap_rx),
+        _status: Some(status),
+    })
+}
+
+/// Cluster mode: pods from the API server, agents by TokenReview.
+async fn cluster_sources(a: &ServeArgs) -> anyhow::Result<Sources> {
+    let client = crate::config::kube::client().await?;
+    let pods = cluster::ClusterPods::spawn(client.clone());
+    let expect = token_review::Expect {
+        audience: a.audience.clone(),
+        agent: a.agent_service_account.clone(),
+    };
+    info!(audience = %expect.audience, agent = %expect.agent.username(),
+        "cluster mode: pods from the API server, agents by TokenReview");
+    Ok(Sources {
+        auth: Arc::new(token_review::TokenReviewAuth::new(client, expect)),
+        pods: Pods::Cluster(pods),
+        _status: None,
+    })
+}
+
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let _logging = crate::app::init_logging(&a.log_level);
     let authority = Arc::new(load_authority(
@@ -221,16 +316,7 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
     if !crate::identity::valid_trust_domain(&a.trust_domain) {
         bail!("invalid --trust-domain {:?}", a.trust_domain);
     }
-    let (Some(manifests), Some(creds)) = (a.manifests, a.node_credentials) else {
-        bail!("--manifests and --node-credentials are required");
-    };
-    let tokens = auth::StaticTokens::load(&creds)?;
     let tls = server::tls_config(&authority, &a.server_name)?;
-    let initial = crate::config::watch::initial(&manifests)
-        .map_err(|e| anyhow::anyhow!("invalid manifests in {}:\n{e}", manifests.display()))?;
-    let fingerprint = initial.fingerprint;
-    let (snap_tx, snap_rx) = tokio::sync::watch::channel(Arc::new(initial.snapshot));
-
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -242,20 +328,22 @@ fn serve(a: ServeArgs) -> anyhow::Result<()> {
                 addr: a.listen,
                 source,
             })?;
-        let _status = crate::config::watch::spawn_from(manifests.clone(), snap_tx, fingerprint);
+        let sources = match (&a.manifests, &a.node_credentials) {
+            _ if a.kubernetes => cluster_sources(&a).await?,
+            (Some(manifests), Some(creds)) => local_sources(manifests, creds)?,
+            _ => bail!("give --kubernetes, or --manifests and --node-credentials"),
+        };
         let authority_roots = authority.roots().len();
-        let nodes = tokens.nodes();
         let svc = Arc::new(server::CaService {
             authority,
-            auth: Arc::new(tokens),
-            snapshots: snap_rx,
+            auth: sources.auth,
+            pods: sources.pods,
             trust_domain: a.trust_domain.clone(),
             max_ttl: a.max_ttl,
         });
         info!(
             addr = %a.listen, trust_domain = %a.trust_domain, server_name = %a.server_name,
-            manifests = %manifests.display(), max_ttl = ?a.max_ttl, nodes = nodes,
-            roots = authority_roots, "CA serving"
+            max_ttl = ?a.max_ttl, roots = authority_roots, "CA serving"
         );
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;

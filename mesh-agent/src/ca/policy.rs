@@ -8,8 +8,45 @@ use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::cluster::ClusterPods;
 use crate::config::model::Snapshot;
 use crate::identity::Identity;
+
+/// Where the CA learns which pods run on which node.
+pub enum Pods {
+    /// Local mode: the manifests directory's snapshots.
+    Manifests(watch::Receiver<Arc<Snapshot>>),
+    /// Cluster mode: the API server's pods.
+    Cluster(ClusterPods),
+}
+
+impl Pods {
+    /// Whether the CA knows the pods well enough to sign.
+    pub fn ready(&self) -> bool {
+        match self {
+            Pods::Manifests(_) => true,
+            Pods::Cluster(c) => c.ready(),
+        }
+    }
+
+    /// `node` may hold `identity` when a pod with that namespace and service account is
+    /// scheduled on it; before the first list of the cluster's pods nothing is signed.
+    pub fn authorize(&self, node: &str, identity: &Identity) -> Result<(), Refusal> {
+        match self {
+            Pods::Manifests(rx) => authorize(&rx.borrow(), node, identity),
+            Pods::Cluster(c) if !c.ready() => Err(Refusal::NotSynced),
+            Pods::Cluster(c) if c.on_node(node, identity) => Ok(()),
+            Pods::Cluster(_) => Err(Refusal::NotOnNode {
+                identity: identity.clone(),
+                node: node.to_string(),
+            }),
+        }
+    }
+}
 
 /// Why a signing request is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +63,8 @@ pub enum Refusal {
         identity.service_account, identity.namespace
     )]
     NotOnNode { identity: Identity, node: String },
+    #[error("the CA has not yet listed the cluster's pods from the API server; retry shortly")]
+    NotSynced,
 }
 
 impl Refusal {
@@ -34,6 +73,7 @@ impl Refusal {
         match self {
             Refusal::BadCsr { .. } | Refusal::ForeignTrustDomain { .. } => 400,
             Refusal::NotOnNode { .. } => 403,
+            Refusal::NotSynced => 503,
         }
     }
 }

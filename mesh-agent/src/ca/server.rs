@@ -14,13 +14,11 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::auth::NodeAuthenticator;
 use super::authority::{Authority, AuthorityError};
-use super::policy::{self, Refusal};
-use crate::config::model::Snapshot;
+use super::policy::{self, Pods, Refusal};
 use crate::identity::pki;
 
 /// Largest request body accepted.
@@ -33,7 +31,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct CaService {
     pub authority: Arc<Authority>,
     pub auth: Arc<dyn NodeAuthenticator>,
-    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    pub pods: Pods,
     pub trust_domain: String,
     pub max_ttl: Duration,
 }
@@ -93,7 +91,9 @@ impl CaService {
                 Ok(node) => node,
                 Err(e) => {
                     warn!(%peer, reason = %e, "certificate request refused");
-                    return error(StatusCode::UNAUTHORIZED, &e.to_string());
+                    let status =
+                        StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+                    return error(status, &e.to_string());
                 }
             },
         };
@@ -109,8 +109,7 @@ impl CaService {
             Ok(c) => c,
             Err(refusal) => return self.refuse(peer, &node, None, &refusal),
         };
-        let snapshot = self.snapshots.borrow().clone();
-        if let Err(refusal) = policy::authorize(&snapshot, &node, &csr.identity) {
+        if let Err(refusal) = self.pods.authorize(&node, &csr.identity) {
             return self.refuse(peer, &node, Some(&csr.identity.to_string()), &refusal);
         }
         let ttl = self.clamp_ttl(req.ttl_seconds);
@@ -167,7 +166,13 @@ impl CaService {
                 self.sign(peer, auth.as_deref(), &body).await
             }
             (&Method::GET, "/v1/roots") => text(StatusCode::OK, self.authority.roots_pem()),
-            (&Method::GET, "/healthz/ready") => text(StatusCode::OK, "ok\n".into()),
+            (&Method::GET, "/healthz/ready") if self.pods.ready() => {
+                text(StatusCode::OK, "ok\n".into())
+            }
+            (&Method::GET, "/healthz/ready") => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the cluster's pods are not listed yet\n".into(),
+            ),
             (_, crate::identity::SIGN_PATH) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }

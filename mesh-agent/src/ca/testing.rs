@@ -88,7 +88,7 @@ pub fn service(dir: &Path, pods: &[(&str, &str, &str)], max_ttl: Duration) -> Ca
     CaService {
         authority,
         auth: Arc::new(tokens(&["node-1", "node-2"])),
-        snapshots: rx,
+        pods: super::policy::Pods::Manifests(rx),
         trust_domain: "cluster.local".into(),
         max_ttl,
     }

@@ -9,7 +9,9 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::docs::{Doc, Object};
 use super::workloads::{CA, find, first_container, mount_of, parse_cli};
 use crate::Command;
+use crate::app::RunArgs;
 use crate::ca::ServeArgs;
+use crate::ca::token_review::ServiceAccountUser;
 use crate::config::model::ROOT_NAMESPACE;
 
 pub fn check_ca(
@@ -45,31 +47,35 @@ pub fn check_ca(
         ));
         return Some(serve);
     };
-    let files = [
-        (root, "--root-dir", true),
-        (
-            serve.manifests.as_deref().unwrap_or(Path::new("")),
-            "--manifests",
-            false,
-        ),
-        (
-            serve.node_credentials.as_deref().unwrap_or(Path::new("")),
-            "--node-credentials",
-            true,
-        ),
-    ];
-    for (path, flag, secret) in files {
-        let ok = mount_of(spec, c, path).is_some_and(|(_, v)| !secret || v.secret.is_some());
-        if !ok {
-            p.push(at(&format!(
-                "{flag} {} is not on a {}volume",
-                path.display(),
-                if secret { "Secret " } else { "" }
-            )));
-        }
+    if mount_of(spec, c, root).is_none_or(|(_, v)| v.secret.is_none()) {
+        p.push(at(&format!(
+            "--root-dir {} is not on a Secret volume",
+            root.display()
+        )));
     }
-    if spec.automount_service_account_token != Some(false) && crate::ca::API_ACCESS.is_empty() {
-        p.push(format!("{origin}: field spec.template.spec.automountServiceAccountToken: false while the CA makes no API request"));
+    if !serve.kubernetes || serve.manifests.is_some() || serve.node_credentials.is_some() {
+        p.push(at(
+            "args: in a cluster the CA runs with --kubernetes (pods from the API server, agents \
+             by TokenReview), without --manifests and --node-credentials",
+        ));
+    }
+    // In-cluster configuration reads the service account's token: it must be mounted.
+    let account = spec.service_account_name.as_deref().unwrap_or("default");
+    let sa_automount = docs
+        .iter()
+        .find_map(|d| match &d.object {
+            Object::ServiceAccount(sa) if sa.metadata.name.as_deref() == Some(account) => {
+                Some(sa.automount_service_account_token)
+            }
+            _ => None,
+        })
+        .flatten();
+    let automount = spec.automount_service_account_token.or(sa_automount);
+    if automount == Some(false) && !crate::ca::API_ACCESS.is_empty() {
+        p.push(format!(
+            "{origin}: field spec.template.spec.automountServiceAccountToken: the CA needs its \
+             service account's token for the API requests of ca::API_ACCESS"
+        ));
     }
     // The Service agents will dial, and the name they verify.
     let svc = find(docs, "Service", CA).and_then(|d| match &d.object {
@@ -114,4 +120,81 @@ pub fn check_ca(
         )));
     }
     Some(serve)
+}
+
+/// The agent's CA flags against the CA: the Service's name and port, the name the CA proves,
+/// a projected token for the CA's audience, the service account the CA accepts, the root.
+pub fn check_link(
+    agent_origin: &str,
+    agent: &PodTemplateSpec,
+    run: &RunArgs,
+    serve: &ServeArgs,
+    p: &mut Vec<String>,
+) {
+    let at = |what: &str| format!("{agent_origin}: container agent: {what}");
+    let service = format!("{CA}.{ROOT_NAMESPACE}.svc");
+    let (Some(addr), Some(root), Some(token)) = (&run.ca_addr, &run.ca_root, &run.ca_token_file)
+    else {
+        p.push(at(
+            "args: --ca-addr, --ca-root and --ca-token-file: without the CA the agents carry \
+             plaintext",
+        ));
+        return;
+    };
+    if addr.host() != service || addr.port() != serve.listen.port() {
+        p.push(at(&format!(
+            "--ca-addr {addr} is not the CA's Service {service}:{}",
+            serve.listen.port()
+        )));
+    }
+    if run.ca_server_name != serve.server_name {
+        p.push(at(&format!(
+            "--ca-server-name {} differs from the CA's --server-name {}",
+            run.ca_server_name, serve.server_name
+        )));
+    }
+    let Some(spec) = agent.spec.as_ref() else {
+        return;
+    };
+    let account = spec.service_account_name.as_deref().unwrap_or("default");
+    let want = ServiceAccountUser {
+        namespace: ROOT_NAMESPACE.into(),
+        name: account.into(),
+    };
+    if serve.agent_service_account != want {
+        p.push(format!(
+            "the CA's --agent-service-account {} is not the agent's service account {}",
+            serve.agent_service_account.username(),
+            want.username()
+        ));
+    }
+    let Some(c) = spec.containers.first() else {
+        return;
+    };
+    if mount_of(spec, c, root).is_none_or(|(_, v)| v.config_map.is_none()) {
+        p.push(at(&format!(
+            "--ca-root {} is not on a ConfigMap volume (the root certificate, not the Secret \
+             with its key)",
+            root.display()
+        )));
+    }
+    let projected = mount_of(spec, c, token).and_then(|(m, v)| {
+        let file = token.strip_prefix(&m.mount_path).ok()?;
+        let sources = v.projected.as_ref()?.sources.as_ref()?;
+        sources.iter().find_map(|s| {
+            let t = s.service_account_token.as_ref()?;
+            (Path::new(&t.path) == file).then_some(t)
+        })
+    });
+    match projected {
+        Some(t) if t.audience.as_deref() == Some(serve.audience.as_str()) => {}
+        Some(t) => p.push(at(&format!(
+            "--ca-token-file: the projected token's audience {:?} is not the CA's --audience {}",
+            t.audience, serve.audience
+        ))),
+        None => p.push(at(&format!(
+            "--ca-token-file {} is not a projected serviceAccountToken volume's file",
+            token.display()
+        ))),
+    }
 }

@@ -239,3 +239,58 @@ fn cni_mounts_that_do_not_reach_the_host_are_named() {
     });
     expect(&p, "args: --cni-bin-dir and --cni-conf-dir must be set");
 }
+
+#[test]
+fn a_ca_token_for_another_audience_is_named() {
+    let p = problems_after(|docs| {
+        let spec = agent(docs).spec.as_mut().expect("pod spec");
+        let volume = spec
+            .volumes
+            .iter_mut()
+            .flatten()
+            .find(|v| v.name == "ca-token")
+            .expect("the ca-token volume");
+        let sources = volume.projected.as_mut().and_then(|p| p.sources.as_mut());
+        let token = sources.expect("sources")[0]
+            .service_account_token
+            .as_mut()
+            .expect("a serviceAccountToken");
+        token.audience = None;
+    });
+    expect(
+        &p,
+        "--ca-token-file: the projected token's audience None is not the CA's --audience nodemesh-ca",
+    );
+}
+
+#[test]
+fn a_ca_in_local_mode_or_without_its_token_is_named() {
+    let p = problems_after(|docs| {
+        for d in docs.iter_mut() {
+            if let Object::Deployment(dep) = &mut d.object {
+                let spec = dep.spec.template.spec.as_mut();
+                let spec = spec.expect("pod spec");
+                spec.automount_service_account_token = Some(false);
+                let args = spec.containers[0].args.as_mut().expect("args");
+                args.retain(|a| a != "--kubernetes");
+                args.push("--manifests=/var/run/nodemesh/ca-manifests".into());
+                args.push("--node-credentials=/var/run/nodemesh/creds.yaml".into());
+            }
+        }
+    });
+    expect(&p, "in a cluster the CA runs with --kubernetes");
+    expect(&p, "the CA needs its service account's token");
+}
+
+#[test]
+fn a_ca_that_accepts_another_service_account_is_named() {
+    let p = problems_after(|docs| {
+        let spec = agent(docs).spec.as_mut().expect("pod spec");
+        spec.service_account_name = Some("other".into());
+    });
+    expect(
+        &p,
+        "the CA's --agent-service-account system:serviceaccount:nodemesh-system:nodemesh-agent is \
+         not the agent's service account system:serviceaccount:nodemesh-system:other",
+    );
+}

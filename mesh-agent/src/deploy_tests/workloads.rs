@@ -36,6 +36,9 @@ pub fn check(docs: &[Doc]) -> Vec<String> {
     };
     let run = super::agent::check_agent(&agent_doc.origin, agent_tpl, &mut p);
     let serve = super::ca::check_ca(docs, &ca_doc.origin, ca_tpl, &mut p);
+    if let (Some(run), Some(serve)) = (&run, &serve) {
+        super::ca::check_link(&agent_doc.origin, agent_tpl, run, serve, &mut p);
+    }
     let domains = [
         run.as_ref()
             .map(|r| ("the agent's --trust-domain", r.trust_domain.clone())),

@@ -26,6 +26,78 @@ const MAX_REPLY: usize = 1 << 20;
 /// Path of the signing endpoint.
 pub const SIGN_PATH: &str = "/v1/sign";
 
+/// Where the CA is: `IP:PORT`, or `HOST:PORT` (a DNS name, e.g. the CA's Service
+/// `nodemesh-ca.nodemesh-system.svc:15012`), resolved again for every connection so a moved
+/// Service is followed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaAddr {
+    host: String,
+    port: u16,
+}
+
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "read by the deploy/ tests (deploy_tests::ca)")
+)]
+impl CaAddr {
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// The first address the name resolves to (an IP literal: itself).
+    pub async fn resolve(&self) -> std::io::Result<SocketAddr> {
+        let mut found = tokio::net::lookup_host((self.host.as_str(), self.port)).await?;
+        found.next().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} resolves to no address", self.host),
+            )
+        })
+    }
+}
+
+impl From<SocketAddr> for CaAddr {
+    fn from(a: SocketAddr) -> CaAddr {
+        CaAddr {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+impl std::str::FromStr for CaAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CaAddr, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(a.into());
+        }
+        let bad = || format!("{s:?} is not IP:PORT or HOST:PORT");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let valid = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.';
+        if host.is_empty() || !host.chars().all(valid) || port == 0 {
+            return Err(bad());
+        }
+        Ok(CaAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for CaAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// Body of `POST /v1/sign`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SignRequest {
@@ -49,7 +121,7 @@ pub struct ErrorResponse {
 
 /// Obtains a new certificate for `id` with a new key.
 pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert, CertError> {
-    let addr = shared.cfg.ca_addr;
+    let addr = &shared.cfg.ca_addr;
     let csr_err = |source| CertError::Csr {
         identity: id.to_string(),
         source,
@@ -65,7 +137,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
         .map_err(csr_err)?;
 
     let bad_reply = |reason: String| CertError::BadReply {
-        addr,
+        addr: addr.clone(),
         identity: id.to_string(),
         reason,
     };
@@ -77,7 +149,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
     let (status, reply) = tokio::time::timeout(REQUEST_TIMEOUT, post(shared, id, body))
         .await
         .map_err(|_| CertError::Timeout {
-            addr,
+            addr: addr.clone(),
             timeout: REQUEST_TIMEOUT,
         })??;
     if status != 200 {
@@ -85,7 +157,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&reply).trim().to_string());
         return Err(CertError::Refused {
-            addr,
+            addr: addr.clone(),
             identity: id.to_string(),
             status,
             reason,
@@ -99,7 +171,7 @@ pub(super) async fn issue(shared: &Shared, id: &Identity) -> Result<WorkloadCert
     }
 
     let bad_chain = |reason: String| CertError::BadChain {
-        addr,
+        addr: addr.clone(),
         identity: id.to_string(),
         reason,
     };
@@ -158,7 +230,7 @@ fn ca_socket(addr: SocketAddr) -> std::io::Result<Socket> {
 
 /// Sends the request; returns the status and the body.
 async fn post(shared: &Shared, id: &Identity, body: String) -> Result<(u16, Bytes), CertError> {
-    let addr = shared.cfg.ca_addr;
+    let addr = &shared.cfg.ca_addr;
     let token_path = &shared.cfg.token_file;
     let token = tokio::fs::read_to_string(token_path)
         .await
@@ -178,17 +250,27 @@ async fn post(shared: &Shared, id: &Identity, body: String) -> Result<(u16, Byte
             name: shared.cfg.ca_server_name.clone(),
         })?;
 
-    let connect = |source| CertError::Connect { addr, source };
-    let sock = ca_socket(addr).map_err(connect)?;
+    let connect = |source| CertError::Connect {
+        addr: addr.clone(),
+        source,
+    };
+    let target = addr.resolve().await.map_err(connect)?;
+    let sock = ca_socket(target).map_err(connect)?;
     let tcp = tokio::net::TcpSocket::from_std_stream(sock.into())
-        .connect(addr)
+        .connect(target)
         .await
         .map_err(connect)?;
     let tls = tokio_rustls::TlsConnector::from(shared.tls.clone())
         .connect(shared.server_name.clone(), tcp)
         .await
-        .map_err(|source| CertError::Tls { addr, source })?;
-    let http = |source| CertError::Http { addr, source };
+        .map_err(|source| CertError::Tls {
+            addr: addr.clone(),
+            source,
+        })?;
+    let http = |source| CertError::Http {
+        addr: addr.clone(),
+        source,
+    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(http)?;
@@ -207,7 +289,7 @@ async fn post(shared: &Shared, id: &Identity, body: String) -> Result<(u16, Byte
             .collect()
             .await
             .map_err(|e| CertError::BadReply {
-                addr,
+                addr: addr.clone(),
                 identity: id.to_string(),
                 reason: format!("reading the reply: {e}"),
             })?

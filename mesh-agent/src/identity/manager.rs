@@ -2,7 +2,6 @@
 //! at half-life.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -16,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{info, warn};
 
+use super::client::CaAddr;
 use super::{Identity, pki};
 
 /// Certificate lifetime asked for by default.
@@ -31,7 +31,7 @@ const MIN_RENEW_DELAY: Duration = Duration::from_millis(500);
 /// How to reach the mesh CA and what to ask it for.
 #[derive(Clone, Debug)]
 pub struct CertManagerConfig {
-    pub ca_addr: SocketAddr,
+    pub ca_addr: CaAddr,
     /// DNS name in the CA's serving certificate (e.g. `nodemesh-ca.nodemesh-system.svc`).
     pub ca_server_name: String,
     /// PEM file with the mesh root certificate(s).
@@ -76,37 +76,34 @@ pub enum CertError {
     },
     #[error("cannot connect to the CA at {addr}: {source}")]
     Connect {
-        addr: SocketAddr,
+        addr: CaAddr,
         source: std::io::Error,
     },
     #[error("TLS handshake with the CA at {addr} failed: {source}")]
     Tls {
-        addr: SocketAddr,
+        addr: CaAddr,
         source: std::io::Error,
     },
     #[error("HTTP exchange with the CA at {addr} failed: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: hyper::Error,
-    },
+    Http { addr: CaAddr, source: hyper::Error },
     #[error("the CA at {addr} did not answer within {timeout:?}")]
-    Timeout { addr: SocketAddr, timeout: Duration },
+    Timeout { addr: CaAddr, timeout: Duration },
     #[error("the CA at {addr} refused {identity} (HTTP {status}): {reason}")]
     Refused {
-        addr: SocketAddr,
+        addr: CaAddr,
         identity: String,
         status: u16,
         reason: String,
     },
     #[error("the CA at {addr} sent a malformed reply for {identity}: {reason}")]
     BadReply {
-        addr: SocketAddr,
+        addr: CaAddr,
         identity: String,
         reason: String,
     },
     #[error("the certificate the CA at {addr} issued for {identity} is not acceptable: {reason}")]
     BadChain {
-        addr: SocketAddr,
+        addr: CaAddr,
         identity: String,
         reason: String,
     },

@@ -14,7 +14,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-pub use client::SIGN_PATH;
+pub use client::{CaAddr, SIGN_PATH};
 pub use manager::{CertHandle, CertManager, CertManagerConfig, CertState, CertView};
 #[cfg(test)]
 pub use manager::{DEFAULT_TTL, WorkloadCert};

@@ -138,7 +138,7 @@ fn identity_from_certificate() {
 
 fn manager(ca: &TestCa, node: &str, ttl: Duration) -> CertManager {
     CertManager::new(CertManagerConfig {
-        ca_addr: ca.addr,
+        ca_addr: ca.addr.into(),
         ca_server_name: SERVER_NAME.into(),
         ca_root: ca.root(),
         token_file: ca.token_file(node),
@@ -310,7 +310,7 @@ async fn manager_rejects_a_ca_it_does_not_trust() {
 
 fn config_of(ca: &TestCa) -> CertManagerConfig {
     CertManagerConfig {
-        ca_addr: ca.addr,
+        ca_addr: ca.addr.into(),
         ca_server_name: SERVER_NAME.into(),
         ca_root: ca.root(),
         token_file: ca.token_file("node-1"),
@@ -342,4 +342,32 @@ fn manager_config_errors_name_the_file() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("empty.pem"), "{err}");
+}
+
+#[test]
+fn ca_addresses_are_ip_or_host_and_port() {
+    use super::CaAddr;
+    let ip: CaAddr = "10.0.0.1:15012".parse().unwrap();
+    assert_eq!(ip.to_string(), "10.0.0.1:15012");
+    let v6: CaAddr = "[fd00::1]:15012".parse().unwrap();
+    assert_eq!(v6.to_string(), "[fd00::1]:15012");
+    let name: CaAddr = "nodemesh-ca.nodemesh-system.svc:15012".parse().unwrap();
+    assert_eq!(name.to_string(), "nodemesh-ca.nodemesh-system.svc:15012");
+    for bad in [
+        "nodemesh-ca",
+        "host:0",
+        ":15012",
+        "host:port",
+        "a b:1",
+        "host:70000",
+    ] {
+        assert!(bad.parse::<CaAddr>().is_err(), "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_ca_name_resolves_at_connect_time() {
+    let local: super::CaAddr = "localhost:15012".parse().unwrap();
+    let addr = local.resolve().await.unwrap();
+    assert!(addr.ip().is_loopback() && addr.port() == 15012, "{addr}");
 }

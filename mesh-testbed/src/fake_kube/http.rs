@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::select::Selector;
 use super::{Msg, Shared, TypeInfo, Watch, gone_event, with_types};
 
-type Body_ = BoxBody<Bytes, std::io::Error>;
+pub(super) type Body_ = BoxBody<Bytes, std::io::Error>;
 
 pub(super) async fn serve(
     listener: std::net::TcpListener,
@@ -46,7 +46,7 @@ pub(super) async fn serve(
     }
 }
 
-fn full(status: StatusCode, body: &Value) -> Response<Body_> {
+pub(super) fn full(status: StatusCode, body: &Value) -> Response<Body_> {
     let body = Full::new(Bytes::from(body.to_string()))
         .map_err(|never| match never {})
         .boxed();
@@ -59,7 +59,7 @@ fn full(status: StatusCode, body: &Value) -> Response<Body_> {
     resp
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Response<Body_> {
+pub(super) fn status(code: u16, reason: &str, message: &str) -> Response<Body_> {
     let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                       "message": message, "reason": reason, "code": code});
     full(
@@ -108,6 +108,8 @@ enum Target {
         version: String,
         namespace: Option<String>,
     },
+    /// One object: `(type, version, namespace or "", name)`.
+    Object(TypeInfo, String, String, String),
 }
 
 fn route(shared: &Shared, path: &str) -> Option<Target> {
@@ -146,6 +148,17 @@ fn route(shared: &Shared, path: &str) -> Option<Target> {
             namespace: ns.map(str::to_owned),
         })
     };
+    let object = |group: &str, version: &str, ns: &str, plural: &str, name: &str| {
+        let t = served(group, version)
+            .into_iter()
+            .find(|t| t.plural == plural && t.namespaced != ns.is_empty())?;
+        Some(Target::Object(
+            t,
+            version.to_owned(),
+            ns.to_owned(),
+            name.to_owned(),
+        ))
+    };
     match parts.as_slice() {
         ["api"] => Some(Target::Discovery(
             json!({"kind": "APIVersions", "versions": ["v1"]}),
@@ -180,6 +193,10 @@ fn route(shared: &Shared, path: &str) -> Option<Target> {
         ["api", v, "namespaces", ns, p] => collection("", v, Some(ns), p),
         ["apis", g, v, p] => collection(g, v, None, p),
         ["apis", g, v, "namespaces", ns, p] => collection(g, v, Some(ns), p),
+        ["api", v, "namespaces", ns, p, name] => object("", v, ns, p, name),
+        ["apis", g, v, "namespaces", ns, p, name] => object(g, v, ns, p, name),
+        ["api", v, p, name] => object("", v, "", p, name),
+        ["apis", g, v, p, name] => object(g, v, "", p, name),
         _ => None,
     }
 }
@@ -203,6 +220,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body_> {
         .lock()
         .requests
         .push(format!("{} {}", req.method(), decode(&pq)));
+    if req.method() == Method::POST && path == super::auth::PATH {
+        return super::auth::review(shared, req).await;
+    }
     if req.method() != Method::GET {
         return status(
             405,
@@ -219,6 +239,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body_> {
     };
     let (t, version, namespace) = match target {
         Target::Discovery(v) => return full(StatusCode::OK, &v),
+        Target::Object(t, version, ns, name) => return get_one(shared, &t, &version, ns, name),
         Target::Collection {
             t,
             version,
@@ -317,6 +338,39 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body_> {
         hyper::header::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+/// `GET` of one object: it, or a 404 Status as the real server says it.
+fn get_one(
+    shared: &Shared,
+    t: &TypeInfo,
+    version: &str,
+    namespace: String,
+    name: String,
+) -> Response<Body_> {
+    let st = shared.lock();
+    if let Some(code) = st.failing.get(&t.plural).copied() {
+        return status(
+            code,
+            "InternalError",
+            &format!("{} failing on purpose", t.plural),
+        );
+    }
+    let found = st
+        .objects
+        .get(&(t.group.clone(), t.plural.clone()))
+        .and_then(|o| o.get(&(namespace, name.clone())));
+    match found {
+        Some(obj) => full(
+            StatusCode::OK,
+            &with_types(obj, &t.api_version(version), &t.kind),
+        ),
+        None => status(
+            404,
+            "NotFound",
+            &format!("{} \"{name}\" not found", t.plural),
+        ),
+    }
 }
 
 /// A watch's chunked body: lines until the server drops the watch (a clean end), the

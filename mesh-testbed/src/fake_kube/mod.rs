@@ -9,7 +9,10 @@
 //!   change after N first. A selector that stops (starts) matching an object turns its
 //!   MODIFIED into DELETED (ADDED), as the real server does. N older than the compaction
 //!   point answers an `ERROR` with a 410 `Expired` Status.
+//! - `GET` of one object (`.../namespaces/NS/PLURAL/NAME`, `.../PLURAL/NAME`).
 //! - Discovery for the served versions (`/api`, `/apis`, `/apis/GROUP/VERSION`).
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`, answered as programmed with
+//!   [`FakeApiServer::review_token`] (see [`auth`]).
 //!
 //! The test drives it at runtime: [`FakeApiServer::apply`] / [`FakeApiServer::delete`]
 //! objects (JSON), [`FakeApiServer::drop_watches`] (connections cut mid-stream),
@@ -18,6 +21,7 @@
 //! and reads the [`FakeApiServer::requests`] it got. [`FakeApiServer::write_kubeconfig`]
 //! writes a kubeconfig pointing at it.
 
+pub mod auth;
 mod http;
 mod select;
 
@@ -210,6 +214,10 @@ struct State {
     requests: Vec<String>,
     /// Plurals whose requests answer this HTTP status.
     failing: HashMap<String, u16>,
+    /// Token -> the TokenReview status to answer.
+    token_reviews: HashMap<String, Value>,
+    /// `spec.audiences` of every TokenReview received.
+    token_reviews_seen: Vec<Value>,
 }
 
 impl State {
@@ -472,6 +480,20 @@ impl FakeApiServer {
             Some(c) => st.failing.insert(plural.to_owned(), c),
             None => st.failing.remove(plural),
         };
+    }
+
+    /// Answers TokenReviews of `token` with this status (see [`auth::authenticated`] and
+    /// [`auth::unauthenticated`]); other tokens are not authenticated.
+    pub fn review_token(&self, token: &str, status: Value) {
+        self.shared
+            .lock()
+            .token_reviews
+            .insert(token.to_owned(), status);
+    }
+
+    /// `spec.audiences` of every TokenReview received so far.
+    pub fn token_review_audiences(&self) -> Vec<Value> {
+        self.shared.lock().token_reviews_seen.clone()
     }
 
     /// Every request so far, as `GET /path?query`, percent-decoded.

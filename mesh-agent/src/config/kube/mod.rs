@@ -20,9 +20,10 @@ mod access;
 mod rebuild;
 mod watchers;
 
-pub use access::ApiAccess;
 #[cfg(test)]
 pub use access::agent_api_access;
+pub use access::{ApiAccess, WATCH};
+pub use watchers::error_chain;
 
 use std::sync::Arc;
 
