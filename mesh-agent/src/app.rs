@@ -24,6 +24,7 @@ use crate::proxy::hbone::PoolSettings;
 use crate::proxy::{ProxyInputs, ProxyStats, RouteTable};
 use crate::telemetry::access_log::{AccessLog, AccessLogStats};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::trace::{SpanStats, Spans};
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["manifests", "kubernetes"])))]
@@ -297,6 +298,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let access_log = AccessLog::start().context("starting the access log writer thread")?;
     let connections = Arc::new(ConnectionTable::default());
+    let (spans, span_queue) = Spans::new();
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(
         &snapshot,
         &RouteTable::default(),
@@ -312,6 +314,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         inbound: inbound.clone(),
         access_log: access_log.clone(),
         connections: connections.clone(),
+        spans: spans.clone(),
     };
     let certs = mtls.as_ref().map(|m| m.certs.clone());
     let enroller = Enroller::new(
@@ -336,6 +339,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         inbound,
         access_log: access_log.stats.clone(),
         connections,
+        spans: (span_queue, spans.stats.clone()),
     }));
 
     // Drain: accept loops are stopped; give live connections until the deadline.
@@ -381,6 +385,11 @@ struct ControlInputs {
     inbound: Arc<crate::proxy::inbound::InboundStats>,
     access_log: Arc<AccessLogStats>,
     connections: Arc<ConnectionTable>,
+    /// The span queue's receiving end, for the exporter, and its counters.
+    spans: (
+        tokio::sync::mpsc::Receiver<crate::telemetry::trace::SpanRecord>,
+        Arc<SpanStats>,
+    ),
 }
 
 /// The CA client settings, if mutual TLS is configured.
@@ -416,7 +425,14 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         inbound,
         access_log,
         connections,
+        spans: (span_queue, span_stats),
     } = inputs;
+    // Spans are sent from here, the control runtime, never from the data path.
+    tokio::spawn(crate::telemetry::trace::export::run(
+        span_queue,
+        routes.clone(),
+        span_stats.clone(),
+    ));
     let mut certs_rx = certs.as_ref().map(CertManager::changed);
     let (view_tx, view_rx) = watch::channel(Arc::new(ControlView {
         node: args.node.clone(),
@@ -449,6 +465,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         logging,
         inbound,
         access_log,
+        spans: span_stats,
         connections,
         certs: certs.clone(),
     };

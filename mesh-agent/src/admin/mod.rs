@@ -144,6 +144,8 @@ pub struct AdminState {
     pub inbound: Arc<crate::proxy::inbound::InboundStats>,
     /// Access log writer counters.
     pub access_log: Arc<crate::telemetry::access_log::AccessLogStats>,
+    /// Span exporter counters.
+    pub spans: Arc<crate::telemetry::trace::SpanStats>,
     /// The connections open now.
     pub connections: Arc<crate::proxy::connections::ConnectionTable>,
     /// Workload certificates, with mutual TLS on.
@@ -171,6 +173,7 @@ struct StatsDoc<'a> {
     /// The HBONE side (15008): TLS handshakes and CONNECT streams.
     inbound: &'a crate::proxy::inbound::InboundStats,
     access_log: &'a crate::telemetry::access_log::AccessLogStats,
+    spans: &'a crate::telemetry::trace::SpanStats,
     ebpf: &'a EbpfStats,
     services: Vec<ServiceCounters<'a>>,
 }
@@ -374,6 +377,7 @@ pub fn handle(
                 proxy: &state.stats,
                 inbound: &state.inbound,
                 access_log: &state.access_log,
+                spans: &state.spans,
                 ebpf: &ebpf,
                 services: services
                     .iter()

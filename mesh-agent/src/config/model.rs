@@ -155,6 +155,8 @@ pub struct MeshSettings {
     pub source: Option<String>,
     /// `None`: access logs off (MeshConfig `accessLogFile` empty, Istio's default).
     pub access_log: Option<std::sync::Arc<crate::telemetry::access_log::AccessLogConfig>>,
+    /// `None`: no spans exported (`enableTracing: false`, or no tracing provider selected).
+    pub tracing: Option<std::sync::Arc<crate::telemetry::trace::TracingConfig>>,
 }
 
 /// One whole, validated configuration.

@@ -164,8 +164,6 @@ impl Facts {
             _ => panic!("no MeshConfig"),
         };
         let found = crate::config::convert::mesh_config::convert_config_map(cm).expect("valid");
-        let mesh: serde_yaml::Value =
-            serde_yaml::from_str(&cm.data.as_ref().expect("data")["mesh"]).expect("yaml");
         let agent = match workloads::find(docs, "DaemonSet", workloads::AGENT).map(|d| &d.object) {
             Some(Object::DaemonSet(ds)) => ds.spec.template.spec.clone(),
             _ => panic!("no agent"),
@@ -177,8 +175,8 @@ impl Facts {
         let limits = resources.limits.expect("limits");
         Facts {
             access_log: found.settings.access_log.map(|l| l.file.clone()),
-            tracing: mesh["enableTracing"].as_bool().unwrap_or(true),
-            sampling: mesh["defaultConfig"]["tracing"]["sampling"].as_f64(),
+            tracing: found.settings.tracing.is_some(),
+            sampling: found.settings.tracing.as_ref().map(|t| t.sampling),
             agent_memory: workloads::bytes(&limits["memory"].0).expect("memory"),
             agent_cpu: workloads::millicores(&resources.requests.expect("requests")["cpu"].0)
                 .expect("cpu"),

@@ -42,6 +42,7 @@ use crate::config::model::ObjectRef;
 use crate::config::routing::HttpAction;
 use crate::telemetry::access_log::{HttpInfo, request_authority};
 use crate::telemetry::metrics::{HttpLabels, ResponseFlags, TcpLabels};
+use crate::telemetry::trace;
 
 /// One client connection served as HTTP.
 pub struct HttpConn {
@@ -117,6 +118,7 @@ impl Ctx {
         if let Some(h) = &c.hbone {
             labels.source_principal = Some(h.identity.clone());
         }
+        let trace = trace_hop(&routes, &mut req, c.dst.port(), c.client, c.dst);
         let log = super::LogEntry::begin(&routes, c.client, c.dst);
         let info = log.as_ref().map(|_| HttpInfo::of_request(&req));
         let mut done = Done {
@@ -124,6 +126,7 @@ impl Ctx {
             started,
             log,
             info,
+            trace,
         };
         // The Service went away while the client kept its connection.
         let Target::Service(service) = routes.target(c.dst) else {
@@ -265,6 +268,7 @@ pub(crate) fn own_reply(
         started,
         log,
         info,
+        trace,
     } = done;
     if reply.flag != ResponseFlags::None {
         labels.flags = reply.flag;
@@ -276,6 +280,7 @@ pub(crate) fn own_reply(
         grpc_status: reply.grpc_status,
     };
     let on_end = body::OnEnd {
+        trace: trace.map(|t| (t, inputs.spans.clone())),
         metrics: inputs.metrics.clone(),
         access_log: inputs.access_log.clone(),
         labels: http,
@@ -343,6 +348,7 @@ pub(crate) fn upstream_reply(
         started,
         log,
         info,
+        trace,
     } = done;
     let http = HttpLabels {
         conn: labels,
@@ -351,6 +357,7 @@ pub(crate) fn upstream_reply(
         grpc_status: grpc_status(&parts.headers),
     };
     let on_end = body::OnEnd {
+        trace: trace.map(|t| (t, inputs.spans.clone())),
         metrics: inputs.metrics.clone(),
         access_log: inputs.access_log.clone(),
         labels: http,
@@ -380,6 +387,24 @@ pub(crate) fn join_upgrade(
             Err(e) => debug!(%pod, upstream = %endpoint, error = %e, "upgrade failed"),
         }
     });
+}
+
+/// Envoy's work on every request it proxies: an `x-request-id` if it has none, and, with
+/// tracing on, this hop's span as the parent the next hop sees. The span is returned only
+/// when sampled.
+pub(crate) fn trace_hop<B>(
+    routes: &super::RouteTable,
+    req: &mut Request<B>,
+    port: u16,
+    peer: SocketAddrV4,
+    upstream: SocketAddrV4,
+) -> Option<Box<trace::Started>> {
+    trace::context::ensure_request_id(req.headers_mut());
+    let config = routes.tracing()?;
+    let span = trace::context::begin(req.headers(), config.sampling);
+    trace::context::inject(req.headers_mut(), &span);
+    span.sampled
+        .then(|| trace::Started::new(span, req, port, peer, upstream))
 }
 
 /// An answer the agent gives itself.
@@ -422,6 +447,8 @@ pub(crate) struct Done {
     started: Instant,
     log: Option<super::LogEntry>,
     info: Option<HttpInfo>,
+    /// This hop's span, when the request is sampled.
+    trace: Option<Box<trace::Started>>,
 }
 
 /// The request as the app should get it: hop-by-hop headers gone, `Host` kept, and the

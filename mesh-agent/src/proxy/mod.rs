@@ -239,9 +239,15 @@ impl RouteTable {
     /// The Service a connection to this endpoint was for, if exactly one Service sends to
     /// it on that port (the destination side does not see the ClusterIP the client used).
     pub fn service_of_endpoint(&self, ep: &SocketAddrV4) -> Option<&Arc<ServiceMeta>> {
+        self.endpoint_service(ep).map(|s| &s.meta)
+    }
+
+    /// The one Service port sending to this endpoint, if there is exactly one Service (its
+    /// first port targeting the endpoint, when several do).
+    pub fn endpoint_service(&self, ep: &SocketAddrV4) -> Option<&EndpointService> {
         let all = self.endpoint_services.get(ep)?;
-        let first = &all.first()?.meta;
-        all.iter().all(|s| s.meta == *first).then_some(first)
+        let first = all.first()?;
+        all.iter().all(|s| s.meta == first.meta).then_some(first)
     }
 
     /// The protocol the Services sending to this endpoint declare for its port: whether the
@@ -276,16 +282,30 @@ impl RouteTable {
         if let Ok(ip) = host.parse::<Ipv4Addr>() {
             return all.iter().find(|s| *s.address.ip() == ip && port_ok(s));
         }
-        all.iter().find(|s| {
-            let m = &s.meta;
-            let named = host == m.name
-                || host == m.fqdn
-                || host
-                    .strip_prefix(m.name.as_str())
-                    .and_then(|r| r.strip_prefix('.'))
-                    .and_then(|r| r.strip_prefix(m.namespace.as_str()))
-                    .is_some_and(|r| r.is_empty() || r == ".svc");
-            named && port_ok(s)
+        all.iter()
+            .find(|s| names_service(&host, &s.meta, true) && port_ok(s))
+    }
+
+    /// The tracing configuration in force (MeshConfig), if spans are exported.
+    pub fn tracing(&self) -> Option<&Arc<crate::telemetry::trace::TracingConfig>> {
+        self.snapshot.mesh.tracing.as_ref()
+    }
+
+    /// An address for `host:port` outside the data path (the tracing collector): an IP as
+    /// is, else a Service named `name.namespace[.svc[.cluster.local]]`, reached at its first
+    /// ready endpoint for that port (the agent runs outside the cluster's DNS and kube-proxy).
+    pub fn resolve(&self, host: &str, port: u16) -> Option<SocketAddrV4> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if let Ok(ip) = host.parse::<Ipv4Addr>() {
+            return Some(SocketAddrV4::new(ip, port));
+        }
+        self.snapshot.services.values().find_map(|svc| {
+            let meta = ServiceMeta::of(svc);
+            if !names_service(&host, &meta, false) {
+                return None;
+            }
+            let i = svc.ports.iter().position(|p| p.port == port)?;
+            svc.endpoints.get(i)?.first().map(|e| e.addr)
         })
     }
 
@@ -319,6 +339,19 @@ impl RouteTable {
         out.dedup_by(|a, b| a.0 == b.0);
         out
     }
+}
+
+/// Whether `host` (lower case, no trailing dot) is one of the Service's names: `name.ns`,
+/// `name.ns.svc`, its FQDN, and with `short` the bare `name` (which only means this Service
+/// from inside its namespace).
+fn names_service(host: &str, m: &ServiceMeta, short: bool) -> bool {
+    (short && host == m.name)
+        || host == m.fqdn
+        || host
+            .strip_prefix(m.name.as_str())
+            .and_then(|r| r.strip_prefix('.'))
+            .and_then(|r| r.strip_prefix(m.namespace.as_str()))
+            .is_some_and(|r| r.is_empty() || r == ".svc")
 }
 
 /// A Service port that sends to an endpoint.
@@ -376,6 +409,8 @@ pub struct ProxyInputs {
     pub access_log: AccessLog,
     /// The connections open now, for `/connections`.
     pub connections: Arc<connections::ConnectionTable>,
+    /// Where sampled requests' spans go when tracing is on.
+    pub spans: crate::telemetry::trace::Spans,
 }
 
 /// A connection's access log entry in the making; only exists while access logs are on, so

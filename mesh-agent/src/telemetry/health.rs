@@ -94,6 +94,19 @@ impl Collector for Health {
             "Access log entries that could not be written",
             log.write_errors.load(Ordering::Relaxed),
         )?;
+        let spans = &self.0.spans;
+        counter(
+            &mut enc,
+            "nodemesh_tracing_spans_exported",
+            "Spans the tracing collector accepted",
+            spans.exported.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut enc,
+            "nodemesh_tracing_spans_dropped",
+            "Spans dropped: queue full, collector unknown, or export failed (the data path never waits)",
+            spans.dropped(),
+        )?;
         resources(&mut enc, &view.resources)?;
         let s = &self.0.stats;
         gauge(

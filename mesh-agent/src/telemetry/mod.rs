@@ -1,6 +1,7 @@
-//! Telemetry: Istio-compatible metrics (`metrics`), access logs (`access_log`) and the agent's
-//! own health (`health`).
+//! Telemetry: Istio-compatible metrics (`metrics`), access logs (`access_log`), distributed
+//! tracing (`trace`) and the agent's own health (`health`).
 
 pub mod access_log;
 pub mod health;
 pub mod metrics;
+pub mod trace;

@@ -5,7 +5,9 @@
 //!   reference guide's production configuration. Its other fields are installation settings
 //!   nodemesh's deploy/ replaces; they are accepted and not used.
 //!
-//! Of MeshConfig, nodemesh acts on the access log fields. Istio's other fields are accepted
+//! Of MeshConfig, nodemesh acts on the access log fields and tracing (`enableTracing`,
+//! `defaultConfig.tracing.sampling`, `defaultProviders.tracing` naming an `opentelemetry`
+//! entry of `extensionProviders`). Istio's other fields are accepted
 //! (a real MeshConfig carries them) and not used; a field Istio does not have is an error, so
 //! a misspelled `accesLogFile` does not silently leave logging off.
 
@@ -18,6 +20,7 @@ use serde::Deserialize;
 use super::{Problem, Problems, done, model};
 use crate::config::manifests::decode;
 use crate::telemetry::access_log::AccessLogConfig;
+use crate::telemetry::trace::{DEFAULT_SAMPLING, TracingConfig};
 
 /// The ConfigMap that carries MeshConfig, and its key.
 pub const CONFIG_MAP: &str = "istio";
@@ -31,11 +34,14 @@ pub struct MeshConfig {
     access_log_file: Option<String>,
     access_log_format: Option<String>,
     access_log_encoding: Option<String>,
+    enable_tracing: Option<bool>,
+    /// ProxyConfig: only `tracing.sampling` is read; its many other fields are accepted.
+    default_config: Option<serde_yaml::Value>,
+    default_providers: Option<DefaultProviders>,
+    /// Read for the tracing provider `defaultProviders.tracing` names; the others (metrics,
+    /// access log, authorization providers) are accepted.
+    extension_providers: Option<Vec<serde_yaml::Value>>,
     // Accepted, not used (yet): Istio's other MeshConfig fields.
-    #[serde(rename = "enableTracing")]
-    _enable_tracing: Option<serde_yaml::Value>,
-    #[serde(rename = "defaultConfig")]
-    _default_config: Option<serde_yaml::Value>,
     #[serde(rename = "enableAutoMtls")]
     _enable_auto_mtls: Option<serde_yaml::Value>,
     #[serde(rename = "trustDomain")]
@@ -46,10 +52,6 @@ pub struct MeshConfig {
     _outbound_traffic_policy: Option<serde_yaml::Value>,
     #[serde(rename = "enablePrometheusMerge")]
     _enable_prometheus_merge: Option<serde_yaml::Value>,
-    #[serde(rename = "defaultProviders")]
-    _default_providers: Option<serde_yaml::Value>,
-    #[serde(rename = "extensionProviders")]
-    _extension_providers: Option<serde_yaml::Value>,
     #[serde(rename = "rootNamespace")]
     _root_namespace: Option<serde_yaml::Value>,
     #[serde(rename = "ingressClass")]
@@ -104,6 +106,18 @@ pub struct MeshConfig {
     _proxy_listen_port: Option<serde_yaml::Value>,
     #[serde(rename = "proxyHttpPort")]
     _proxy_http_port: Option<serde_yaml::Value>,
+}
+
+/// `defaultProviders`: the providers used when no Telemetry resource says otherwise.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DefaultProviders {
+    #[serde(default)]
+    tracing: Vec<String>,
+    #[serde(rename = "metrics")]
+    _metrics: Option<serde_yaml::Value>,
+    #[serde(rename = "accessLogging")]
+    _access_logging: Option<serde_yaml::Value>,
 }
 
 /// `kind: IstioOperator`.
@@ -170,11 +184,108 @@ fn settings(mesh: MeshConfig, prefix: &str, source: String) -> Result<Found, Vec
             None
         }
     };
+    let tracing = tracing_settings(&mesh, prefix, &mut problems).map(Arc::new);
     let settings = model::MeshSettings {
         source: Some(source.clone()),
         access_log,
+        tracing,
     };
     done(Found { source, settings }, problems)
+}
+
+/// The tracing provider `defaultProviders.tracing` selects (it must be an `opentelemetry`
+/// extension provider: spans are exported with OTLP/gRPC) and the sampling percentage
+/// (`defaultConfig.tracing.sampling`, Istio's default 1). `None` when tracing is off or no
+/// provider is selected.
+fn tracing_settings(
+    mesh: &MeshConfig,
+    prefix: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<TracingConfig> {
+    let sampling = match mesh
+        .default_config
+        .as_ref()
+        .and_then(|c| c.get("tracing"))
+        .and_then(|t| t.get("sampling"))
+    {
+        None => DEFAULT_SAMPLING,
+        Some(v) => match v.as_f64() {
+            Some(p) if (0.0..=100.0).contains(&p) => p,
+            _ => {
+                problems.invalid(
+                    format!("{prefix}defaultConfig.tracing.sampling"),
+                    format!("{} is not a percentage from 0 to 100", yaml_text(v)),
+                );
+                return None;
+            }
+        },
+    };
+    let name = mesh.default_providers.as_ref()?.tracing.first()?;
+    let providers = mesh.extension_providers.as_deref().unwrap_or_default();
+    let Some((i, provider)) = providers
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.get("name").and_then(|n| n.as_str()) == Some(name.as_str()))
+    else {
+        problems.invalid(
+            format!("{prefix}defaultProviders.tracing[0]"),
+            format!("no extensionProviders entry is named {name:?}"),
+        );
+        return None;
+    };
+    let field = |f: &str| format!("{prefix}extensionProviders[{i}].{f}");
+    let Some(otel) = provider.get("opentelemetry") else {
+        let kind = provider
+            .as_mapping()
+            .and_then(|m| m.keys().filter_map(|k| k.as_str()).find(|k| *k != "name"))
+            .unwrap_or("none");
+        problems.invalid(
+            field("opentelemetry"),
+            format!(
+                "tracing provider {name:?} is {kind:?}; nodemesh exports spans with OTLP only (an opentelemetry provider)"
+            ),
+        );
+        return None;
+    };
+    if otel.get("http").is_some() {
+        problems.invalid(
+            field("opentelemetry.http"),
+            "OTLP over HTTP is not supported; remove `http` to export over gRPC".to_string(),
+        );
+        return None;
+    }
+    let service = otel.get("service").and_then(|s| s.as_str()).unwrap_or("");
+    if service.is_empty() {
+        problems.invalid(
+            field("opentelemetry.service"),
+            "the collector's host is required".to_string(),
+        );
+        return None;
+    }
+    let port = match otel.get("port").map(|p| (p.as_u64(), p)) {
+        Some((Some(p), _)) if (1..=65535).contains(&p) => p as u16,
+        other => {
+            let got = other.map_or_else(|| "nothing".to_string(), |(_, v)| yaml_text(v));
+            problems.invalid(
+                field("opentelemetry.port"),
+                format!("{got} is not a port from 1 to 65535"),
+            );
+            return None;
+        }
+    };
+    if mesh.enable_tracing == Some(false) {
+        return None;
+    }
+    Some(TracingConfig {
+        provider: name.clone(),
+        service: service.to_string(),
+        port,
+        sampling,
+    })
+}
+
+fn yaml_text(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).map_or_else(|_| format!("{v:?}"), |s| s.trim().to_string())
 }
 
 pub fn convert_operator(op: &IstioOperator) -> Result<Found, Vec<Problem>> {
@@ -258,6 +369,77 @@ mod tests {
         let other = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: default}\n\
                      data:\n  mesh: |\n    accessLogFile: /dev/stdout\n";
         assert!(load(other).unwrap().mesh.access_log.is_none());
+    }
+
+    fn mesh(body: &str) -> String {
+        let indented: String = body.lines().map(|l| format!("    {l}\n")).collect();
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: nodemesh-system}}\n\
+             data:\n  mesh: |\n{indented}"
+        )
+    }
+
+    const OTEL: &str = "extensionProviders:\n- name: jaeger\n  zipkin:\n    service: zipkin.istio-system.svc.cluster.local\n    port: 9411\n- name: otel\n  opentelemetry:\n    service: jaeger-collector.istio-system.svc.cluster.local\n    port: 4317\n";
+
+    #[test]
+    fn tracing_exports_to_the_selected_opentelemetry_provider() {
+        let on = format!(
+            "{OTEL}defaultProviders:\n  tracing: [otel]\ndefaultConfig:\n  tracing:\n    sampling: 12.5\n  holdApplicationUntilProxyStarts: true\n"
+        );
+        let t = load(&mesh(&on)).unwrap().mesh.tracing.expect("tracing on");
+        assert_eq!(t.provider, "otel");
+        assert_eq!(t.service, "jaeger-collector.istio-system.svc.cluster.local");
+        assert_eq!(t.port, 4317);
+        assert_eq!(t.sampling, 12.5);
+        // Istio's default sampling is 1%; no provider selected or tracing disabled: off.
+        let default = format!("{OTEL}defaultProviders:\n  tracing: [otel]\n");
+        assert_eq!(
+            load(&mesh(&default))
+                .unwrap()
+                .mesh
+                .tracing
+                .unwrap()
+                .sampling,
+            1.0
+        );
+        assert!(load(&mesh(OTEL)).unwrap().mesh.tracing.is_none());
+        let off = format!("{default}enableTracing: false\n");
+        assert!(load(&mesh(&off)).unwrap().mesh.tracing.is_none());
+        assert!(load(GUIDE).unwrap().mesh.tracing.is_none());
+    }
+
+    #[test]
+    fn tracing_mistakes_name_their_field() {
+        let cases = [
+            (
+                format!("{OTEL}defaultProviders:\n  tracing: [jaeger]\n"),
+                "field data.mesh.extensionProviders[0].opentelemetry: tracing provider \"jaeger\" is \"zipkin\"",
+            ),
+            (
+                format!("{OTEL}defaultProviders:\n  tracing: [nope]\n"),
+                "field data.mesh.defaultProviders.tracing[0]: no extensionProviders entry is named \"nope\"",
+            ),
+            (
+                format!("{OTEL}defaultProviders:\n  tracing: [otel]\ndefaultConfig:\n  tracing:\n    sampling: 150\n"),
+                "field data.mesh.defaultConfig.tracing.sampling: 150 is not a percentage from 0 to 100",
+            ),
+            (
+                "extensionProviders:\n- name: o\n  opentelemetry:\n    service: c\n    port: 70000\ndefaultProviders:\n  tracing: [o]\n".to_string(),
+                "field data.mesh.extensionProviders[0].opentelemetry.port: 70000 is not a port from 1 to 65535",
+            ),
+            (
+                "extensionProviders:\n- name: o\n  opentelemetry:\n    port: 4317\ndefaultProviders:\n  tracing: [o]\n".to_string(),
+                "field data.mesh.extensionProviders[0].opentelemetry.service: the collector's host is required",
+            ),
+            (
+                "extensionProviders:\n- name: o\n  opentelemetry:\n    service: c\n    port: 4318\n    http:\n      path: /v1/traces\ndefaultProviders:\n  tracing: [o]\n".to_string(),
+                "field data.mesh.extensionProviders[0].opentelemetry.http: OTLP over HTTP is not supported",
+            ),
+        ];
+        for (body, want) in cases {
+            let e = load(&mesh(&body)).unwrap_err();
+            assert!(e.contains(want), "{body}\n{e}");
+        }
     }
 
     #[test]

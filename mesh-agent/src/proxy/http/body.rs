@@ -15,6 +15,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use crate::proxy::LogEntry;
 use crate::telemetry::access_log::{AccessLog, HttpInfo};
 use crate::telemetry::metrics::{HttpLabels, Metrics, RequestDone, ResponseFlags};
+use crate::telemetry::trace;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What the agent answers clients with: the upstream's body or its own.
@@ -97,6 +98,8 @@ pub struct OnEnd {
     pub request_bytes: Arc<AtomicU64>,
     /// The access log entry (when on), the request's details, and where it went.
     pub log: Option<(LogEntry, Option<HttpInfo>, std::net::SocketAddrV4)>,
+    /// The request's span and where it goes, when it is sampled.
+    pub trace: Option<(Box<trace::Started>, trace::Spans)>,
 }
 
 impl OnEnd {
@@ -114,6 +117,9 @@ impl OnEnd {
             request_bytes,
             response_bytes,
         });
+        if let Some((span, spans)) = self.trace.take() {
+            spans.record((*span).finish(&self.labels, request_bytes, response_bytes));
+        }
         if let Some((entry, info, upstream)) = self.log {
             let mut info = info.unwrap_or_default();
             info.response_code = self.labels.response_code;

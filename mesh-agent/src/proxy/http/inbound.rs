@@ -116,17 +116,23 @@ impl Ctx {
         let started = Instant::now();
         let mut labels = self.labels.clone();
         let mut grpc = self.grpc(req.headers());
-        let log = {
+        let (log, trace) = {
             let routes = self.inputs.routes.load();
-            // Several Services send to this port: the request's authority says which.
-            if labels.service.is_none()
+            // The Service port the client asked for: the one Service sending to this port,
+            // or, when several do, the one the request's authority names.
+            let mut service = routes.endpoint_service(&self.target);
+            if service.is_none()
                 && let Some(authority) = request_authority(&req)
-                && let Some(s) = routes.endpoint_service_by_authority(&self.target, &authority)
             {
+                service = routes.endpoint_service_by_authority(&self.target, &authority);
+            }
+            if let Some(s) = service {
                 labels.service = Some(s.meta.clone());
                 grpc |= s.protocol == AppProtocol::Grpc;
             }
-            LogEntry::begin(&routes, self.peer, self.target)
+            let port = service.map_or(self.target.port(), |s| s.address.port());
+            let trace = super::trace_hop(&routes, &mut req, port, self.peer, self.target);
+            (LogEntry::begin(&routes, self.peer, self.target), trace)
         };
         let info = log.as_ref().map(|_| HttpInfo::of_request(&req));
         let done = Done {
@@ -134,6 +140,7 @@ impl Ctx {
             started,
             log,
             info,
+            trace,
         };
         let version = req.version();
         let h2 = version == Version::HTTP_2;

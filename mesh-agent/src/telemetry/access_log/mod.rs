@@ -240,6 +240,16 @@ pub fn request_authority<B>(req: &hyper::Request<B>) -> Option<String> {
         })
 }
 
+/// Envoy's `%PROTOCOL%`.
+pub fn protocol_name(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_2 => "HTTP/2",
+        hyper::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
 impl HttpInfo {
     pub fn of_request<B>(req: &hyper::Request<B>) -> HttpInfo {
         let authority = request_authority(req);
@@ -250,12 +260,7 @@ impl HttpInfo {
                 .path_and_query()
                 .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
             authority,
-            protocol: match req.version() {
-                hyper::Version::HTTP_10 => "HTTP/1.0",
-                hyper::Version::HTTP_2 => "HTTP/2",
-                hyper::Version::HTTP_3 => "HTTP/3",
-                _ => "HTTP/1.1",
-            },
+            protocol: protocol_name(req.version()),
             headers: req.headers().clone(),
             response_code: 0,
             failure: None,

@@ -6,6 +6,7 @@ mod fake_agent;
 mod grpc;
 mod hold;
 mod http;
+mod otlp;
 mod tcp;
 
 use std::net::SocketAddr;
@@ -57,6 +58,8 @@ enum Cmd {
     GrpcEcho(grpc::ServeArgs),
     /// gRPC client (tonic) against `grpc-echo`: unary calls, then one bidirectional stream.
     Grpc(grpc::ClientArgs),
+    /// OTLP/gRPC trace receiver: prints each span received as a JSON line.
+    OtlpReceiver(otlp::ReceiverArgs),
     /// A stand-in for `mesh-agent run` (same flags), for the testbed's own tests.
     #[command(hide = true)]
     Run(fake_agent::FakeAgentArgs),
@@ -118,6 +121,7 @@ fn main() -> Result<()> {
                 Cmd::Grpc(args) => grpc::client(args).await,
                 Cmd::RapidReset(args) => tcp::rapid_reset(args).await,
                 Cmd::Hold(args) => hold::hold(args).await,
+                Cmd::OtlpReceiver(args) => otlp::serve(args).await,
                 Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) | Cmd::Upgrade(_) => {
                     bail!("not a server")
                 }
