@@ -126,6 +126,28 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     );
     assert_eq!(counter(&tb, "node-1", "proxy", "accepted"), accepted + 1);
 
+    // Separate client connections share the agents' HTTP/2 connections: twelve curl runs
+    // (twelve connections, four per endpoint) open at most one HBONE stream per endpoint and
+    // data-path thread, not one each.
+    let streams = |tb: &Testbed| -> u64 {
+        ["node-1", "node-2"]
+            .iter()
+            .map(|n| counter(tb, n, "inbound", "streams"))
+            .sum()
+    };
+    let accepted = counter(&tb, "node-1", "proxy", "accepted");
+    let before = streams(&tb);
+    for _ in 0..12 {
+        let (ok, body) = curl_args(&tb, &[url.as_str()]);
+        assert!(ok, "{body}");
+    }
+    assert_eq!(counter(&tb, "node-1", "proxy", "accepted"), accepted + 12);
+    let opened = streams(&tb) - before;
+    assert!(
+        opened <= 3,
+        "{opened} HBONE streams for 12 client connections"
+    );
+
     // An `http2-*` port: HTTP/1.1 from the client, HTTP/2 to the apps, still balanced.
     let web2 = tb.service_ip("default", "web2").expect("svc");
     let url2 = format!("http://{web2}/");
@@ -187,7 +209,7 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         &[("response_code", "200"), ("request_protocol", "http")],
     ]
     .concat();
-    assert_eq!(metric(&text, "istio_requests_total", &ok_200), 21, "{text}");
+    assert_eq!(metric(&text, "istio_requests_total", &ok_200), 33, "{text}");
     assert_eq!(
         metric(
             &text,
@@ -208,7 +230,7 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         ("request_protocol", "grpc"),
     ];
     assert_eq!(metric(&text, "istio_requests_total", &grpc), 1);
-    for (v, n) in [("v1", 7), ("v2", 7), ("v3", 7)] {
+    for (v, n) in [("v1", 11), ("v2", 11), ("v3", 11)] {
         let l = [
             base.as_slice(),
             &[("destination_version", v), ("response_code", "200")],
@@ -258,20 +280,20 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     };
     let web_200 = [("destination_service", web), ("response_code", "200")];
     wait_until(
-        "21 destination-reported requests",
+        "33 destination-reported requests",
         Duration::from_secs(5),
         || {
             dest_text = vec![node_metrics(&tb, "node-1"), node_metrics(&tb, "node-2")];
-            dest(&dest_text, &web_200) >= 21
+            dest(&dest_text, &web_200) >= 33
         },
     );
-    assert_eq!(dest(&dest_text, &web_200), 21, "{dest_text:#?}");
-    for (v, n) in [("v1", 7), ("v2", 7), ("v3", 7)] {
+    assert_eq!(dest(&dest_text, &web_200), 33, "{dest_text:#?}");
+    for (v, n) in [("v1", 11), ("v2", 11), ("v3", 11)] {
         let l = [web_200.as_slice(), &[("destination_version", v)]].concat();
         assert_eq!(dest(&dest_text, &l), n, "{v}");
     }
     // web-1 is on node-1: its share is reported there.
-    assert_eq!(dest(&dest_text[..1], &web_200), 7);
+    assert_eq!(dest(&dest_text[..1], &web_200), 11);
     assert_eq!(dest(&dest_text, &[("response_code", "101")]), 1);
     let web2 = [
         ("destination_service", "web2.default.svc.cluster.local"),
@@ -300,10 +322,10 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     let le_inf = [base.as_slice(), &[("le", "+Inf")]].concat();
     assert_eq!(
         metric(&text, "istio_request_duration_milliseconds_bucket", &le_inf),
-        21
+        33
     );
-    assert_eq!(metric(&text, "istio_response_bytes_count", &base), 21);
-    assert!(metric(&text, "istio_response_bytes_sum", &base) > 21 * 100);
+    assert_eq!(metric(&text, "istio_response_bytes_count", &base), 33);
+    assert!(metric(&text, "istio_response_bytes_sum", &base) > 33 * 100);
     promtool_check(&text);
 
     // One access log entry per request, in Istio's default format.

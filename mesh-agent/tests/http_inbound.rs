@@ -60,7 +60,7 @@ fn plaintext_http_is_parsed_reported_and_logged_by_the_destination() {
     let base = format!("http://{web}:8080");
 
     // Three requests on one keep-alive connection, one of them answered 404 by the app,
-    // then one in h2c: the agent speaks to the app as the client spoke to it.
+    // then one in h2c.
     let (body, ok) = curl(
         &tb,
         &[
@@ -83,10 +83,11 @@ fn plaintext_http_is_parsed_reported_and_logged_by_the_destination() {
         );
         assert_eq!(a["http_version"], "HTTP/1.1", "{a}");
     }
+    // h2c from the client; the port declares `http`: the app gets HTTP/1.1.
     let (body, ok) = curl(&tb, &["--http2-prior-knowledge", &format!("{base}/h2")]);
     assert!(ok, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(v["http_version"], "HTTP/2.0", "{v}");
+    assert_eq!(v["http_version"], "HTTP/1.1", "{v}");
 
     // An app that breaks the exchange: Envoy's 503, reported with `UC`.
     let mute = tb.pod_ip("default", "mute").expect("ip");

@@ -14,6 +14,7 @@ mod body;
 mod forward;
 pub mod inbound;
 mod rules;
+mod shared;
 mod upstream;
 
 use std::convert::Infallible;
@@ -69,6 +70,7 @@ pub async fn serve(conn: HttpConn, client: TcpStream) {
             upstream::Connector::Source {
                 sockets: conn.sockets.clone(),
                 hbone: conn.hbone.clone(),
+                source: conn.src,
             },
             conn.inputs.connect_timeout,
         ),

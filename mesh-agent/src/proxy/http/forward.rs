@@ -127,6 +127,8 @@ impl Ctx {
             .hbone
             .as_ref()
             .and_then(|_| routes.identity(endpoint.ip()).cloned());
+        // Only to a destination agent that parses HTTP on that port (see `try_once`).
+        let shareable = routes.endpoint_protocol(&endpoint).is_http();
         let ctx = self.clone();
         let deadline = self.conn.inputs.connect_timeout * 2;
         tokio::spawn(async move {
@@ -134,9 +136,13 @@ impl Ctx {
             let sent = tokio::time::timeout(deadline, async {
                 let mut sender = ctx
                     .upstreams
-                    .get(&c.pod, endpoint, identity.as_ref(), h2)
+                    .get(&c.pod, endpoint, identity.as_ref(), h2, shareable)
                     .await
                     .map_err(|e| e.to_string())?;
+                let mut copy = copy;
+                if sender.h2() != h2 {
+                    super::prepare_request(&mut copy, sender.h2());
+                }
                 let resp = sender.send(copy).await.map_err(|e| e.to_string())?;
                 http_body_util::BodyExt::collect(resp.into_body())
                     .await
@@ -186,6 +192,8 @@ impl Ctx {
             .then(|| super::upgrade_headers(req.headers()))
             .flatten();
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        // Upgrades need a connection of their own; everything else may share one.
+        let shareable = client_upgrade.is_none();
         super::prepare_request(&mut req, h2);
         if let Some((connection, proto)) = upgrade {
             req.headers_mut().insert(header::CONNECTION, connection);
@@ -247,7 +255,15 @@ impl Ctx {
             .flatten()
             .min();
             let result = self
-                .try_once(&plan, endpoint, upstream_req, h2, per_try, &mut done)
+                .try_once(
+                    &plan,
+                    endpoint,
+                    upstream_req,
+                    h2,
+                    shareable,
+                    per_try,
+                    &mut done,
+                )
                 .await;
             let left = tried.len() <= attempts as usize;
             let status = match &result {
@@ -347,17 +363,26 @@ impl Ctx {
         )
     }
 
-    /// One try against one endpoint, bounded by `until`.
+    /// One try against one endpoint, bounded by `until`. `req` is in the form `h2` says;
+    /// on a shared connection it goes as HTTP/2 whatever the app speaks.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one try's parts, passed once from the retry loop"
+    )]
     async fn try_once(
         &self,
         plan: &Plan,
         endpoint: SocketAddrV4,
-        req: Request<UpBody>,
+        mut req: Request<UpBody>,
         h2: bool,
+        shareable: bool,
         until: Option<Instant>,
         done: &mut Done,
     ) -> Tried {
         let c = &self.conn;
+        // The destination agent turns the shared connection's HTTP/2 back into what the app
+        // speaks only where it parses HTTP: ports its Services declare HTTP.
+        let shareable = shareable && plan.routes.endpoint_protocol(&endpoint).is_http();
         done.labels.destination = plan.routes.workload(endpoint.ip()).cloned();
         let identity = c
             .hbone
@@ -367,9 +392,13 @@ impl Ctx {
         let attempt = async {
             let mut sender = match self
                 .upstreams
-                .get(&c.pod, endpoint, identity.as_ref(), h2)
+                .get(&c.pod, endpoint, identity.as_ref(), h2, shareable)
                 .await
             {
+                Ok(s) if s.h2() != h2 => {
+                    super::prepare_request(&mut req, s.h2());
+                    s
+                }
                 Ok(s) => s,
                 Err(e) => {
                     debug!(pod = %c.pod, upstream = %endpoint, error = %e, "HTTP upstream connect failed");

@@ -3,9 +3,9 @@
 //! request is counted and logged by the destination (`reporter="destination"`) with what
 //! only the destination knows: whether the connection was mutual TLS and the peer's proven
 //! identity. Requests go on to the app over connections opened inside its namespace with the
-//! client's IP as source, in the HTTP version the peer spoke: the source agent already chose
-//! the one the port declares (HTTP/2 for `http2` and `grpc`), and a client outside the mesh
-//! speaks what the app speaks.
+//! client's IP as source, in the protocol the port declares (HTTP/1.1, or HTTP/2 for `http2`
+//! and `grpc`), whatever the peer spoke: the source agent carries requests to meshed pods as
+//! HTTP/2 on a connection shared by its client connections.
 //!
 //! No routing happens here: the source agent routed already. The destination does not retry
 //! either; a failure to reach the app is answered as Envoy does (503 `UF`, 503 `UC`).
@@ -116,6 +116,7 @@ impl Ctx {
         let started = Instant::now();
         let mut labels = self.labels.clone();
         let mut grpc = self.grpc(req.headers());
+        let app_protocol;
         let (log, trace) = {
             let routes = self.inputs.routes.load();
             // The Service port the client asked for: the one Service sending to this port,
@@ -130,6 +131,7 @@ impl Ctx {
                 labels.service = Some(s.meta.clone());
                 grpc |= s.protocol == AppProtocol::Grpc;
             }
+            app_protocol = service.map_or(self.protocol, |s| s.protocol);
             let port = service.map_or(self.target.port(), |s| s.address.port());
             let trace = super::trace_hop(&routes, &mut req, port, self.peer, self.target);
             (LogEntry::begin(&routes, self.peer, self.target), trace)
@@ -143,7 +145,9 @@ impl Ctx {
             trace,
         };
         let version = req.version();
-        let h2 = version == Version::HTTP_2;
+        // The app gets the protocol its port declares (the source agent may carry HTTP/1.1
+        // requests as HTTP/2 on a shared connection).
+        let h2 = app_protocol.upstream_h2();
         let upgrade = (version == Version::HTTP_11 && !h2)
             .then(|| super::upgrade_headers(req.headers()))
             .flatten();
@@ -158,7 +162,11 @@ impl Ctx {
         let request_bytes = body.counter();
         let req = Request::from_parts(parts, body);
 
-        let mut sender = match self.upstreams.get(&self.pod, self.target, None, h2).await {
+        let mut sender = match self
+            .upstreams
+            .get(&self.pod, self.target, None, h2, false)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 debug!(pod = %self.pod, client = %self.peer, error = %e, "cannot reach the app");

@@ -35,11 +35,15 @@ pub enum Sender {
     /// With the requests sent on it so far (`maxRequestsPerConnection`).
     H1(http1::SendRequest<UpBody>, u32),
     H2(http2::SendRequest<UpBody>),
+    /// On a connection to a meshed pod shared by every client connection ([`super::shared`]):
+    /// HTTP/2 whatever the app speaks, never kept per client connection.
+    Shared(http2::SendRequest<UpBody>),
 }
 
 impl Sender {
+    /// Whether requests go as HTTP/2 on this connection.
     pub fn h2(&self) -> bool {
-        matches!(self, Sender::H2(_))
+        !matches!(self, Sender::H1(..))
     }
 
     pub async fn send(&mut self, req: Request<UpBody>) -> hyper::Result<Response<Incoming>> {
@@ -49,7 +53,7 @@ impl Sender {
                 *used += 1;
                 s.send_request(req).await
             }
-            Sender::H2(s) => {
+            Sender::H2(s) | Sender::Shared(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
@@ -59,7 +63,7 @@ impl Sender {
     fn is_closed(&self) -> bool {
         match self {
             Sender::H1(s, _) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+            Sender::H2(s) | Sender::Shared(s) => s.is_closed(),
         }
     }
 }
@@ -91,6 +95,8 @@ pub enum Connector {
     Source {
         sockets: SocketSource,
         hbone: Option<Hbone>,
+        /// The client pod's IP.
+        source: std::net::Ipv4Addr,
     },
     /// At the destination: to the app, from inside its pod's namespace with the client's IP
     /// as source. `first` is the connection opened before the client was answered, used
@@ -120,14 +126,31 @@ impl Upstreams {
         }
     }
 
-    /// A connection to `addr` ready for a request: a kept one, else a new one.
+    /// A connection to `addr` ready for a request: for a meshed pod (`identity`) and a
+    /// `shareable` request (not an upgrade), the shared HTTP/2 connection; else a kept one
+    /// of this client connection, else a new one.
     pub async fn get(
         &self,
         pod: &ObjectRef,
         addr: SocketAddrV4,
         identity: Option<&Arc<Identity>>,
         h2: bool,
+        shareable: bool,
     ) -> Result<Sender, UpstreamError> {
+        if shareable
+            && let (
+                Connector::Source {
+                    hbone: Some(hbone),
+                    source,
+                    ..
+                },
+                Some(id),
+            ) = (&self.connector, identity)
+        {
+            return super::shared::get(hbone, *source, addr, id)
+                .await
+                .map(Sender::Shared);
+        }
         if let Some(s) = self.take(addr, h2) {
             return Ok(s);
         }
@@ -164,7 +187,7 @@ impl Upstreams {
             // HTTP/2 multiplexes: share the connection.
             Some(i) => match &list[i] {
                 Sender::H2(s) => Some(Sender::H2(s.clone())),
-                Sender::H1(..) => Some(list.swap_remove(i)),
+                Sender::H1(..) | Sender::Shared(_) => Some(list.swap_remove(i)),
             },
             None => None,
         }
@@ -179,6 +202,9 @@ impl Upstreams {
             && *used >= max
         {
             return;
+        }
+        if let Sender::Shared(_) = sender {
+            return; // kept by the thread's shared map, not by this client connection
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry((addr, sender.h2())).or_default();
@@ -200,7 +226,7 @@ impl Upstreams {
     ) -> Result<UpstreamIo, UpstreamError> {
         let tcp = |source| UpstreamError::Tcp { addr, source };
         let sockets = match &self.connector {
-            Connector::Source { sockets, hbone } => {
+            Connector::Source { sockets, hbone, .. } => {
                 if let (Some(h), Some(id)) = (hbone, identity) {
                     let tunnel = h
                         .pool
@@ -246,7 +272,7 @@ impl Upstreams {
 fn ready_now(s: &Sender) -> bool {
     match s {
         Sender::H1(s, _) => s.is_ready(),
-        Sender::H2(s) => s.is_ready(),
+        Sender::H2(s) | Sender::Shared(s) => s.is_ready(),
     }
 }
 
