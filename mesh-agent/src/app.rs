@@ -39,7 +39,8 @@ pub struct RunArgs {
     /// EndpointSlices, PeerAuthentications, the MeshConfig ConfigMap) with the in-cluster
     /// service account or KUBECONFIG. Ready after the first full sync; invalid objects are
     /// skipped and logged. Pods are enrolled when the CNI plugin (nodemesh-cni) reports
-    /// their network namespace on --cni-socket.
+    /// their network namespace on --cni-socket; pods that were running before the agent are
+    /// found in --proc-dir.
     #[arg(long)]
     pub kubernetes: bool,
 
@@ -65,6 +66,13 @@ pub struct RunArgs {
     /// cni.sock beside --admin-socket (/var/run/nodemesh/cni.sock with the default).
     #[arg(long, value_name = "PATH")]
     pub cni_socket: Option<PathBuf>,
+
+    /// The host's /proc (Kubernetes mode): pods that were running before the agent (restart,
+    /// upgrade, a namespace labelled later) get no CNI ADD, so the agent finds their network
+    /// namespaces here, by pod IP confirmed by the pod UID in their cgroup. In a container
+    /// this needs hostPID. Only processes under --cgroup are considered (all at its root).
+    #[arg(long, value_name = "DIR", default_value = "/proc")]
+    pub proc_dir: PathBuf,
 
     /// Keep the CNI plugin installed on the node: this binary copied to DIR as nodemesh-cni
     /// (with --cni-conf-dir), and its entry in the runtime's conflist re-appended whenever the
@@ -487,8 +495,12 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         args.admin_socket.clone(),
     ));
     // Pod sandboxes the CNI plugin reports: where each pod's network namespace is.
-    let mut cni_rx = crate::cni::start(&args, snap_rx.clone(), state.view.clone())?;
+    let crate::cni::Started {
+        sandboxes: mut cni_rx,
+        misses: mut misses_rx,
+    } = crate::cni::start(&args, snap_rx.clone(), state.view.clone())?;
     enroller.set_node_netns(cni_rx.clone());
+    enroller.set_scan_misses(misses_rx.clone());
 
     // Before the first full sync the config says nothing: reconciling would unenroll the
     // pods a previous agent left enrolled (and fail them open).
@@ -545,6 +557,8 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
                     enroller.reconcile(&snap);
                 }
             }
+            // A /proc scan missed pods (or found them again): only the view changes.
+            Ok(()) = misses_rx.changed() => {}
             _ = status_rx.changed(), if config_alive => {}
             _ = tick.tick() => {
                 // Only failed enrollments need the tick; counters are read live by the

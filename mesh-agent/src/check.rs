@@ -25,12 +25,15 @@ fn check(name: &str, ok: bool, detail: impl Into<String>, hint: &str) -> Check {
 
 /// The capabilities the agent needs (bit, name): CAP_BPF to load programs and make maps,
 /// CAP_NET_ADMIN for cgroup/tc attachment, SO_MARK, IP_TRANSPARENT and the routing rules in
-/// pods' namespaces, CAP_SYS_ADMIN for setns into them and for mounting bpffs. deploy/'s
-/// DaemonSet grants exactly these (checked by `deploy_tests`).
-pub const REQUIRED_CAPS: [(u32, &str); 3] = [
+/// pods' namespaces, CAP_SYS_ADMIN for setns into them and for mounting bpffs, CAP_SYS_PTRACE
+/// to open other users' `/proc/<pid>/ns/net` (finding pods that predate the agent, and
+/// runtimes that name a sandbox by `/proc/<pid>/ns/net`). deploy/'s DaemonSet grants exactly
+/// these (checked by `deploy_tests`).
+pub const REQUIRED_CAPS: [(u32, &str); 4] = [
     (39, "CAP_BPF"),
     (12, "CAP_NET_ADMIN"),
     (21, "CAP_SYS_ADMIN"),
+    (19, "CAP_SYS_PTRACE"),
 ];
 
 pub fn run_checks() -> Vec<Check> {
@@ -46,11 +49,12 @@ pub fn run_checks() -> Vec<Check> {
         "privileges",
         missing.is_empty(),
         if missing.is_empty() {
-            "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN".to_string()
+            "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE".to_string()
         } else {
             format!("missing {}", missing.join(", "))
         },
-        "run as root, or grant CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (setns, bpffs)",
+        "run as root, or grant CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN (setns, bpffs) and \
+         CAP_SYS_PTRACE (other processes' /proc/<pid>/ns/net)",
     ));
 
     let cg = crate::sys::cgroup2_mount();

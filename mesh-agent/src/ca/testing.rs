@@ -62,6 +62,7 @@ pub fn snapshot(pods: &[(&str, &str, &str)]) -> Snapshot {
                 labels: BTreeMap::new(),
                 node: Some(node.to_string()),
                 ip: None,
+                uid: None,
                 host_network: false,
                 ready: true,
                 service_account: sa.to_string(),

@@ -21,6 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use super::Capture;
 use super::netns::{Listen, PodNetns};
+use crate::cni::discover::Misses;
 use crate::cni::registry::CniPods;
 use crate::config::model::{ObjectRef, Pod, Snapshot};
 use crate::identity::{CertManager, Identity};
@@ -57,6 +58,9 @@ pub enum EnrollError {
 pub const PENDING_NETNS: &str = "waiting for the pod's network namespace: the CNI plugin \
      reports it when the pod's sandbox is created (Kubernetes mode does not take it from the \
      pod: a pod could name another's)";
+
+/// Start of a `pending` pod's reason once `/proc` was searched for it ([`Misses`]).
+const PENDING_NETNS_SCANNED: &str = "waiting for the pod's network namespace";
 
 /// Start of [`EnrollError::NoCertificate`]'s message.
 const WAITING_FOR_CERTIFICATE: &str = "waiting for a certificate";
@@ -103,7 +107,7 @@ pub struct WorkloadView {
     pub state: &'static str,
     pub error: Option<String>,
     /// Why a `pending` pod waits.
-    pub reason: Option<&'static str>,
+    pub reason: Option<String>,
     pub outbound_connections: u64,
     pub outbound_active: u64,
     pub outbound_errors: u64,
@@ -161,6 +165,8 @@ pub struct Enroller {
     stale_checked: bool,
     /// Pod sandboxes the CNI plugin reported: where each pod's network namespace is.
     node_netns: Option<watch::Receiver<Arc<CniPods>>>,
+    /// Pending pods the `/proc` search did not find, and why.
+    scan_misses: Option<watch::Receiver<Arc<Misses>>>,
 }
 
 impl Enroller {
@@ -182,6 +188,7 @@ impl Enroller {
             pending: BTreeMap::new(),
             stale_checked: false,
             node_netns: None,
+            scan_misses: None,
         }
     }
 
@@ -189,6 +196,11 @@ impl Enroller {
     /// local mode's annotation, wins where it has one).
     pub fn set_node_netns(&mut self, reports: watch::Receiver<Arc<CniPods>>) {
         self.node_netns = Some(reports);
+    }
+
+    /// Shows why the `/proc` search did not find a pending pod (Kubernetes mode).
+    pub fn set_scan_misses(&mut self, misses: watch::Receiver<Arc<Misses>>) {
+        self.scan_misses = Some(misses);
     }
 
     pub fn capture(&self) -> &Capture {
@@ -509,6 +521,14 @@ impl Enroller {
             stats: None,
             pool: None,
         }));
+        let misses = match &self.scan_misses {
+            Some(rx) => rx.borrow().clone(),
+            None => Arc::default(),
+        };
+        let reason = |pod: &Pod| match misses.get(&pod.id) {
+            Some(miss) => format!("{PENDING_NETNS_SCANNED}: {miss}"),
+            None => PENDING_NETNS.to_owned(),
+        };
         out.extend(self.pending.values().map(|pod| WorkloadView {
             namespace: pod.id.namespace.clone(),
             name: pod.id.name.clone(),
@@ -519,7 +539,7 @@ impl Enroller {
             netns_cookie: 0,
             state: "pending",
             error: None,
-            reason: Some(PENDING_NETNS),
+            reason: Some(reason(pod)),
             outbound_connections: 0,
             outbound_active: 0,
             outbound_errors: 0,

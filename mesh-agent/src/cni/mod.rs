@@ -31,7 +31,7 @@
 //! fails even then. An agent that accepts the connection but does not answer in time fails
 //! ADD for every pod. The window this leaves: a namespace labelled while the node's agent is
 //! down starts its pods on that node unmeshed, exactly like pods that were running before
-//! the label; both are for the `/proc` discovery of existing pods.
+//! the label; both are found in `/proc` ([`discover`]) once the agent runs.
 //!
 //! The agent treats the socket's input as hostile: the socket is root-only (mode 0600 and the
 //! peer's uid checked with `SO_PEERCRED`), messages are bounded, every field is validated
@@ -40,11 +40,13 @@
 //! ([`registry::NetnsId`]).
 
 pub mod conf;
+pub mod discover;
 pub mod install;
 pub mod namespaces;
 pub mod plugin;
 pub mod protocol;
 pub mod registry;
+pub mod scan;
 pub mod server;
 
 use std::io::Write;
@@ -65,18 +67,27 @@ pub const DEFAULT_SOCKET: &str = "/var/run/nodemesh/cni.sock";
 /// Namespaces whose pods start when the agent is unreachable and cannot be asked.
 pub const DEFAULT_EXCLUDED: [&str; 2] = ["kube-system", crate::config::model::ROOT_NAMESPACE];
 
-/// `run`'s CNI side, on the control runtime: the socket (and the registry it feeds, returned),
-/// and with `--cni-bin-dir`/`--cni-conf-dir` the plugin kept installed, checked every 10 s.
+/// What the CNI side gives the enroller.
+pub struct Started {
+    /// Pod sandboxes: reported by the plugin, recorded by a previous agent, or found in /proc.
+    pub sandboxes: watch::Receiver<Arc<registry::CniPods>>,
+    /// Kubernetes mode: meshed pods not found in /proc yet, and why.
+    pub misses: watch::Receiver<Arc<discover::Misses>>,
+}
+
+/// `run`'s CNI side, on the control runtime: the socket (and the registry it feeds), with
+/// `--cni-bin-dir`/`--cni-conf-dir` the plugin kept installed, checked every 10 s, and in
+/// Kubernetes mode the search of `--proc-dir` for pods that predate the agent.
 pub fn start(
     args: &crate::app::RunArgs,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     view: watch::Receiver<Arc<ControlView>>,
-) -> anyhow::Result<watch::Receiver<Arc<registry::CniPods>>> {
-    let reports = server::start(server::CniServerInputs {
+) -> anyhow::Result<Started> {
+    let (sandboxes, adopter) = server::start(server::CniServerInputs {
         socket: args.cni_socket(),
         node: args.node.clone(),
-        snapshot,
-        view,
+        snapshot: snapshot.clone(),
+        view: view.clone(),
     })?;
     if let (Some(bin_dir), Some(conf_dir)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
         let install = install::InstallArgs {
@@ -88,7 +99,29 @@ pub fn start(
         };
         tokio::spawn(install::keep_installed(install, Duration::from_secs(10)));
     }
-    Ok(reports)
+    let (misses_tx, misses) = watch::channel(Arc::default());
+    if args.kubernetes {
+        tokio::spawn(discover::run(discover::DiscoverInputs {
+            node: args.node.clone(),
+            proc: scan::ProcRoot::new(&args.proc_dir),
+            scope: capture_scope(args),
+            snapshot,
+            view,
+            adopter,
+            misses: misses_tx,
+        }));
+    }
+    Ok(Started { sandboxes, misses })
+}
+
+/// The processes the agent captures: those under `--cgroup` (all of them at the root).
+fn capture_scope(args: &crate::app::RunArgs) -> scan::Scope {
+    let dir = args.cgroup.clone().or_else(crate::sys::cgroup2_mount);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    match dir {
+        Some(dir) => scan::Scope::of_cgroup(&dir, &mountinfo),
+        None => scan::Scope::All,
+    }
 }
 
 /// The agent's namespace list for the fail-closed rule, beside the socket.

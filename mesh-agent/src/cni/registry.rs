@@ -147,6 +147,10 @@ impl CniPods {
         self.pods.get(id)
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = (&ObjectRef, &CniPod)> {
+        self.pods.iter()
+    }
+
     pub fn len(&self) -> usize {
         self.pods.len()
     }
@@ -269,6 +273,7 @@ mod tests {
             labels: BTreeMap::new(),
             node: Some("n".into()),
             ip: None,
+            uid: None,
             host_network: false,
             ready: true,
             service_account: "default".into(),

@@ -47,9 +47,39 @@ struct Shared {
     view: watch::Receiver<Arc<ControlView>>,
 }
 
+/// Records sandboxes found without the plugin: pods that were running before the agent
+/// ([`super::discover`]). Same registry, same file, same enrollment as an ADD.
+#[derive(Clone)]
+pub struct Adopter(Arc<Shared>);
+
+impl Adopter {
+    /// Records `pod` as `id`'s sandbox unless one is recorded already (an ADD that raced the
+    /// scan wins); whether it was recorded.
+    pub fn adopt(&self, id: &ObjectRef, pod: CniPod) -> bool {
+        let adopted = self.0.pods.send_if_modified(|pods| {
+            if pods.get(id).is_some() {
+                return false;
+            }
+            let mut next = (**pods).clone();
+            next.insert(id.clone(), pod);
+            *pods = Arc::new(next);
+            true
+        });
+        if adopted {
+            save(&self.0);
+        }
+        adopted
+    }
+
+    /// The registry as it is now.
+    pub fn pods(&self) -> Arc<CniPods> {
+        self.0.pods.borrow().clone()
+    }
+}
+
 /// Binds the socket (root only), loads the sandboxes a previous agent recorded and starts
 /// serving. The returned channel is the registry: it changes on every ADD, DEL and prune.
-pub fn start(inputs: CniServerInputs) -> anyhow::Result<watch::Receiver<Arc<CniPods>>> {
+pub fn start(inputs: CniServerInputs) -> anyhow::Result<(watch::Receiver<Arc<CniPods>>, Adopter)> {
     let listener = crate::admin::bind_unix(&inputs.socket).with_context(|| {
         format!(
             "binding the CNI socket {} (--cni-socket)",
@@ -70,8 +100,8 @@ pub fn start(inputs: CniServerInputs) -> anyhow::Result<watch::Receiver<Arc<CniP
     info!(socket = %shared.socket.display(), sandboxes = rx.borrow().len(), "CNI socket listening");
     tokio::spawn(accept(listener, shared.clone()));
     tokio::spawn(write_namespaces(shared.clone()));
-    tokio::spawn(prune(shared));
-    Ok(rx)
+    tokio::spawn(prune(shared.clone()));
+    Ok((rx, Adopter(shared)))
 }
 
 async fn accept(listener: UnixListener, shared: Arc<Shared>) {

@@ -45,6 +45,7 @@ fn snapshot() -> Snapshot {
                 labels,
                 node: Some(node.into()),
                 ip: None,
+                uid: None,
                 host_network: host,
                 ready: true,
                 service_account: "default".into(),
@@ -180,7 +181,7 @@ fn harness(tag: &str) -> Harness {
         ..ControlView::default()
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(view));
-    let pods = start(CniServerInputs {
+    let (pods, _adopter) = start(CniServerInputs {
         socket: socket.clone(),
         node: NODE.into(),
         snapshot: snap_rx,

@@ -259,6 +259,7 @@ fn convert_pod(pod: &k8s::Pod, mode: Mode) -> Result<model::Pod, Vec<Problem>> {
         .unwrap_or_else(|| "default".to_owned());
     let pod = model::Pod {
         id,
+        uid: non_empty(&meta.uid),
         labels: meta.labels.clone().unwrap_or_default(),
         node: non_empty(&spec.node_name),
         ip,

@@ -52,6 +52,9 @@ pub struct ContainerPort {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Pod {
     pub id: ObjectRef,
+    /// `metadata.uid` (Kubernetes mode; local manifests usually have none): the kubelet puts
+    /// it in the pod's cgroup path (`kubepods…pod<uid>…`), which confirms a `/proc` match.
+    pub uid: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub node: Option<String>,
     pub ip: Option<Ipv4Addr>,

@@ -37,8 +37,14 @@ pub fn check_agent(origin: &str, tpl: &PodTemplateSpec, p: &mut Vec<String>) -> 
     if spec.host_network != Some(true) {
         p.push(format!("{origin}: field spec.template.spec.hostNetwork: the agent's ports are on the node's network"));
     }
-    if spec.host_pid == Some(true) {
-        p.push(format!("{origin}: field spec.template.spec.hostPID: the agent reads no other process's /proc yet"));
+    // Pods that predate the agent are found in the host's /proc (--proc-dir): without
+    // hostPID the container's /proc shows only its own processes.
+    if spec.host_pid != Some(true) && run.proc_dir == Path::new("/proc") {
+        p.push(format!(
+            "{origin}: field spec.template.spec.hostPID must be true: the agent finds pods that \
+             were running before it in the host's /proc (--proc-dir {})",
+            run.proc_dir.display()
+        ));
     }
     capabilities(c, &at, p);
     probes_and_ports(tpl, c, &run, &at, p);

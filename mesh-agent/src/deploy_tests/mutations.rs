@@ -122,7 +122,28 @@ fn an_extra_capability_is_named() {
         let caps = sc.capabilities.as_mut().expect("capabilities");
         caps.add.as_mut().expect("add").push("NET_RAW".into());
     });
-    expect(&p, "add exactly [\"BPF\", \"NET_ADMIN\", \"SYS_ADMIN\"]");
+    expect(
+        &p,
+        "add exactly [\"BPF\", \"NET_ADMIN\", \"SYS_ADMIN\", \"SYS_PTRACE\"]",
+    );
+}
+
+#[test]
+fn an_agent_without_the_hosts_pids_is_named() {
+    let p = problems_after(|docs| {
+        agent(docs).spec.as_mut().expect("pod spec").host_pid = None;
+    });
+    expect(&p, "hostPID must be true");
+    // Unless it is pointed at a /proc of the host mounted elsewhere.
+    let p = problems_after(|docs| {
+        agent(docs).spec.as_mut().expect("pod spec").host_pid = None;
+        let c = agent_container(docs);
+        c.args
+            .as_mut()
+            .expect("args")
+            .push("--proc-dir=/host/proc".into());
+    });
+    assert!(!p.iter().any(|p| p.contains("hostPID")), "{p:?}");
 }
 
 #[test]

@@ -658,6 +658,7 @@ mod tests {
             },
             node: Some("node-2".into()),
             ip: Some(Ipv4Addr::new(10, 244, 2, ip)),
+            uid: None,
             host_network: false,
             ready: true,
             service_account: "web".into(),

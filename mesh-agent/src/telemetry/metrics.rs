@@ -463,6 +463,7 @@ mod tests {
                 .collect(),
             node: None,
             ip: None,
+            uid: None,
             host_network: false,
             ready: true,
             service_account: "default".into(),

@@ -373,6 +373,16 @@ impl Agent {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// The cgroup the agent captures (`--cgroup`): only processes under it are redirected.
+    // `expect` cannot work here: tests/proc_scan.rs uses it, tests/cni.rs does not.
+    #[allow(
+        dead_code,
+        reason = "used by some of the test binaries sharing this module"
+    )]
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
     pub fn wait(&mut self, what: &str, mut f: impl FnMut(&Agent) -> bool) {
         let until = Instant::now() + Duration::from_secs(20);
         while !f(self) {

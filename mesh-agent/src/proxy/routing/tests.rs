@@ -22,6 +22,7 @@ fn pod(name: &str, version: &str, ip: u8) -> Pod {
         .into(),
         node: Some("node-1".into()),
         ip: Some(Ipv4Addr::new(10, 244, 1, ip)),
+        uid: None,
         host_network: false,
         ready: true,
         service_account: "default".into(),
