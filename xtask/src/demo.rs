@@ -6,6 +6,7 @@
 mod bookinfo;
 mod prom;
 mod report;
+mod traces;
 
 use anyhow::{Result, bail};
 

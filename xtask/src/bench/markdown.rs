@@ -354,8 +354,9 @@ pub fn notes(
     n.push(if http_path {
         format!(
             "wrk goes to the Service port named `http` ({}): the client's agent parses HTTP/1.1, \
-             balances each request and keeps upstream connections per client connection; the \
-             server's agent relays the tunnel as L4. iperf3 stays L4.",
+             balances each request and sends it as a stream of an HTTP/2 connection inside HBONE \
+             shared by the client pod's connections; the server's agent parses each request again \
+             (metrics, access log, span) and sends it to the app in HTTP/1.1. iperf3 stays L4.",
             super::bed::MESH_HTTP_PORT
         )
     } else {

@@ -20,6 +20,8 @@ pub const BOOKINFO_YAML: &str = include_str!("../../demo/bookinfo.yaml");
 /// The routing rules: the reference guide's VirtualService bound to the mesh, reviews
 /// subsets, jason to v2 and a v1/v3 split for everyone else.
 pub const ROUTING_YAML: &str = include_str!("../../demo/routing.yaml");
+/// MeshConfig (access log, tracing) and the OTLP collector's namespace, Service and pod.
+pub const OBSERVABILITY_YAML: &str = include_str!("../../demo/observability.yaml");
 /// Requests sent as end-user jason, after the anonymous ones.
 pub const JASON_REQUESTS: usize = 4;
 const PORT: u16 = 9080;
@@ -146,6 +148,7 @@ pub fn run(opts: &Options) -> Result<Outcome> {
         .agent(&opts.agent_bin)
         .manifest("bookinfo.yaml", BOOKINFO_YAML)
         .manifest("routing.yaml", ROUTING_YAML)
+        .manifest("observability.yaml", OBSERVABILITY_YAML)
         .name_hint("cargo xtask demo");
     // The mesh CA runs beside the nodes: every hop between bookinfo pods is mutual TLS.
     cfg.ca = true;
@@ -182,6 +185,7 @@ fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
     print_topology(tb, &services);
     check_interrupted("starting the servers")?;
     let _servers = start_servers(tb, &opts.testapp_bin, &services)?;
+    let mut collector = super::traces::start(tb, &opts.testapp_bin)?;
     let productpage = services
         .get("productpage")
         .copied()
@@ -219,6 +223,9 @@ fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
         std::thread::sleep(std::time::Duration::from_millis(2500));
         prom::print_answers(tb)?;
     }
+    println!();
+    super::traces::print(&mut collector);
+    report::print_access_log(tb);
     println!();
     report::print_inspect(tb, &opts.agent_bin, &curl_args, opts.wait);
     if opts.wait {

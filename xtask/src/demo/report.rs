@@ -414,3 +414,26 @@ pub fn print_inspect(tb: &Testbed, agent_bin: &Path, curl_args: &str, waiting: b
         tb.state_dir().display()
     );
 }
+
+/// Where the access log goes (MeshConfig `accessLogFile: /dev/stdout`: each agent's stdout,
+/// kept in the testbed's agent log), with one HTTP line from each side.
+pub fn print_access_log(tb: &Testbed) {
+    println!(
+        "==> access log (accessLogFile: /dev/stdout, Istio's default TEXT format): each agent's stdout"
+    );
+    for n in tb.nodes() {
+        let log = tb.agent_log(&n.name);
+        let http = |cluster: &str| {
+            log.lines()
+                .rev()
+                .find(|l| l.starts_with('[') && l.contains("\"GET ") && l.contains(cluster))
+                .map(str::to_string)
+        };
+        println!("    {}: {}", n.name, n.agent_log.display());
+        for cluster in [" outbound|", " inbound|"] {
+            if let Some(l) = http(cluster) {
+                println!("      {l}");
+            }
+        }
+    }
+}
