@@ -15,7 +15,7 @@ pub const POD: &str = "otel-collector";
 /// Starts the collector and waits until it listens.
 pub fn start(tb: &Testbed, testapp: &Path) -> Result<PodProcess> {
     let mut p = tb
-        .spawn_in_pod(POD, testapp, &["otlp-receiver", "--listen", "0.0.0.0:4317"])
+        .spawn_in_pod(POD, testapp, ["otlp-receiver", "--listen", "0.0.0.0:4317"])
         .context("starting the OTLP collector")?;
     p.wait_for_line("listening", Duration::from_secs(10))
         .context("waiting for the OTLP collector to listen")?;
