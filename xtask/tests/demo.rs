@@ -23,6 +23,10 @@ mod bookinfo;
 #[path = "../src/demo/prom.rs"]
 mod prom;
 
+#[allow(dead_code)]
+#[path = "../src/demo/traces.rs"]
+mod traces;
+
 use std::path::Path;
 
 use mesh_testbed::{STATE_ROOT, require_root};
@@ -107,6 +111,12 @@ fn counts_versions_and_prefers_a_sample_with_ratings() {
         "v2"
     );
     t.check().unwrap();
+    // A broken trace (spans missing at the collector) fails the demo.
+    t.longest_trace = Some(8);
+    t.check().unwrap();
+    t.longest_trace = Some(4);
+    let err = t.check().unwrap_err().to_string();
+    assert!(err.contains("has 4 spans"), "{err}");
 }
 
 #[test]

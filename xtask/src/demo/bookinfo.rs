@@ -224,7 +224,8 @@ fn demo(tb: &Testbed, opts: &Options) -> Result<Traffic> {
         prom::print_answers(tb)?;
     }
     println!();
-    super::traces::print(&mut collector);
+    let mut traffic = traffic;
+    traffic.longest_trace = Some(super::traces::print(&mut collector));
     report::print_access_log(tb);
     println!();
     report::print_inspect(tb, &opts.agent_bin, &curl_args, opts.wait);

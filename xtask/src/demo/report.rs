@@ -31,6 +31,8 @@ pub struct Traffic {
     /// A complete answer, preferably one where reviews called ratings.
     pub sample: Option<Value>,
     sample_without_ratings: bool,
+    /// Spans of the longest trace the collector received (`None`: not looked at).
+    pub longest_trace: Option<usize>,
 }
 
 impl Traffic {
@@ -78,6 +80,14 @@ impl Traffic {
     /// Fails if a request failed, or reviews answered against the routing rules: requests
     /// without an end-user must reach v1 and v3 (and only them), jason's only v2.
     pub fn check(&self) -> Result<()> {
+        // sleep -> productpage -> details, reviews -> ratings: two spans per hop.
+        if let Some(n) = self.longest_trace
+            && n < 8
+        {
+            bail!(
+                "the longest trace at the OTLP collector has {n} spans; a request through                  productpage, details, reviews and ratings makes 8"
+            );
+        }
         if !self.failures.is_empty() {
             bail!(
                 "{} of {} requests failed; first: {}",

@@ -23,8 +23,8 @@ pub fn start(tb: &Testbed, testapp: &Path) -> Result<PodProcess> {
 }
 
 /// Reads the spans received so far (waiting a little for the agents' last batches) and
-/// prints a summary and the first complete trace.
-pub fn print(collector: &mut PodProcess) {
+/// prints a summary and the longest trace; returns the longest trace's span count.
+pub fn print(collector: &mut PodProcess) -> usize {
     let mut spans: Vec<Value> = Vec::new();
     // The exporters send every 200 ms; stop once nothing arrived for a second.
     while let Ok(line) = collector.wait_for_line("{", Duration::from_secs(1)) {
@@ -45,7 +45,7 @@ pub fn print(collector: &mut PodProcess) {
     );
     let Some((id, trace)) = traces.iter().max_by_key(|(_, t)| t.len()) else {
         println!("    none arrived");
-        return;
+        return 0;
     };
     println!(
         "    the longest trace, {id}: one span per agent hop, parented through the headers the apps propagate"
@@ -60,6 +60,7 @@ pub fn print(collector: &mut PodProcess) {
     for r in roots {
         print_span(r, trace, "    ");
     }
+    trace.len()
 }
 
 fn print_span(s: &Value, trace: &[&Value], indent: &str) {
