@@ -323,6 +323,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         access_log: access_log.clone(),
         connections: connections.clone(),
         spans: spans.clone(),
+        node_addresses: Arc::new(node_addresses()),
     };
     let certs = mtls.as_ref().map(|m| m.certs.clone());
     let enroller = Enroller::new(
@@ -365,6 +366,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     data_rt.shutdown_timeout(Duration::from_millis(100));
     info!("agent stopped; capture stays pinned, enrolled pods fail closed until an agent returns");
     result
+}
+
+/// The IPv4 addresses of the agent's network namespace (the node's), from
+/// `/proc/self/net/fib_trie`; none if it cannot be read (then probes are not exempted).
+fn node_addresses() -> std::collections::BTreeSet<std::net::Ipv4Addr> {
+    match std::fs::read_to_string("/proc/self/net/fib_trie") {
+        Ok(text) => {
+            let ips = crate::cni::scan::local_ipv4s(&text);
+            info!(addresses = ?ips, "plaintext from these node addresses (kubelet probes) passes STRICT");
+            ips
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read /proc/self/net/fib_trie: kubelet probes to STRICT pods will be refused");
+            Default::default()
+        }
+    }
 }
 
 /// Where the config comes from.

@@ -492,6 +492,20 @@ fn strict_refuses_plaintext_on_every_port_and_mesh_traffic_still_flows() {
         "{}",
         mesh_testbed::tail(&log, 20)
     );
+    // The kubelet probes from the node: the node's own address passes STRICT (as Istio
+    // ambient exempts probes), counted.
+    let mut cmd = tb
+        .node_command("node-2", testapp().to_str().expect("utf-8"))
+        .expect("node command");
+    cmd.args(["read", "--connect", &server_addr(&tb), "--timeout", "5"]);
+    let out = run_bounded(cmd, Duration::from_secs(15)).expect("read from node-2");
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "a probe from node-2 was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(inbound(&tb, "node-2", "node_probes"), 1);
+    assert_eq!(inbound(&tb, "node-2", "plaintext_refused"), before + 4);
     // A meshed client still gets through, over HBONE, with its own IP.
     let got = read_from(&tb, "client", &server_addr(&tb)).expect("mesh client");
     let client_ip = tb.pod_ip("default", "client").expect("ip").to_string();

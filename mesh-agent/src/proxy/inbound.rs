@@ -61,6 +61,8 @@ pub struct InboundStats {
     pub plaintext_accepted: std::sync::atomic::AtomicU64,
     /// Plaintext connections reset because the pod's policy is STRICT.
     pub plaintext_refused: std::sync::atomic::AtomicU64,
+    /// Plaintext connections from the node itself (kubelet probes) let through under STRICT.
+    pub node_probes: std::sync::atomic::AtomicU64,
 }
 
 /// What one enrolled pod's plaintext inbound listener (15006) needs.
@@ -128,7 +130,16 @@ async fn plaintext(
     };
     let log = LogEntry::begin(&routes, peer, target);
     drop(routes);
-    if mode == MtlsMode::Strict {
+    // The kubelet probes pods from their node: Istio ambient exempts its health checks from
+    // STRICT, and so do we, for connections from the node's own addresses.
+    let from_node = inputs.node_addresses.contains(peer.ip());
+    if mode == MtlsMode::Strict && from_node {
+        let n = inbound.node_probes.fetch_add(1, Ordering::Relaxed);
+        if n == 0 {
+            info!(pod = %pod, %peer, %target,
+                "letting plaintext from this node through under STRICT (kubelet probes); logged once");
+        }
+    } else if mode == MtlsMode::Strict {
         let refused = inbound.plaintext_refused.fetch_add(1, Ordering::Relaxed);
         if refused < 100 || refused.is_multiple_of(1000) {
             warn!(pod = %pod, %peer, %target, refused = refused + 1,

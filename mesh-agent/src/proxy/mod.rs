@@ -411,6 +411,8 @@ pub struct ProxyInputs {
     pub connections: Arc<connections::ConnectionTable>,
     /// Where sampled requests' spans go when tracing is on.
     pub spans: crate::telemetry::trace::Spans,
+    /// The node's own IPv4 addresses: plaintext from them (kubelet probes) passes STRICT.
+    pub node_addresses: Arc<std::collections::BTreeSet<Ipv4Addr>>,
 }
 
 /// A connection's access log entry in the making; only exists while access logs are on, so
