@@ -148,6 +148,41 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         "{opened} HBONE streams for 12 client connections"
     );
 
+    // Keep-alive HTTP connections are listed by `/connections` (mesh-agent connections) as
+    // HTTP, with their request and response bytes so far.
+    let mut hold = tb
+        .spawn_in_pod(
+            "client",
+            testapp(),
+            &[
+                "hold",
+                "--connect",
+                &format!("{svc}:80"),
+                "--connections",
+                "3",
+                "--http",
+                "--seconds",
+                "30",
+            ],
+        )
+        .expect("hold");
+    hold.wait_for_line("holding 3", Duration::from_secs(10))
+        .expect("3 connections held");
+    let conns = admin_json(&tb, "node-1", "/connections");
+    let http: Vec<&serde_json::Value> = conns
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["protocol"] == "HTTP" && c["destination"] == format!("{svc}:80"))
+        .collect();
+    assert_eq!(http.len(), 3, "{conns:#}");
+    for c in &http {
+        assert_eq!(c["pod"], "default/client");
+        assert_eq!(c["direction"], "outbound");
+        assert!(c["bytes_sent"].as_u64().unwrap_or_default() > 100, "{c}");
+    }
+    hold.stop().expect("stop hold");
+
     // An `http2-*` port: HTTP/1.1 from the client, HTTP/2 to the apps, still balanced.
     let web2 = tb.service_ip("default", "web2").expect("svc");
     let url2 = format!("http://{web2}/");
@@ -209,7 +244,7 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         &[("response_code", "200"), ("request_protocol", "http")],
     ]
     .concat();
-    assert_eq!(metric(&text, "istio_requests_total", &ok_200), 33, "{text}");
+    assert_eq!(metric(&text, "istio_requests_total", &ok_200), 36, "{text}");
     assert_eq!(
         metric(
             &text,
@@ -230,7 +265,7 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         ("request_protocol", "grpc"),
     ];
     assert_eq!(metric(&text, "istio_requests_total", &grpc), 1);
-    for (v, n) in [("v1", 11), ("v2", 11), ("v3", 11)] {
+    for (v, n) in [("v1", 12), ("v2", 12), ("v3", 12)] {
         let l = [
             base.as_slice(),
             &[("destination_version", v), ("response_code", "200")],
@@ -292,6 +327,10 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         let l = [web_200.as_slice(), &[("destination_version", v)]].concat();
         assert_eq!(dest(&dest_text, &l), n, "{v}");
     }
+    // The three held connections sent `Host: hold`, which names none of the Services
+    // sharing the pods' port: the destination reports them without a Service.
+    let unnamed = [("destination_service", "unknown"), ("response_code", "200")];
+    assert_eq!(dest(&dest_text, &unnamed), 3);
     // web-1 is on node-1: its share is reported there.
     assert_eq!(dest(&dest_text[..1], &web_200), 11);
     assert_eq!(dest(&dest_text, &[("response_code", "101")]), 1);
@@ -322,10 +361,10 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
     let le_inf = [base.as_slice(), &[("le", "+Inf")]].concat();
     assert_eq!(
         metric(&text, "istio_request_duration_milliseconds_bucket", &le_inf),
-        33
+        36
     );
-    assert_eq!(metric(&text, "istio_response_bytes_count", &base), 33);
-    assert!(metric(&text, "istio_response_bytes_sum", &base) > 33 * 100);
+    assert_eq!(metric(&text, "istio_response_bytes_count", &base), 36);
+    assert!(metric(&text, "istio_response_bytes_sum", &base) > 36 * 100);
     promtool_check(&text);
 
     // One access log entry per request, in Istio's default format.

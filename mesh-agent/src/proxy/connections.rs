@@ -36,6 +36,10 @@ pub enum Protocol {
     /// Plain TCP (a destination outside the mesh, or plaintext inbound).
     #[serde(rename = "TCP")]
     Tcp,
+    /// Served as HTTP by the client's agent: each request routed on its own (the upstream
+    /// shown is the Service address; bytes are request and response bodies).
+    #[serde(rename = "HTTP")]
+    Http,
 }
 
 /// Bytes moved so far, each way.

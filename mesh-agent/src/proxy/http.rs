@@ -59,6 +59,8 @@ pub struct HttpConn {
     pub sockets: SocketSource,
     pub hbone: Option<Hbone>,
     pub stats: Arc<WorkloadStats>,
+    /// Its entry in `/connections`, whose byte counts each finished request adds to.
+    pub listed: Arc<super::connections::ConnInfo>,
 }
 
 /// Serves the connection until the client closes it.
@@ -129,6 +131,7 @@ impl Ctx {
             log,
             info,
             trace,
+            listed: Some(c.listed.clone()),
         };
         // The Service went away while the client kept its connection.
         let Target::Service(service) = routes.target(c.dst) else {
@@ -271,6 +274,7 @@ pub(crate) fn own_reply(
         log,
         info,
         trace,
+        listed,
     } = done;
     if reply.flag != ResponseFlags::None {
         labels.flags = reply.flag;
@@ -282,6 +286,7 @@ pub(crate) fn own_reply(
         grpc_status: reply.grpc_status,
     };
     let on_end = body::OnEnd {
+        listed,
         trace: trace.map(|t| (t, inputs.spans.clone())),
         metrics: inputs.metrics.clone(),
         access_log: inputs.access_log.clone(),
@@ -351,6 +356,7 @@ pub(crate) fn upstream_reply(
         log,
         info,
         trace,
+        listed,
     } = done;
     let http = HttpLabels {
         conn: labels,
@@ -359,6 +365,7 @@ pub(crate) fn upstream_reply(
         grpc_status: grpc_status(&parts.headers),
     };
     let on_end = body::OnEnd {
+        listed,
         trace: trace.map(|t| (t, inputs.spans.clone())),
         metrics: inputs.metrics.clone(),
         access_log: inputs.access_log.clone(),
@@ -451,6 +458,8 @@ pub(crate) struct Done {
     info: Option<HttpInfo>,
     /// This hop's span, when the request is sampled.
     trace: Option<Box<trace::Started>>,
+    /// The connection's `/connections` entry, for its byte counts.
+    listed: Option<Arc<super::connections::ConnInfo>>,
 }
 
 /// The request as the app should get it: hop-by-hop headers gone, `Host` kept, and the

@@ -190,6 +190,7 @@ async fn plaintext(
             labels,
             sockets,
             app,
+            listed: open.info.clone(),
         };
         super::http::inbound::serve(delivered, client).await;
         drop(open);
@@ -394,6 +395,7 @@ async fn stream(
                         labels,
                         sockets: ctx.sockets.clone(),
                         app,
+                        listed: open.info.clone(),
                     };
                     super::http::inbound::serve(delivered, TokioIo::new(up)).await;
                     drop(open);

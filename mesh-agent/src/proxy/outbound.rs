@@ -346,7 +346,20 @@ impl Connection {
 
     /// A Service port that declares HTTP: requests are routed one by one.
     async fn serve_http(&self, client: TcpStream, protocol: AppProtocol) {
+        let client_addr = SocketAddrV4::new(self.src, self.peer.port());
+        let open = self.inputs.connections.register(ConnInfo {
+            pod: self.pod.clone(),
+            direction: Direction::Outbound,
+            protocol: Protocol::Http,
+            client: client_addr.into(),
+            destination: self.dst.into(),
+            upstream: self.dst.into(),
+            peer_identity: None,
+            started: std::time::SystemTime::now(),
+            progress: Progress::default(),
+        });
         let conn = HttpConn {
+            listed: open.info.clone(),
             inputs: self.inputs.clone(),
             pod: self.pod.clone(),
             src: self.src,
@@ -358,6 +371,7 @@ impl Connection {
             stats: self.stats.clone(),
         };
         super::http::serve(conn, client).await;
+        drop(open);
         self.inputs.stats.completed.fetch_add(1, Ordering::Relaxed);
         self.done();
     }

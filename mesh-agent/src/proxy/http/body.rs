@@ -100,6 +100,8 @@ pub struct OnEnd {
     pub log: Option<(LogEntry, Option<HttpInfo>, std::net::SocketAddrV4)>,
     /// The request's span and where it goes, when it is sampled.
     pub trace: Option<(Box<trace::Started>, trace::Spans)>,
+    /// The connection's `/connections` entry.
+    pub listed: Option<Arc<crate::proxy::connections::ConnInfo>>,
 }
 
 impl OnEnd {
@@ -117,6 +119,12 @@ impl OnEnd {
             request_bytes,
             response_bytes,
         });
+        if let Some(c) = &self.listed {
+            c.progress
+                .received
+                .fetch_add(request_bytes, Ordering::Relaxed);
+            c.progress.sent.fetch_add(response_bytes, Ordering::Relaxed);
+        }
         if let Some((span, spans)) = self.trace.take() {
             spans.record((*span).finish(&self.labels, request_bytes, response_bytes));
         }

@@ -49,6 +49,8 @@ pub struct Delivered {
     pub sockets: SocketSource,
     /// The connection to the app opened before the client was answered.
     pub app: TcpStream,
+    /// Its entry in `/connections`, whose byte counts each finished request adds to.
+    pub listed: Arc<crate::proxy::connections::ConnInfo>,
 }
 
 struct Ctx {
@@ -59,6 +61,7 @@ struct Ctx {
     protocol: AppProtocol,
     labels: TcpLabels,
     upstreams: Upstreams,
+    listed: Arc<crate::proxy::connections::ConnInfo>,
 }
 
 /// Serves `client` as HTTP/1.1 or HTTP/2 (whichever it speaks) until it closes.
@@ -82,6 +85,7 @@ where
         target: d.target,
         protocol: d.protocol,
         labels: d.labels,
+        listed: d.listed,
     });
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -143,6 +147,7 @@ impl Ctx {
             log,
             info,
             trace,
+            listed: Some(self.listed.clone()),
         };
         let version = req.version();
         // The app gets the protocol its port declares (the source agent may carry HTTP/1.1
