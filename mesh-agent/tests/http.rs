@@ -154,7 +154,7 @@ fn http_requests_are_balanced_one_by_one_with_envoys_errors_metrics_and_logs() {
         .spawn_in_pod(
             "client",
             testapp(),
-            &[
+            [
                 "hold",
                 "--connect",
                 &format!("{svc}:80"),
