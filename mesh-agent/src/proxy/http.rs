@@ -82,18 +82,24 @@ pub async fn serve(conn: HttpConn, client: TcpStream) {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.request(req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // Envoy's default limit on request headers (60 KiB): beyond it, 431 and no request.
-    builder.http1().max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let served = builder
+    let served = server()
         .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await;
     if let Err(e) = served {
         debug!(%pod, client = %peer, error = %e, "HTTP connection ended with an error");
     }
+}
+
+/// The HTTP server both agents serve connections with: HTTP/1.1 or h2c, whichever the
+/// client speaks, with Envoy's default limit on request headers (60 KiB; beyond it, 431 and
+/// no request).
+pub(crate) fn server() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
 }
 
 struct Ctx {
@@ -268,40 +274,19 @@ pub(crate) fn own_reply(
     done: Done,
     reply: Reply,
 ) -> Response<ProxyBody> {
-    let Done {
-        mut labels,
-        started,
-        log,
-        info,
-        trace,
-        listed,
-    } = done;
-    if reply.flag != ResponseFlags::None {
-        labels.flags = reply.flag;
-    }
-    let http = HttpLabels {
-        conn: labels,
-        grpc,
-        response_code: reply.status.as_u16(),
-        grpc_status: reply.grpc_status,
-    };
-    let on_end = body::OnEnd {
-        listed,
-        trace: trace.map(|t| (t, inputs.spans.clone())),
-        metrics: inputs.metrics.clone(),
-        access_log: inputs.access_log.clone(),
-        labels: http,
-        started,
-        request_bytes: Default::default(),
-        log: log.map(|l| {
-            let (ep, reason) = reply.upstream.clone().unzip();
-            let mut info = info;
-            if let Some(i) = info.as_mut() {
-                i.failure = reason.or(reply.failure.clone());
-            }
-            (l, info, ep.unwrap_or(upstream))
-        }),
-    };
+    let (ep, reason) = reply.upstream.clone().unzip();
+    let on_end = done.on_end(
+        inputs,
+        HttpOutcome {
+            flag: reply.flag,
+            grpc,
+            response_code: reply.status.as_u16(),
+            grpc_status: reply.grpc_status,
+        },
+        Default::default(),
+        ep.unwrap_or(upstream),
+        Some(reason.or(reply.failure.clone())),
+    );
     let mut resp = Response::new(body::response(Full::new(reply.body), on_end));
     *resp.status_mut() = reply.status;
     let headers = resp.headers_mut();
@@ -350,30 +335,18 @@ pub(crate) fn upstream_reply(
         rules::apply(ops, &mut parts.headers);
     }
     parts.version = version;
-    let Done {
-        labels,
-        started,
-        log,
-        info,
-        trace,
-        listed,
-    } = done;
-    let http = HttpLabels {
-        conn: labels,
-        grpc,
-        response_code: parts.status.as_u16(),
-        grpc_status: grpc_status(&parts.headers),
-    };
-    let on_end = body::OnEnd {
-        listed,
-        trace: trace.map(|t| (t, inputs.spans.clone())),
-        metrics: inputs.metrics.clone(),
-        access_log: inputs.access_log.clone(),
-        labels: http,
-        started,
+    let on_end = done.on_end(
+        inputs,
+        HttpOutcome {
+            flag: ResponseFlags::None,
+            grpc,
+            response_code: parts.status.as_u16(),
+            grpc_status: grpc_status(&parts.headers),
+        },
         request_bytes,
-        log: log.map(|l| (l, info, endpoint)),
-    };
+        endpoint,
+        None,
+    );
     Response::from_parts(parts, body::response(body, on_end))
 }
 
@@ -460,6 +433,61 @@ pub(crate) struct Done {
     trace: Option<Box<trace::Started>>,
     /// The connection's `/connections` entry, for its byte counts.
     listed: Option<Arc<super::connections::ConnInfo>>,
+}
+
+/// How a request was answered, for its record.
+pub(crate) struct HttpOutcome {
+    /// The agent's own flag (`None` keeps the one set on the way, if any).
+    flag: ResponseFlags,
+    grpc: bool,
+    response_code: u16,
+    grpc_status: Option<u16>,
+}
+
+impl Done {
+    /// What records the request when its response body ends: metrics, the access log entry
+    /// (naming `upstream`, and `failure` when given), the span and the connection's bytes.
+    fn on_end(
+        self,
+        inputs: &ProxyInputs,
+        outcome: HttpOutcome,
+        request_bytes: Arc<std::sync::atomic::AtomicU64>,
+        upstream: SocketAddrV4,
+        failure: Option<Option<String>>,
+    ) -> body::OnEnd {
+        let Done {
+            mut labels,
+            started,
+            log,
+            info,
+            trace,
+            listed,
+        } = self;
+        if outcome.flag != ResponseFlags::None {
+            labels.flags = outcome.flag;
+        }
+        body::OnEnd {
+            listed,
+            trace: trace.map(|t| (t, inputs.spans.clone())),
+            metrics: inputs.metrics.clone(),
+            access_log: inputs.access_log.clone(),
+            labels: HttpLabels {
+                conn: labels,
+                grpc: outcome.grpc,
+                response_code: outcome.response_code,
+                grpc_status: outcome.grpc_status,
+            },
+            started,
+            request_bytes,
+            log: log.map(|l| {
+                let mut info = info;
+                if let (Some(i), Some(f)) = (info.as_mut(), failure) {
+                    i.failure = f;
+                }
+                (l, info, upstream)
+            }),
+        }
+    }
 }
 
 /// The request as the app should get it: hop-by-hop headers gone, `Host` kept, and the

@@ -19,14 +19,14 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::header;
 use hyper::{Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::body::{self, Counted, ProxyBody};
 use super::upstream::{Connector, Upstreams};
-use super::{CONNECT_FAILURE, Done, MAX_HEADER_BYTES, RESET, Reply};
+use super::{CONNECT_FAILURE, Done, RESET, Reply};
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
 use crate::proxy::protocol::AppProtocol;
@@ -91,12 +91,7 @@ where
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.request(req).await) }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let served = builder
+    let served = super::server()
         .serve_connection_with_upgrades(TokioIo::new(client), service)
         .await;
     if let Err(e) = served {
