@@ -136,14 +136,19 @@ fn versions(tb: &Testbed, url: &str, n: usize, extra: &[&str]) -> BTreeMap<Strin
 
 /// `mesh-agent routes ARGS` against node-1's agent.
 fn routes_cli(tb: &Testbed, args: &[&str]) -> String {
+    cli(tb, "routes", args)
+}
+
+/// `mesh-agent COMMAND ARGS` against node-1's agent (the client's); must succeed.
+fn cli(tb: &Testbed, command: &str, args: &[&str]) -> String {
     let socket = tb.node("node-1").expect("node").admin_socket.clone();
     let out = std::process::Command::new(AGENT)
-        .arg("routes")
+        .arg(command)
         .args(args)
         .arg("--admin-socket")
         .arg(&socket)
         .output()
-        .expect("routes");
+        .expect(command);
     assert!(
         out.status.success(),
         "{}",
@@ -375,6 +380,16 @@ apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: rev
         "the bad pod answers at first: {before:?}"
     );
     let ejected_at = Instant::now();
+    // The CLI shows the ejection while it lasts (3 s).
+    let services = cli(&tb, "services", &[]);
+    let flaky_row = services
+        .lines()
+        .find(|l| l.contains(" flaky "))
+        .unwrap_or_else(|| panic!("no flaky row: {services}"));
+    assert!(
+        flaky_row.contains("EJECTED for") || ejected_at.elapsed() > Duration::from_secs(3),
+        "mesh-agent services shows the ejected endpoint:\n{services}"
+    );
     let during = statuses(&tb, &urls, &[]);
     assert!(
         during.iter().all(|c| *c == 200) || ejected_at.elapsed() > Duration::from_secs(3),

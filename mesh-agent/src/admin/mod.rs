@@ -196,8 +196,13 @@ struct StatusDoc<'a> {
     /// Meshed pods whose network namespace is not known yet (not failures).
     pending_pods: usize,
     active_connections: u64,
+    /// Connections listed by `/connections` now, per direction.
+    open_outbound: usize,
+    open_inbound: usize,
     /// Mutual TLS between agents (HBONE): on when a CA is configured.
     mtls: bool,
+    /// Workload certificates the agent holds or is fetching.
+    certificates: usize,
     /// Certificates not in the `valid` state (pending, renewing after a failure, expired).
     certificates_unhealthy: usize,
     ebpf: &'a EbpfStats,
@@ -339,6 +344,10 @@ pub fn handle(
         }
         "/workloads" => json(StatusCode::OK, &fresh(&view.workloads)),
         "/routes" => routes(state, req.uri().query()),
+        "/services" => json(
+            StatusCode::OK,
+            &crate::proxy::routing::services_view::services(&state.routes.load()),
+        ),
         "/certs" => json(StatusCode::OK, &certs(state)),
         "/connections" => json(StatusCode::OK, &state.connections.view()),
         "/logging" => text(StatusCode::OK, format!("{}\n", state.logging.current())),
@@ -346,6 +355,8 @@ pub fn handle(
             let count = |state: &str| view.workloads.iter().filter(|w| w.state == state).count();
             let enrolled = count("enrolled");
             let ebpf = state.maps.read();
+            let certificates = certs(state);
+            let (open_outbound, open_inbound) = state.connections.counts();
             let doc = StatusDoc {
                 version: env!("CARGO_PKG_VERSION"),
                 node: &view.node,
@@ -361,8 +372,14 @@ pub fn handle(
                 failed_pods: count("failed"),
                 pending_pods: count("pending"),
                 active_connections: state.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                open_outbound,
+                open_inbound,
                 mtls: state.certs.is_some(),
-                certificates_unhealthy: certs(state).iter().filter(|c| c.state != crate::identity::CertState::Valid).count(),
+                certificates: certificates.len(),
+                certificates_unhealthy: certificates
+                    .iter()
+                    .filter(|c| c.state != crate::identity::CertState::Valid)
+                    .count(),
                 ebpf: &ebpf,
             };
             json(StatusCode::OK, &doc)
@@ -415,7 +432,7 @@ pub fn handle(
         }
         "/" => text(
             StatusCode::OK,
-            "nodemesh admin: /healthz/ready /status /config_dump /workloads /certs /connections /routes /stats /stats/prometheus /logging\n"
+            "nodemesh admin: /healthz/ready /status /config_dump /workloads /certs /connections /routes /services /stats /stats/prometheus /logging\n"
                 .into(),
         ),
         other => text(

@@ -1,73 +1,70 @@
 //! `mesh-agent services`: the Services this agent knows, their ports, how each port is
-//! proxied (HTTP per request, or TCP), and the ready endpoints behind it.
+//! proxied (HTTP per request, or TCP), the DestinationRule's subsets, and the ready endpoints
+//! behind each port with their outlier-detection health.
 
 use std::path::Path;
 
 use anyhow::Context as _;
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::Output;
 
 #[derive(Debug, Deserialize)]
-struct Ref {
-    namespace: String,
-    name: String,
+struct Service {
+    service: String,
+    cluster_ip: Option<String>,
+    ports: Vec<Port>,
 }
 
 #[derive(Debug, Deserialize)]
 struct Port {
-    name: Option<String>,
     port: u16,
-    target_port: Value,
-    app_protocol: Option<String>,
+    target_port: String,
+    protocol: String,
+    subsets: Vec<Subset>,
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Subset {
+    name: String,
+    endpoints: usize,
+    healthy: usize,
 }
 
 #[derive(Debug, Deserialize)]
 struct Endpoint {
-    addr: String,
+    address: String,
     node: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Service {
-    id: Ref,
-    cluster_ip: Option<String>,
-    ports: Vec<Port>,
-    endpoints: Vec<Vec<Endpoint>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Dump {
-    services: Vec<Service>,
+    health: String,
+    ejected_for_ms: Option<u64>,
 }
 
 pub async fn run(socket: &Path, output: Output) -> anyhow::Result<()> {
-    let body = super::client::get_ok(socket, "/config_dump").await?;
-    let dump: Dump =
-        serde_json::from_str(&body).context("the agent's /config_dump answer is not valid")?;
-    if output != Output::Table {
-        let v: Value = serde_json::from_str(&body).context("invalid JSON")?;
-        let services = serde_json::to_string_pretty(&v["services"])? + "\n";
-        super::print_structured(&services, output)?;
+    let body = super::client::get_ok(socket, "/services").await?;
+    if super::print_structured(&body, output)? {
         return Ok(());
     }
-    print!("{}", table(&dump.services));
+    let services: Vec<Service> =
+        serde_json::from_str(&body).context("the agent's /services answer is not valid")?;
+    print!("{}", table(&services));
     Ok(())
 }
 
-/// How the agent proxies the port: the agent's own selection (`proxy::protocol`), so the
-/// CLI and the data path cannot disagree.
-fn protocol(p: &Port) -> String {
-    use crate::config::model::{ServicePort, TargetPort};
-    use crate::proxy::protocol::AppProtocol;
-    let port = ServicePort {
-        name: p.name.clone(),
-        port: p.port,
-        target_port: TargetPort::Number(0),
-        app_protocol: p.app_protocol.clone(),
-    };
-    AppProtocol::of(&port).name().to_string()
+/// `10.244.1.3:9080 (node-1)`, with the ejection when outlier detection holds it out.
+fn endpoint(e: &Endpoint) -> String {
+    let mut notes: Vec<String> = e.node.iter().cloned().collect();
+    if e.health != "healthy" {
+        notes.push(match e.ejected_for_ms {
+            Some(ms) => format!("{} for {}s", e.health.to_uppercase(), ms.div_ceil(1000)),
+            None => e.health.to_uppercase(),
+        });
+    }
+    if notes.is_empty() {
+        e.address.clone()
+    } else {
+        format!("{} ({})", e.address, notes.join(", "))
+    }
 }
 
 fn table(services: &[Service]) -> String {
@@ -79,40 +76,41 @@ fn table(services: &[Service]) -> String {
             "PORT",
             "TARGET",
             "PROTOCOL",
+            "SUBSETS (HEALTHY/READY)",
             "ENDPOINTS",
         ]
         .map(String::from),
     ];
     for s in services {
-        for (i, p) in s.ports.iter().enumerate() {
-            let target = match &p.target_port {
-                Value::Object(o) => o
-                    .values()
-                    .next()
-                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-                    .unwrap_or_default(),
-                other => other.to_string(),
+        let (namespace, name) = s.service.split_once('/').unwrap_or(("", &s.service));
+        for p in &s.ports {
+            let subsets = if p.subsets.is_empty() {
+                "-".to_string()
+            } else {
+                p.subsets
+                    .iter()
+                    .map(|s| format!("{} {}/{}", s.name, s.healthy, s.endpoints))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
-            let eps = s.endpoints.get(i).map(Vec::as_slice).unwrap_or_default();
-            let eps = if eps.is_empty() {
+            let endpoints = if p.endpoints.is_empty() {
                 "none ready".to_string()
             } else {
-                eps.iter()
-                    .map(|e| match &e.node {
-                        Some(n) => format!("{} ({n})", e.addr),
-                        None => e.addr.clone(),
-                    })
+                p.endpoints
+                    .iter()
+                    .map(endpoint)
                     .collect::<Vec<_>>()
                     .join(", ")
             };
             rows.push([
-                s.id.namespace.clone(),
-                s.id.name.clone(),
+                namespace.to_string(),
+                name.to_string(),
                 s.cluster_ip.clone().unwrap_or_else(|| "None".into()),
                 p.port.to_string(),
-                target,
-                protocol(p),
-                eps,
+                p.target_port.clone(),
+                p.protocol.clone(),
+                subsets,
+                endpoints,
             ]);
         }
     }
@@ -124,42 +122,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn golden_table() {
-        let dump: Dump = serde_json::from_value(serde_json::json!({"services": [{
-            "id": {"namespace": "default", "name": "reviews"},
+    fn table_shows_subsets_and_ejected_endpoints() {
+        let services: Vec<Service> = serde_json::from_value(serde_json::json!([{
+            "service": "default/reviews",
             "cluster_ip": "10.96.0.12",
-            "selector": {"app": "reviews"},
+            "destination_rule": "default/reviews",
             "ports": [
-                {"name": "http", "port": 9080, "target_port": {"Number": 9080}, "app_protocol": null},
-                {"name": "metrics", "port": 15090, "target_port": {"Name": "stats"}, "app_protocol": "HTTP"}
-            ],
-            "endpoints": [
-                [{"pod": {"namespace": "default", "name": "reviews-v1"}, "addr": "10.244.1.3:9080", "node": "node-1"},
-                 {"pod": {"namespace": "default", "name": "reviews-v2"}, "addr": "10.244.2.3:9080", "node": "node-2"}],
-                []
+                {"name": "http", "port": 9080, "target_port": "9080", "protocol": "http",
+                 "subsets": [
+                    {"name": "v1", "labels": {"version": "v1"}, "endpoints": 1, "healthy": 0},
+                    {"name": "v2", "labels": {"version": "v2"}, "endpoints": 1, "healthy": 1}],
+                 "endpoints": [
+                    {"address": "10.244.1.3:9080", "pod": "default/reviews-v1", "node": "node-1",
+                     "subsets": ["v1"], "health": "ejected", "ejected_for_ms": 29001, "in_flight": 0},
+                    {"address": "10.244.2.3:9080", "pod": "default/reviews-v2", "node": "node-2",
+                     "subsets": ["v2"], "health": "healthy", "ejected_for_ms": null, "in_flight": 0}]},
+                {"name": "metrics", "port": 15090, "target_port": "stats", "protocol": "tcp",
+                 "subsets": [], "endpoints": []}
             ]
-        }]})).expect("dump");
+        }]))
+        .expect("services");
         assert_eq!(
-            table(&dump.services),
-            "NAMESPACE  NAME     CLUSTER-IP  PORT   TARGET  PROTOCOL  ENDPOINTS\n\
-             default    reviews  10.96.0.12  9080   9080    http      10.244.1.3:9080 (node-1), 10.244.2.3:9080 (node-2)\n\
-             default    reviews  10.96.0.12  15090  stats   http      none ready\n"
+            table(&services),
+            "NAMESPACE  NAME     CLUSTER-IP  PORT   TARGET  PROTOCOL  SUBSETS (HEALTHY/READY)  ENDPOINTS\n\
+             default    reviews  10.96.0.12  9080   9080    http      v1 0/1, v2 1/1           10.244.1.3:9080 (node-1, EJECTED for 30s), 10.244.2.3:9080 (node-2)\n\
+             default    reviews  10.96.0.12  15090  stats   tcp       -                        none ready\n"
         );
-    }
-
-    #[test]
-    fn protocol_selection_order() {
-        let port = |name: Option<&str>, app: Option<&str>| Port {
-            name: name.map(String::from),
-            port: 80,
-            target_port: Value::Null,
-            app_protocol: app.map(String::from),
-        };
-        assert_eq!(protocol(&port(Some("tcp-db"), Some("http"))), "http");
-        assert_eq!(protocol(&port(Some("grpc-api"), None)), "grpc");
-        assert_eq!(protocol(&port(Some("tcp-db"), None)), "tcp");
-        // Undeclared: detected per connection.
-        assert_eq!(protocol(&port(Some("web"), None)), "auto");
-        assert_eq!(protocol(&port(None, None)), "auto");
     }
 }

@@ -41,23 +41,33 @@ fn render(v: &Value) -> String {
     };
     let source = match v["config_source"].as_str() {
         Some("kubernetes") if v["config_synced"] != true => {
-            " (kubernetes, first sync not complete)"
+            " (kubernetes, first sync not complete)".to_string()
         }
-        Some("kubernetes") => " (kubernetes)",
-        _ => "",
+        Some(source) => format!(" ({source})"),
+        None => String::new(),
+    };
+    let certificates = match (v["mtls"].as_bool(), v["certificates_unhealthy"].as_u64()) {
+        (Some(false), _) => "mutual TLS off (no CA configured)".to_string(),
+        (_, Some(0)) => format!("{}, all valid", s("certificates")),
+        (_, Some(n)) => format!(
+            "{}, {n} NOT VALID (pending, failing renewal or expired; see `mesh-agent certs`)",
+            s("certificates")
+        ),
+        _ => "-".to_string(),
     };
     let pending = match v["pending_pods"].as_u64() {
         Some(n) if n > 0 => format!(", {n} pending (network namespace not known yet)"),
         _ => String::new(),
     };
     format!(
-        "agent:        {} on node {}\nready:        {ready}\nconfig:       {config}{source}\n{}workloads:    {} enrolled, {} failing{pending}\nconnections:  {} active\neBPF:         {} redirected, {} recorded, {} map errors; maps: {} enrolled, {} in flight\n",
+        "agent:        {} on node {}\nready:        {ready}\nconfig:       {config}{source}\n{}workloads:    {} enrolled, {} failing{pending}\ncertificates: {certificates}\nconnections:  {} outbound, {} inbound open\neBPF:         {} redirected, {} recorded, {} map errors; maps: {} enrolled, {} in flight\n",
         s("version"),
         s("node"),
         resources(v),
         s("enrolled_pods"),
         s("failed_pods"),
-        s("active_connections"),
+        s("open_outbound"),
+        s("open_inbound"),
         e("redirected"),
         e("recorded"),
         e("map_errors"),
@@ -162,6 +172,29 @@ mod tests {
         assert!(out.contains("agent:        0.1.0 on node node-1"), "{out}");
         assert!(out.contains("generation 3 in force; newest config REJECTED (2 rejected so far):\n  m/app.yaml: document 1: bad\n  second"), "{out}");
         assert!(out.contains("workloads:    4 enrolled, 0 failing"), "{out}");
+    }
+
+    #[test]
+    fn renders_certificate_health() {
+        let status = |mtls: bool, total: u64, unhealthy: u64| {
+            render(&serde_json::json!({
+                "mtls": mtls, "certificates": total, "certificates_unhealthy": unhealthy,
+                "config_source": "manifests", "ebpf": {}
+            }))
+        };
+        let line = |out: String| {
+            out.lines()
+                .find(|l| l.starts_with("certificates:"))
+                .map(str::to_owned)
+                .unwrap_or_else(|| panic!("no certificates line: {out}"))
+        };
+        assert_eq!(line(status(true, 4, 0)), "certificates: 4, all valid");
+        assert!(line(status(true, 4, 1)).starts_with("certificates: 4, 1 NOT VALID"));
+        assert_eq!(
+            line(status(false, 0, 0)),
+            "certificates: mutual TLS off (no CA configured)"
+        );
+        assert!(status(true, 4, 0).contains("(manifests)"));
     }
 
     #[test]

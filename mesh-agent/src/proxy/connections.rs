@@ -146,6 +146,21 @@ impl ConnectionTable {
             .sum()
     }
 
+    /// How many connections are open, (outbound, inbound).
+    pub fn counts(&self) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for s in &self.shards {
+            let shard = s.lock().unwrap_or_else(PoisonError::into_inner);
+            for c in shard.values() {
+                match c.direction {
+                    Direction::Outbound => counts.0 += 1,
+                    Direction::Inbound => counts.1 += 1,
+                }
+            }
+        }
+        counts
+    }
+
     /// The open connections, oldest first.
     pub fn view(&self) -> Vec<ConnView> {
         let now = SystemTime::now();

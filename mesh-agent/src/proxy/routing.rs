@@ -52,6 +52,15 @@ impl EndpointState {
     fn ejected(&self, now: u64) -> bool {
         self.ejected_until.load(Ordering::Relaxed) > now
     }
+
+    /// How much longer outlier detection keeps the endpoint ejected, if it is.
+    pub fn ejected_for(&self) -> Option<std::time::Duration> {
+        let left = self
+            .ejected_until
+            .load(Ordering::Relaxed)
+            .saturating_sub(now_ms());
+        (left > 0).then(|| std::time::Duration::from_millis(left))
+    }
 }
 
 /// State of one backend kept across snapshots.
@@ -650,7 +659,7 @@ impl<'a> Compiler<'a> {
 
     /// The DestinationRule for a host: the oldest whose host matches (exact before
     /// wildcard), visible from the Service's namespace.
-    fn destination_rule(&self, svc: &Service, fqdn: &str) -> Option<&'a Arc<DestinationRule>> {
+    pub fn destination_rule(&self, svc: &Service, fqdn: &str) -> Option<&'a Arc<DestinationRule>> {
         let mut rules: Vec<_> = self
             .snap
             .destination_rules
@@ -732,6 +741,7 @@ impl<'a> Compiler<'a> {
     }
 }
 
+pub mod services_view;
 pub mod view;
 
 #[cfg(test)]
