@@ -78,9 +78,11 @@ pub async fn serve(conn: HttpConn, client: TcpStream) {
         ),
         conn,
     });
+    // Boxed: hyper's HTTP/1 server keeps a heap slot the size of the service's future for
+    // the whole connection, idle or not; a request's future is kilobytes, a box 16 bytes.
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(ctx.request(req).await) }
+        Box::pin(async move { Ok::<_, Infallible>(ctx.request(req).await) })
     });
     let served = server()
         .serve_connection_with_upgrades(TokioIo::new(client), service)
