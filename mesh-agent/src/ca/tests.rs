@@ -277,3 +277,21 @@ fn offline_issue_can_make_expired_certificates() {
     let err = pki::verify_chain(&roots, &pki::provider(), &chain, now).unwrap_err();
     assert!(err.contains("xpired"), "{err}");
 }
+
+#[test]
+fn keys_that_are_not_pkcs8_are_named_as_such() {
+    let state = TempDir::new("ca-gen");
+    Authority::load_or_generate(state.path()).unwrap();
+    let secret = TempDir::new("ca-secret");
+    std::fs::copy(state.path().join(ROOT_CERT), secret.path().join(TLS_CERT)).unwrap();
+    std::fs::write(
+        secret.path().join(TLS_KEY),
+        "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let err = Authority::load_root_dir(secret.path())
+        .unwrap_err()
+        .to_string();
+    let want = format!("{}: not PKCS#8", secret.path().join(TLS_KEY).display());
+    assert!(err.starts_with(&want), "{err}");
+}
