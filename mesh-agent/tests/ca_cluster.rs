@@ -1,13 +1,17 @@
 //! `mesh-agent ca --kubernetes`, the real binary, against the fake API server: pods come from
 //! a list and watch of the cluster's pods, agents are authenticated by TokenReviews the test
-//! answers. Needs no privileges: the CA listens on 127.0.0.1 and is spoken to with curl, as
-//! an agent speaks to it (TLS 1.3, the CA's name, `Authorization: Bearer`, a CSR).
+//! answers, and with `--root-secret` the root comes from (or is generated into) a Secret and
+//! is published to the agents' ConfigMap. Needs no privileges: the CA listens on 127.0.0.1
+//! and is spoken to with curl, as an agent speaks to it (TLS 1.3, the CA's name,
+//! `Authorization: Bearer`, a CSR).
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use mesh_testbed::fake_kube::FakeApiServer;
 use mesh_testbed::fake_kube::auth::{authenticated, unauthenticated};
 use serde_json::{Value, json};
@@ -20,16 +24,33 @@ const POD_KEY: &str = "authentication.kubernetes.io/pod-name";
 const UID_KEY: &str = "authentication.kubernetes.io/pod-uid";
 const AUDIENCE: &str = "nodemesh-ca";
 const WAIT: Duration = Duration::from_secs(20);
+const NS: &str = "nodemesh-system";
+const ROOT_SECRET: &str = "nodemesh-ca-root";
+const ROOT_CONFIGMAP: &str = "nodemesh-ca-root-cert";
 
 /// A CA process with its own directory; both removed on drop.
 struct Ca {
     child: Child,
     dir: PathBuf,
     addr: SocketAddr,
+    /// The root curl trusts: the state directory's, or one the test wrote ([`Ca::trust`]).
+    root: PathBuf,
 }
 
 impl Ca {
+    /// With its root generated into a state directory.
     fn start(server: &FakeApiServer, tag: &str) -> Ca {
+        Ca::spawn(server, tag, &["--state-dir"], true)
+    }
+
+    /// With its root in the Secret nodemesh-system/nodemesh-ca-root (`--root-secret`).
+    fn start_with_secret(server: &FakeApiServer, tag: &str) -> Ca {
+        let secret = format!("--root-secret={NS}/{ROOT_SECRET}");
+        Ca::spawn(server, tag, &[secret.as_str()], false)
+    }
+
+    /// `root_args`, followed by the state directory when `state_dir`.
+    fn spawn(server: &FakeApiServer, tag: &str, root_args: &[&str], state_dir: bool) -> Ca {
         let dir =
             std::env::temp_dir().join(format!("nodemesh-ca-cluster-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -40,15 +61,13 @@ impl Ca {
             .and_then(|l| l.local_addr())
             .expect("port");
         let log = std::fs::File::create(dir.join("ca.log")).expect("log");
-        let child = Command::new(MESH_AGENT)
-            .args([
-                "ca",
-                "--kubernetes",
-                "--listen",
-                &addr.to_string(),
-                "--state-dir",
-            ])
-            .arg(dir.join("state"))
+        let mut cmd = Command::new(MESH_AGENT);
+        cmd.args(["ca", "--kubernetes", "--listen", &addr.to_string()])
+            .args(root_args);
+        if state_dir {
+            cmd.arg(dir.join("state"));
+        }
+        let child = cmd
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -56,7 +75,35 @@ impl Ca {
             .stderr(log)
             .spawn()
             .expect("spawn mesh-agent ca");
-        Ca { child, dir, addr }
+        let root = dir.join("state/root.crt");
+        Ca {
+            child,
+            dir,
+            addr,
+            root,
+        }
+    }
+
+    /// Makes curl trust `pem` (what an agent reads from the ConfigMap).
+    fn trust(&mut self, pem: &str) {
+        self.root = self.dir.join("trusted-root.pem");
+        std::fs::write(&self.root, pem).expect("write the trusted root");
+    }
+
+    /// The exit status, once the process ended (within [`WAIT`]).
+    fn exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the CA did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn log(&self) -> String {
@@ -65,7 +112,7 @@ impl Ca {
 
     /// curl to the CA as an agent does: returns (HTTP status, body).
     fn curl(&self, path: &str, token: Option<&str>, body: Option<&Value>) -> (u16, String) {
-        let root = self.dir.join("state/root.crt");
+        let root = &self.root;
         let url = format!("https://{SERVER_NAME}:{}{path}", self.addr.port());
         let mut cmd = Command::new("curl");
         cmd.args([
@@ -79,7 +126,7 @@ impl Ca {
             "\n%{http_code}",
         ])
         .arg("--cacert")
-        .arg(&root)
+        .arg(root)
         .args([
             "--resolve",
             &format!("{SERVER_NAME}:{}:127.0.0.1", self.addr.port()),
@@ -198,6 +245,40 @@ fn assert_signed(reply: &(u16, String), ns: &str, sa: &str) {
         .iter()
         .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == want));
     assert!(found, "{names:?}");
+}
+
+/// Every request the CA sent is one `ca::API_ACCESS` (and so deploy/'s RBAC) grants.
+fn assert_granted(server: &FakeApiServer) {
+    let secret = format!("/api/v1/namespaces/{NS}/secrets");
+    let configmap = format!("/api/v1/namespaces/{NS}/configmaps");
+    let granted = [
+        (
+            "POST",
+            "/apis/authentication.k8s.io/v1/tokenreviews".to_owned(),
+        ),
+        ("GET", "/api/v1/pods".to_owned()),
+        ("GET", format!("/api/v1/namespaces/{NS}/pods/*")),
+        ("GET", format!("{secret}/{ROOT_SECRET}")),
+        ("POST", secret),
+        ("GET", format!("{configmap}/{ROOT_CONFIGMAP}")),
+        ("PATCH", format!("{configmap}/{ROOT_CONFIGMAP}")),
+        ("POST", configmap),
+    ];
+    for r in server.requests() {
+        let (method, url) = r.split_once(' ').expect("METHOD URL");
+        let path = url.split('?').next().unwrap_or(url);
+        let ok = granted.iter().any(|(m, p)| {
+            *m == method
+                && match p.strip_suffix('*') {
+                    Some(prefix) => path.starts_with(prefix) && !path[prefix.len()..].contains('/'),
+                    None => path == p,
+                }
+        });
+        assert!(
+            ok,
+            "the CA sent {r:?}, which ca::API_ACCESS (and its RBAC) does not cover"
+        );
+    }
 }
 
 fn cluster() -> FakeApiServer {
@@ -371,16 +452,7 @@ fn the_ca_signs_only_for_the_node_its_agents_token_is_bound_to() {
         !audiences.is_empty() && audiences.iter().all(|a| *a == json!([AUDIENCE])),
         "{audiences:?}"
     );
-    for r in server.requests() {
-        let r = r.trim_end_matches('?');
-        let ok = r == "POST /apis/authentication.k8s.io/v1/tokenreviews"
-            || r.starts_with("GET /api/v1/pods?")
-            || r.starts_with("GET /api/v1/namespaces/nodemesh-system/pods/");
-        assert!(
-            ok,
-            "the CA sent {r:?}, which ca::API_ACCESS (and its RBAC) does not cover"
-        );
-    }
+    assert_granted(&server);
     assert!(
         server
             .requests()
@@ -424,4 +496,301 @@ fn local_mode_flags_and_cluster_mode_flags_do_not_mix() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot be used with"), "{err}");
     assert!(Path::new(MESH_AGENT).exists());
+}
+
+/// A self-signed root CA as cert-manager or openssl make one: (certificate PEM, PKCS#8 key PEM).
+fn make_root(cn: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, cn);
+    params.distinguished_name = dn;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cert = params.self_signed(&key).expect("root");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The Secret nodemesh-system/nodemesh-ca-root of this type and data.
+fn root_secret(type_: &str, data: &[(&str, &str)]) -> Value {
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), BASE64.encode(v).into()))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "type": type_,
+           "metadata": {"name": ROOT_SECRET, "namespace": NS}, "data": data})
+}
+
+fn get_secret(server: &FakeApiServer) -> Option<Value> {
+    server.get("v1", "Secret", NS, ROOT_SECRET)
+}
+
+fn get_configmap(server: &FakeApiServer) -> Option<Value> {
+    server.get("v1", "ConfigMap", NS, ROOT_CONFIGMAP)
+}
+
+/// A key of the root Secret's data, decoded.
+fn secret_data(secret: &Value, key: &str) -> Vec<u8> {
+    let b64 = secret["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {key} in {secret}"));
+    BASE64.decode(b64).expect("base64")
+}
+
+/// What the agents would read: the ConfigMap's root-cert.pem.
+fn published_root(server: &FakeApiServer) -> Option<String> {
+    get_configmap(server)?["data"]["root-cert.pem"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Every certificate of a PEM text, DER.
+fn ders(pem: &[u8]) -> Vec<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.expect("PEM certificate").to_vec())
+        .collect()
+}
+
+/// A signed reply whose leaf the root in `root_pem` signed.
+fn assert_signed_by(reply: &(u16, String), ns: &str, sa: &str, root_pem: &[u8]) {
+    assert_signed(reply, ns, sa);
+    let body: Value = serde_json::from_str(&reply.1).expect("JSON");
+    let chain: String = body["chain"]
+        .as_array()
+        .expect("a chain")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let chain = ders(chain.as_bytes());
+    let roots = ders(root_pem);
+    let (_, root) = x509_parser::parse_x509_certificate(&roots[0]).expect("root");
+    let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).expect("leaf");
+    assert_eq!(chain.len(), 1, "a root signs the leaves directly");
+    assert_eq!(leaf.issuer(), root.subject());
+    leaf.verify_signature(Some(root.public_key()))
+        .expect("the leaf is signed by the Secret's root");
+}
+
+/// The CA's writes (creates and patches) of the root objects, as `METHOD path`.
+fn writes(requests: &[String]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.starts_with("POST /api/") || r.starts_with("PATCH "))
+        .map(|r| r.split('?').next().unwrap_or(r).to_owned())
+        .collect()
+}
+
+#[test]
+fn without_a_root_secret_the_ca_creates_it_and_the_agents_config_map_and_reuses_them() {
+    let server = cluster();
+    let mut ca = Ca::start_with_secret(&server, "root-new");
+    wait_until("the root ConfigMap", || published_root(&server).is_some());
+    let secret = get_secret(&server).expect("the Secret created");
+    assert_eq!(secret["type"], "kubernetes.io/tls", "{secret}");
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/part-of"],
+        "nodemesh"
+    );
+    let crt = secret_data(&secret, "tls.crt");
+    let key = String::from_utf8(secret_data(&secret, "tls.key")).expect("PEM");
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
+    let cert = ders(&crt);
+    let (_, root) = x509_parser::parse_x509_certificate(&cert[0]).expect("root");
+    assert!(root.is_ca());
+    assert!(root.subject().to_string().contains("nodemesh root CA"));
+    // The agents' ConfigMap: the certificate, never the key.
+    let published = published_root(&server).expect("published");
+    assert_eq!(ders(published.as_bytes()), cert);
+    assert!(!published.contains("PRIVATE KEY"));
+    let cm = get_configmap(&server).expect("ConfigMap");
+    assert_eq!(
+        cm["metadata"]["labels"]["app.kubernetes.io/part-of"],
+        "nodemesh"
+    );
+
+    // The CA serves with that root (curl trusts the ConfigMap's) and signs under it.
+    ca.trust(&published);
+    wait_until("the CA to be ready", || ca.ready() == 200);
+    let node1 = agent_token(&server, "node1", "node-1");
+    assert_signed_by(&ca.sign(&node1, "shop", "web"), "shop", "web", &crt);
+    assert_eq!(
+        writes(&server.requests()),
+        [
+            format!("POST /api/v1/namespaces/{NS}/secrets"),
+            format!("POST /api/v1/namespaces/{NS}/configmaps"),
+        ]
+    );
+    assert_granted(&server);
+    assert!(ca.log().contains("generated a new mesh root CA"));
+    drop(ca);
+
+    // Started again: the same root, read from the Secret; nothing is written.
+    let seen = server.requests().len();
+    let mut again = Ca::start_with_secret(&server, "root-again");
+    again.trust(&published);
+    wait_until("the restarted CA to be ready", || again.ready() == 200);
+    assert_signed_by(&again.sign(&node1, "shop", "web"), "shop", "web", &crt);
+    let after = get_secret(&server).expect("the Secret");
+    assert_eq!(secret_data(&after, "tls.crt"), crt, "the same root");
+    assert_eq!(
+        after["metadata"]["resourceVersion"],
+        secret["metadata"]["resourceVersion"]
+    );
+    assert_eq!(
+        get_configmap(&server).expect("ConfigMap")["metadata"]["resourceVersion"],
+        cm["metadata"]["resourceVersion"],
+        "an equal ConfigMap is left alone"
+    );
+    let requests = server.requests();
+    assert!(
+        writes(&requests[seen..]).is_empty(),
+        "{:?}",
+        &requests[seen..]
+    );
+    assert!(again.log().contains("mesh root read from the Secret"));
+    assert_granted(&server);
+}
+
+#[test]
+fn a_root_secret_created_concurrently_by_another_replica_is_the_one_used() {
+    let server = cluster();
+    let (crt, key) = make_root("the other replica's root");
+    // Absent when the CA reads it; there by the time it creates it (409 AlreadyExists).
+    let theirs = root_secret("kubernetes.io/tls", &[("tls.crt", &crt), ("tls.key", &key)]);
+    server.race_create(theirs).expect("race");
+    let mut ca = Ca::start_with_secret(&server, "root-race");
+    wait_until("the root ConfigMap", || published_root(&server).is_some());
+    let published = published_root(&server).expect("published");
+    assert_eq!(ders(published.as_bytes()), ders(crt.as_bytes()));
+    // Theirs, untouched.
+    let secret = get_secret(&server).expect("the Secret");
+    assert_eq!(secret_data(&secret, "tls.crt"), crt.as_bytes());
+    assert_eq!(secret_data(&secret, "tls.key"), key.as_bytes());
+    let secret_requests: Vec<String> = server
+        .requests()
+        .iter()
+        .filter(|r| r.contains("/secrets"))
+        .map(|r| r.split('?').next().unwrap_or(r).to_owned())
+        .collect();
+    let path = format!("/api/v1/namespaces/{NS}/secrets");
+    assert_eq!(
+        secret_requests,
+        [
+            format!("GET {path}/{ROOT_SECRET}"),
+            format!("POST {path}"),
+            format!("GET {path}/{ROOT_SECRET}"),
+        ]
+    );
+    ca.trust(&published);
+    wait_until("the CA to be ready", || ca.ready() == 200);
+    let node1 = agent_token(&server, "node1", "node-1");
+    assert_signed_by(
+        &ca.sign(&node1, "shop", "web"),
+        "shop",
+        "web",
+        crt.as_bytes(),
+    );
+    assert!(ca.log().contains("created concurrently"), "{}", ca.log());
+    assert_granted(&server);
+}
+
+#[test]
+fn a_root_secret_the_ca_cannot_use_stops_it_and_nothing_is_written() {
+    let (crt, key) = make_root("root");
+    let (_, other_key) = make_root("other");
+    let sec1 = "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIBVd\n-----END EC PRIVATE KEY-----\n";
+    let tls = "kubernetes.io/tls";
+    let cases = [
+        (
+            "opaque",
+            root_secret("Opaque", &[("tls.crt", &crt), ("tls.key", &key)]),
+            "secret nodemesh-system/nodemesh-ca-root: type \"Opaque\", not kubernetes.io/tls",
+        ),
+        (
+            "sec1",
+            root_secret(tls, &[("tls.crt", &crt), ("tls.key", sec1)]),
+            "secret nodemesh-system/nodemesh-ca-root: tls.key: not PKCS#8",
+        ),
+        (
+            "other-key",
+            root_secret(tls, &[("tls.crt", &crt), ("tls.key", &other_key)]),
+            "secret nodemesh-system/nodemesh-ca-root: tls.key: the key does not match the \
+             certificate in secret nodemesh-system/nodemesh-ca-root: tls.crt",
+        ),
+        (
+            "empty-key",
+            root_secret(tls, &[("tls.crt", &crt), ("tls.key", "")]),
+            "secret nodemesh-system/nodemesh-ca-root: tls.key: missing",
+        ),
+        (
+            "bad-cert",
+            root_secret(tls, &[("tls.crt", "not a certificate"), ("tls.key", &key)]),
+            "secret nodemesh-system/nodemesh-ca-root: tls.crt: no PEM CERTIFICATE",
+        ),
+    ];
+    for (tag, secret, want) in cases {
+        let server = cluster();
+        let rv = server.apply(secret).expect("apply");
+        let mut ca = Ca::start_with_secret(&server, &format!("root-bad-{tag}"));
+        let status = ca.exit();
+        let log = ca.log();
+        assert!(!status.success(), "{tag}: {status}\n{log}");
+        assert!(log.contains(want), "{tag}: expected {want:?} in:\n{log}");
+        let requests = server.requests();
+        assert!(writes(&requests).is_empty(), "{tag}: {requests:?}");
+        assert!(get_configmap(&server).is_none(), "{tag}");
+        let kept = get_secret(&server).expect("the Secret");
+        assert_eq!(
+            kept["metadata"]["resourceVersion"],
+            rv.to_string(),
+            "{tag}: the Secret was changed"
+        );
+    }
+}
+
+#[test]
+fn a_config_map_with_a_stale_root_is_patched_to_the_secrets() {
+    let server = cluster();
+    let (crt, key) = make_root("current root");
+    let (stale, _) = make_root("stale root");
+    server
+        .apply(root_secret(
+            "kubernetes.io/tls",
+            &[("tls.crt", &crt), ("tls.key", &key)],
+        ))
+        .expect("apply");
+    server
+        .apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": ROOT_CONFIGMAP, "namespace": NS},
+            "data": {"root-cert.pem": stale, "note": "kept"}}))
+        .expect("apply");
+    let mut ca = Ca::start_with_secret(&server, "root-stale");
+    wait_until("the ConfigMap to hold the Secret's root", || {
+        published_root(&server).is_some_and(|p| ders(p.as_bytes()) == ders(crt.as_bytes()))
+    });
+    let cm = get_configmap(&server).expect("ConfigMap");
+    assert_eq!(
+        cm["data"]["note"], "kept",
+        "other keys are left as they are"
+    );
+    assert_eq!(
+        writes(&server.requests()),
+        [format!(
+            "PATCH /api/v1/namespaces/{NS}/configmaps/{ROOT_CONFIGMAP}"
+        )]
+    );
+    ca.trust(&crt);
+    wait_until("the CA to be ready", || ca.ready() == 200);
+    let node1 = agent_token(&server, "node1", "node-1");
+    assert_signed_by(
+        &ca.sign(&node1, "shop", "web"),
+        "shop",
+        "web",
+        crt.as_bytes(),
+    );
+    assert_granted(&server);
 }

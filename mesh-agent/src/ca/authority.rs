@@ -1,6 +1,7 @@
-//! The signing key and its certificates: loaded from a Kubernetes TLS Secret's layout or
-//! generated once into a state directory; issues workload leaves and the CA's own serving
-//! certificate.
+//! The signing key and its certificates: loaded from a Kubernetes TLS Secret's layout (files
+//! of a mounted Secret, or the Secret's data read through the API, both through
+//! [`Authority::from_pem`]) or generated once into a state directory; issues workload leaves
+//! and the CA's own serving certificate.
 
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -42,8 +43,9 @@ pub enum AuthorityError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    /// `what`: a file's path, or `secret NS/NAME: tls.key`.
+    #[error("{what}: {reason}")]
+    Invalid { what: String, reason: String },
     #[error("state directory {dir} has {present} but not {missing}; restore it or remove both")]
     HalfState {
         dir: PathBuf,
@@ -86,30 +88,62 @@ fn read(path: &Path) -> Result<Vec<u8>, AuthorityError> {
     })
 }
 
-fn invalid(path: &Path, reason: impl Into<String>) -> AuthorityError {
+/// One PEM part of a root (certificates or key), named for errors: a file's path, or a
+/// Secret's key (`secret nodemesh-system/nodemesh-ca-root: tls.key`).
+#[derive(Clone, Copy, Debug)]
+pub struct Pem<'a> {
+    pub what: &'a str,
+    pub bytes: &'a [u8],
+}
+
+fn invalid(part: &Pem<'_>, reason: impl Into<String>) -> AuthorityError {
     AuthorityError::Invalid {
-        path: path.to_path_buf(),
+        what: part.what.to_owned(),
         reason: reason.into(),
     }
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
-    let certs = pki::certs_from_pem(&read(path)?).map_err(|r| invalid(path, r))?;
+fn certs(part: &Pem<'_>) -> Result<Vec<CertificateDer<'static>>, AuthorityError> {
+    let certs = pki::certs_from_pem(part.bytes).map_err(|r| invalid(part, r))?;
     if certs.is_empty() {
-        return Err(invalid(path, "no PEM CERTIFICATE in it"));
+        return Err(invalid(part, "no PEM CERTIFICATE in it"));
     }
     Ok(certs)
 }
 
-fn key(path: &Path) -> Result<KeyPair, AuthorityError> {
-    let bytes = read(path)?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid(path, "not a PEM file"))?;
-    KeyPair::from_pem(&text).map_err(|e| {
+/// PEM labels of private keys that are not PKCS#8, with the format's name.
+const NOT_PKCS8: &[(&str, &str)] = &[
+    ("-----BEGIN EC PRIVATE KEY-----", "SEC1 \"EC PRIVATE KEY\""),
+    (
+        "-----BEGIN RSA PRIVATE KEY-----",
+        "PKCS#1 \"RSA PRIVATE KEY\"",
+    ),
+    ("-----BEGIN ENCRYPTED PRIVATE KEY-----", "encrypted PKCS#8"),
+];
+
+fn key(part: &Pem<'_>) -> Result<KeyPair, AuthorityError> {
+    let text = std::str::from_utf8(part.bytes).map_err(|_| invalid(part, "not a PEM file"))?;
+    if let Some((_, format)) = NOT_PKCS8.iter().find(|(label, _)| text.contains(label)) {
+        return Err(invalid(
+            part,
+            format!(
+                "not PKCS#8 (a {format} key); convert it with `openssl pkcs8 -topk8 -nocrypt` \
+                 (cert-manager: privateKey.encoding: PKCS8)"
+            ),
+        ));
+    }
+    KeyPair::from_pem(text).map_err(|e| {
         invalid(
-            path,
+            part,
             format!("unusable private key ({e}); PKCS#8 ECDSA P-256/P-384 or Ed25519 expected (cert-manager: privateKey.encoding: PKCS8)"),
         )
     })
+}
+
+/// A newly generated root: certificate and PKCS#8 key, PEM.
+pub struct GeneratedRoot {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 /// Writes a file atomically (temporary file + rename) with `mode`.
@@ -139,9 +173,28 @@ impl Authority {
     /// (PKCS#8), optional `ca.crt` (the trust bundle; without it, `tls.crt` must end with a
     /// self-signed root).
     pub fn load_root_dir(dir: &Path) -> Result<Authority, AuthorityError> {
-        let ca = dir.join(TLS_CA);
-        let roots = if ca.exists() { Some(certs(&ca)?) } else { None };
-        Self::from_files(&dir.join(TLS_CERT), &dir.join(TLS_KEY), roots)
+        let (crt, key, ca) = (dir.join(TLS_CERT), dir.join(TLS_KEY), dir.join(TLS_CA));
+        let ca_bytes = if ca.exists() { Some(read(&ca)?) } else { None };
+        let (crt_bytes, key_bytes) = (read(&crt)?, read(&key)?);
+        let (crt_name, key_name, ca_name) = (
+            crt.display().to_string(),
+            key.display().to_string(),
+            ca.display().to_string(),
+        );
+        Self::from_pem(
+            Pem {
+                what: &crt_name,
+                bytes: &crt_bytes,
+            },
+            Pem {
+                what: &key_name,
+                bytes: &key_bytes,
+            },
+            ca_bytes.as_deref().map(|bytes| Pem {
+                what: &ca_name,
+                bytes,
+            }),
+        )
     }
 
     /// State-dir mode: loads `root.crt` / `root.key`, generating them first (ECDSA P-256,
@@ -150,7 +203,7 @@ impl Authority {
         let (crt, key) = (dir.join(ROOT_CERT), dir.join(ROOT_KEY));
         match (crt.exists(), key.exists()) {
             (true, true) => {}
-            (false, false) => Self::generate_root(dir)?,
+            (false, false) => Self::generate_root_into(dir)?,
             (true, false) => {
                 return Err(AuthorityError::HalfState {
                     dir: dir.to_path_buf(),
@@ -166,14 +219,23 @@ impl Authority {
                 });
             }
         }
-        Self::from_files(&crt, &key, None)
+        let (crt_bytes, key_bytes) = (read(&crt)?, read(&key)?);
+        let (crt_name, key_name) = (crt.display().to_string(), key.display().to_string());
+        Self::from_pem(
+            Pem {
+                what: &crt_name,
+                bytes: &crt_bytes,
+            },
+            Pem {
+                what: &key_name,
+                bytes: &key_bytes,
+            },
+            None,
+        )
     }
 
-    fn generate_root(dir: &Path) -> Result<(), AuthorityError> {
-        std::fs::create_dir_all(dir).map_err(|source| AuthorityError::Write {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    /// A new root CA: ECDSA P-256, 10 years, CA:true, "nodemesh root CA", random serial.
+    pub fn generate_root() -> Result<GeneratedRoot, AuthorityError> {
         let gen_err = |source| AuthorityError::Generate { source };
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(gen_err)?;
         let mut params = CertificateParams::default();
@@ -192,35 +254,51 @@ impl Authority {
         params.not_after = pki::to_offset(now + ROOT_LIFETIME);
         params.serial_number = Some(pki::random_serial().map_err(|_| AuthorityError::Random)?);
         let cert = params.self_signed(&key).map_err(gen_err)?;
+        Ok(GeneratedRoot {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    fn generate_root_into(dir: &Path) -> Result<(), AuthorityError> {
+        std::fs::create_dir_all(dir).map_err(|source| AuthorityError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let root = Self::generate_root()?;
         // Key first: a crash in between leaves a key without a certificate, reported clearly.
-        write_file(&dir.join(ROOT_KEY), key.serialize_pem().as_bytes(), 0o600)?;
-        write_file(&dir.join(ROOT_CERT), cert.pem().as_bytes(), 0o644)?;
+        write_file(&dir.join(ROOT_KEY), root.key_pem.as_bytes(), 0o600)?;
+        write_file(&dir.join(ROOT_CERT), root.cert_pem.as_bytes(), 0o644)?;
         tracing::info!(dir = %dir.display(), "generated a new mesh root CA");
         Ok(())
     }
 
-    fn from_files(
-        cert_path: &Path,
-        key_path: &Path,
-        roots: Option<Vec<CertificateDer<'static>>>,
+    /// A root in a Kubernetes TLS Secret's layout, whether files or the Secret's data:
+    /// `cert` (`tls.crt`: the signing CA certificate first, then its chain), `key` (`tls.key`,
+    /// PKCS#8), optional `ca` (`ca.crt`, the trust bundle; empty counts as absent, as
+    /// cert-manager writes it when the issuer does not know the CA). Without it the chain must
+    /// end with a self-signed root. Errors name the part at fault.
+    pub fn from_pem(
+        cert: Pem<'_>,
+        key: Pem<'_>,
+        ca: Option<Pem<'_>>,
     ) -> Result<Authority, AuthorityError> {
-        let chain = certs(cert_path)?;
-        let key = key(key_path)?;
+        let ca = ca.filter(|c| !c.bytes.iter().all(u8::is_ascii_whitespace));
+        let roots = ca.as_ref().map(certs).transpose()?;
+        let chain = certs(&cert)?;
+        let key_pair = self::key(&key)?;
         let (_, signer) = x509_parser::parse_x509_certificate(&chain[0])
-            .map_err(|e| invalid(cert_path, format!("cannot parse the certificate: {e}")))?;
+            .map_err(|e| invalid(&cert, format!("cannot parse the certificate: {e}")))?;
         if !signer.is_ca() {
             return Err(invalid(
-                cert_path,
+                &cert,
                 "the first certificate is not a CA (CA:true)",
             ));
         }
-        if signer.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        if signer.public_key().subject_public_key.data.as_ref() != key_pair.public_key_raw() {
             return Err(invalid(
-                key_path,
-                format!(
-                    "the key does not match the certificate in {}",
-                    cert_path.display()
-                ),
+                &key,
+                format!("the key does not match the certificate in {}", cert.what),
             ));
         }
         let roots = match roots {
@@ -228,10 +306,10 @@ impl Authority {
             None => {
                 let last = chain.last().cloned().unwrap_or_else(|| chain[0].clone());
                 let (_, parsed) = x509_parser::parse_x509_certificate(&last)
-                    .map_err(|e| invalid(cert_path, format!("cannot parse: {e}")))?;
+                    .map_err(|e| invalid(&cert, format!("cannot parse: {e}")))?;
                 if !self_signed(&parsed) {
                     return Err(invalid(
-                        cert_path,
+                        &cert,
                         "no ca.crt and the chain does not end with a self-signed root",
                     ));
                 }
@@ -244,8 +322,8 @@ impl Authority {
             .cloned()
             .collect();
         let (_, signer_not_after) = pki::validity(&signer);
-        let issuer = Issuer::from_ca_cert_der(&chain[0], key)
-            .map_err(|e| invalid(cert_path, format!("cannot use as issuer: {e}")))?;
+        let issuer = Issuer::from_ca_cert_der(&chain[0], key_pair)
+            .map_err(|e| invalid(&cert, format!("cannot use as issuer: {e}")))?;
         Ok(Authority {
             issuer,
             signer_not_after,

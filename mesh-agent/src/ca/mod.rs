@@ -3,12 +3,15 @@
 //! Agents send a CSR for each service account with pods on their node; the CA signs it when
 //! the caller's credential maps to a node that has such a pod (see [`policy`]). The root
 //! comes from a Kubernetes TLS Secret's files (`--root-dir`, bring your own, e.g. from
-//! cert-manager) or is generated once into `--state-dir`.
+//! cert-manager), from a TLS Secret read through the API server and generated into it when
+//! absent (`--root-secret`, cluster mode, see [`root_secret`]), or is generated once into
+//! `--state-dir`.
 
 pub mod auth;
 pub mod authority;
 pub mod cluster;
 pub mod policy;
+pub mod root_secret;
 pub mod server;
 #[cfg(test)]
 pub mod testing;
@@ -24,7 +27,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use tracing::info;
 
 use k8s_openapi::api::authentication::v1::TokenReview;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 
 use crate::config::kube::{ApiAccess, WATCH};
 use crate::config::model::ROOT_NAMESPACE;
@@ -32,6 +35,7 @@ use crate::identity::{Identity, pki};
 use auth::NodeAuthenticator;
 use authority::{Authority, write_file};
 use policy::Pods;
+use root_secret::{DEFAULT_ROOT_CONFIGMAP, DEFAULT_ROOT_SECRET, SecretRef};
 use token_review::{DEFAULT_AGENT_ACCOUNT, DEFAULT_AUDIENCE, ServiceAccountUser};
 
 /// `mesh-agent ca --help`.
@@ -46,15 +50,21 @@ authenticates each agent by a TokenReview of its projected service-account token
 --audience, service account --agent-service-account); the node is the one the token is bound \
 to. API errors refuse the request (503), never sign.\n\n\
 The root is either a Kubernetes TLS Secret's files (--root-dir: tls.crt, tls.key as PKCS#8, \
-optional ca.crt; cert-manager compatible) or generated once into --state-dir (root.crt, \
-root.key mode 0600) and reused.\n\n\
+optional ca.crt; cert-manager compatible), or that Secret read through the API server \
+(--root-secret NAMESPACE/NAME, cluster mode; when it does not exist the CA generates a root \
+and creates it, and a Secret it cannot use is an error, never overwritten), or generated once \
+into --state-dir (root.crt, root.key mode 0600) and reused. With --root-secret the CA also \
+publishes the root certificate for the agents in the ConfigMap --root-configmap (same \
+namespace, key root-cert.pem) before it serves.\n\n\
 `ca issue` signs a certificate offline with the root on disk (tests, break-glass); `ca root` \
 prints the root, generating it if the state directory is empty.";
 
 /// What the CA asks of the Kubernetes API in cluster mode (`--kubernetes`): TokenReviews of
-/// agents' tokens, every running pod (list + watch, for the signing policy), and, for tokens
-/// that name only their pod (clusters before 1.30), `get` of the agent's pod in its own
-/// namespace. deploy/'s RBAC for the CA's service account is checked against this list (no
+/// agents' tokens, every running pod (list + watch, for the signing policy), for tokens
+/// that name only their pod (clusters before 1.30) `get` of the agent's pod in its own
+/// namespace, and with `--root-secret` (deploy/'s names) `get` of the root Secret and `get`,
+/// `patch` of the agents' root ConfigMap, and `create` of both (RBAC cannot narrow a create
+/// to a name: the request names no existing object). deploy/'s RBAC for the CA's service account is checked against this list (no
 /// more, no less; `deploy_tests::rbac`), and this list against the requests the real binary
 /// sends to the fake API server (mesh-agent/tests/ca_cluster.rs).
 #[cfg_attr(
@@ -69,19 +79,50 @@ pub const API_ACCESS: &[ApiAccess] = &[
         group: <TokenReview as k8s_openapi::Resource>::GROUP,
         resource: <TokenReview as k8s_openapi::Resource>::URL_PATH_SEGMENT,
         namespace: None,
+        names: &[],
         verbs: &["create"],
     },
     ApiAccess {
         group: <Pod as k8s_openapi::Resource>::GROUP,
         resource: <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT,
         namespace: None,
+        names: &[],
         verbs: WATCH,
     },
     ApiAccess {
         group: <Pod as k8s_openapi::Resource>::GROUP,
         resource: <Pod as k8s_openapi::Resource>::URL_PATH_SEGMENT,
         namespace: Some(ROOT_NAMESPACE),
+        names: &[],
         verbs: &["get"],
+    },
+    ApiAccess {
+        group: <Secret as k8s_openapi::Resource>::GROUP,
+        resource: <Secret as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        namespace: Some(ROOT_NAMESPACE),
+        names: &[DEFAULT_ROOT_SECRET],
+        verbs: &["get"],
+    },
+    ApiAccess {
+        group: <Secret as k8s_openapi::Resource>::GROUP,
+        resource: <Secret as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        namespace: Some(ROOT_NAMESPACE),
+        names: &[],
+        verbs: &["create"],
+    },
+    ApiAccess {
+        group: <ConfigMap as k8s_openapi::Resource>::GROUP,
+        resource: <ConfigMap as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        namespace: Some(ROOT_NAMESPACE),
+        names: &[DEFAULT_ROOT_CONFIGMAP],
+        verbs: &["get", "patch"],
+    },
+    ApiAccess {
+        group: <ConfigMap as k8s_openapi::Resource>::GROUP,
+        resource: <ConfigMap as k8s_openapi::Resource>::URL_PATH_SEGMENT,
+        namespace: Some(ROOT_NAMESPACE),
+        names: &[],
+        verbs: &["create"],
     },
 ];
 
@@ -104,7 +145,11 @@ pub struct CaArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(ArgGroup::new("root").required(true).args(["root_dir", "state_dir"])))]
+#[command(group(
+    ArgGroup::new("root")
+        .required(true)
+        .args(["root_dir", "state_dir", "root_secret"])
+))]
 pub struct ServeArgs {
     /// Address to serve the signing API on.
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_LISTEN)]
@@ -147,6 +192,29 @@ pub struct ServeArgs {
     /// reused: root.crt, root.key (mode 0600).
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Cluster mode: the root from this kubernetes.io/tls Secret, read through the API server
+    /// (tls.crt, tls.key as PKCS#8, optional ca.crt: cert-manager's layout). When it does not
+    /// exist a root (ECDSA P-256, 10 years) is generated and the Secret created; one that
+    /// exists but cannot be used is an error, never overwritten.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        // Local mode's flags, which a run without --kubernetes needs.
+        conflicts_with_all = ["manifests", "node_credentials"],
+        value_parser = SecretRef::parse
+    )]
+    pub root_secret: Option<SecretRef>,
+
+    /// With --root-secret: the ConfigMap, in the Secret's namespace, where the CA publishes
+    /// the root certificate(s) for the agents (key root-cert.pem; created or updated at start).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = DEFAULT_ROOT_CONFIGMAP,
+        conflicts_with_all = ["root_dir", "state_dir"]
+    )]
+    pub root_configmap: String,
 
     /// Local mode: YAML map of node name to bearer token (`node-1: s3cret`), one per agent.
     #[arg(long, value_name = "FILE", required_unless_present = "kubernetes")]
@@ -291,8 +359,7 @@ fn local_sources(manifests: &Path, creds: &Path) -> anyhow::Result<Sources> {
 }
 
 /// Cluster mode: pods from the API server, agents by TokenReview.
-async fn cluster_sources(a: &ServeArgs) -> anyhow::Result<Sources> {
-    let client = crate::config::kube::client().await?;
+fn cluster_sources(a: &ServeArgs, client: kube::Client) -> Sources {
     let pods = cluster::ClusterPods::spawn(client.clone());
     let expect = token_review::Expect {
         audience: a.audience.clone(),
@@ -300,37 +367,61 @@ async fn cluster_sources(a: &ServeArgs) -> anyhow::Result<Sources> {
     };
     info!(audience = %expect.audience, agent = %expect.agent.username(),
         "cluster mode: pods from the API server, agents by TokenReview");
-    Ok(Sources {
+    Sources {
         auth: Arc::new(token_review::TokenReviewAuth::new(client, expect)),
         pods: Pods::Cluster(pods),
         _status: None,
-    })
+    }
+}
+
+/// The root: from `--root-secret` through the API server (and published to the agents'
+/// ConfigMap), else from `--root-dir` or `--state-dir`.
+async fn root_authority(a: &ServeArgs, client: Option<&kube::Client>) -> anyhow::Result<Authority> {
+    let (Some(secret), Some(client)) = (&a.root_secret, client) else {
+        return load_authority(a.root_dir.as_deref(), a.state_dir.as_deref());
+    };
+    let (authority, origin) = root_secret::load_or_create(client, secret).await?;
+    let published = root_secret::publish_root(
+        client,
+        &secret.namespace,
+        &a.root_configmap,
+        &authority.roots_pem(),
+    )
+    .await?;
+    info!(secret = %secret, ?origin, configmap = %a.root_configmap, ?published,
+        "mesh root ready, its certificate published for the agents");
+    Ok(authority)
 }
 
 fn serve(a: ServeArgs) -> anyhow::Result<()> {
     let _logging = crate::app::init_logging(&a.log_level);
-    let authority = Arc::new(load_authority(
-        a.root_dir.as_deref(),
-        a.state_dir.as_deref(),
-    )?);
     if !crate::identity::valid_trust_domain(&a.trust_domain) {
         bail!("invalid --trust-domain {:?}", a.trust_domain);
     }
-    let tls = server::tls_config(&authority, &a.server_name)?;
+    if a.root_secret.is_some() && !a.kubernetes {
+        bail!("--root-secret reads the Secret through the API server: give --kubernetes");
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
+        let client = if a.kubernetes {
+            Some(crate::config::kube::client().await?)
+        } else {
+            None
+        };
+        let authority = Arc::new(root_authority(&a, client.as_ref()).await?);
+        let tls = server::tls_config(&authority, &a.server_name)?;
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
             .map_err(|source| server::ServeError::Listen {
                 addr: a.listen,
                 source,
             })?;
-        let sources = match (&a.manifests, &a.node_credentials) {
-            _ if a.kubernetes => cluster_sources(&a).await?,
-            (Some(manifests), Some(creds)) => local_sources(manifests, creds)?,
+        let sources = match (&a.manifests, &a.node_credentials, client) {
+            (_, _, Some(client)) => cluster_sources(&a, client),
+            (Some(manifests), Some(creds), None) => local_sources(manifests, creds)?,
             _ => bail!("give --kubernetes, or --manifests and --node-credentials"),
         };
         let authority_roots = authority.roots().len();

@@ -277,3 +277,76 @@ fn offline_issue_can_make_expired_certificates() {
     let err = pki::verify_chain(&roots, &pki::provider(), &chain, now).unwrap_err();
     assert!(err.contains("xpired"), "{err}");
 }
+
+/// `mesh-agent ca ARGS` as the CLI parses it: the serve arguments, or clap's error.
+fn parse_serve(args: &[&str]) -> Result<super::ServeArgs, String> {
+    use clap::Parser as _;
+    let argv = ["mesh-agent", "ca"].iter().chain(args);
+    match crate::Cli::try_parse_from(argv) {
+        Ok(crate::Cli {
+            command: crate::Command::Ca(ca),
+            ..
+        }) => Ok(ca.serve),
+        Ok(_) => Err("not ca".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[test]
+fn root_secret_is_a_cluster_mode_root_source_of_its_own() {
+    let a = parse_serve(&[
+        "--kubernetes",
+        "--root-secret",
+        "nodemesh-system/nodemesh-ca-root",
+    ])
+    .unwrap();
+    let secret = a.root_secret.unwrap();
+    assert_eq!(
+        (secret.namespace.as_str(), secret.name.as_str()),
+        ("nodemesh-system", "nodemesh-ca-root")
+    );
+    assert_eq!(a.root_configmap, "nodemesh-ca-root-cert");
+    let a = parse_serve(&[
+        "--kubernetes",
+        "--root-secret=ns/s",
+        "--root-configmap=my-roots",
+    ])
+    .unwrap();
+    assert_eq!(a.root_configmap, "my-roots");
+
+    let e = parse_serve(&["--kubernetes", "--root-secret=ns/s", "--state-dir=/tmp/x"]).unwrap_err();
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = parse_serve(&["--kubernetes", "--root-secret=ns/s", "--root-dir=/tmp/x"]).unwrap_err();
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = parse_serve(&[
+        "--manifests=/m",
+        "--node-credentials=/c",
+        "--root-secret=ns/s",
+    ])
+    .unwrap_err();
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = parse_serve(&["--kubernetes", "--root-secret=nodemesh-ca-root"]).unwrap_err();
+    assert!(e.contains("not NAMESPACE/NAME"), "{e}");
+    // The ConfigMap is the Secret's companion; its default asks for nothing.
+    let e = parse_serve(&["--kubernetes", "--state-dir=/s", "--root-configmap=x"]).unwrap_err();
+    assert!(e.contains("cannot be used with"), "{e}");
+    assert!(parse_serve(&["--kubernetes", "--state-dir=/s"]).is_ok());
+}
+
+#[test]
+fn keys_that_are_not_pkcs8_are_named_as_such() {
+    let state = TempDir::new("ca-gen");
+    Authority::load_or_generate(state.path()).unwrap();
+    let secret = TempDir::new("ca-secret");
+    std::fs::copy(state.path().join(ROOT_CERT), secret.path().join(TLS_CERT)).unwrap();
+    std::fs::write(
+        secret.path().join(TLS_KEY),
+        "-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIA==\n-----END EC PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let err = Authority::load_root_dir(secret.path())
+        .unwrap_err()
+        .to_string();
+    let want = format!("{}: not PKCS#8", secret.path().join(TLS_KEY).display());
+    assert!(err.starts_with(&want), "{err}");
+}

@@ -1,5 +1,7 @@
-//! The CA Deployment and its Service against `mesh-agent ca`: arguments, probe, volumes,
-//! service account token, and the Service agents will dial and the name they verify.
+//! The CA Deployment and its Service against `mesh-agent ca`: arguments, probe, the root
+//! (a Secret read through the API server, whose names RBAC grants, or a mounted one), service
+//! account token, and the Service agents will dial, the name they verify and the ConfigMap
+//! they read the root from.
 
 use std::path::Path;
 
@@ -11,6 +13,7 @@ use super::workloads::{CA, find, first_container, mount_of, parse_cli};
 use crate::Command;
 use crate::app::RunArgs;
 use crate::ca::ServeArgs;
+use crate::ca::root_secret::{DEFAULT_ROOT_CONFIGMAP, DEFAULT_ROOT_SECRET, ROOT_CERT_KEY};
 use crate::ca::token_review::ServiceAccountUser;
 use crate::config::model::ROOT_NAMESPACE;
 
@@ -41,17 +44,33 @@ pub fn check_ca(
             serve.listen
         )));
     }
-    let Some(root) = serve.root_dir.as_deref() else {
-        p.push(at(
-            "args: the root comes from a kubernetes.io/tls Secret (--root-dir)",
-        ));
-        return Some(serve);
-    };
-    if mount_of(spec, c, root).is_none_or(|(_, v)| v.secret.is_none()) {
-        p.push(at(&format!(
-            "--root-dir {} is not on a Secret volume",
-            root.display()
-        )));
+    match (&serve.root_secret, serve.root_dir.as_deref()) {
+        // The names ca::API_ACCESS (and so the RBAC) grants.
+        (Some(secret), _) => {
+            if secret.namespace != ROOT_NAMESPACE
+                || secret.name != DEFAULT_ROOT_SECRET
+                || serve.root_configmap != DEFAULT_ROOT_CONFIGMAP
+            {
+                p.push(at(&format!(
+                    "--root-secret {secret} and --root-configmap {}: the CA's RBAC \
+                     (ca::API_ACCESS) grants {ROOT_NAMESPACE}/{DEFAULT_ROOT_SECRET} and \
+                     {DEFAULT_ROOT_CONFIGMAP} only",
+                    serve.root_configmap
+                )));
+            }
+        }
+        (None, Some(root)) => {
+            if mount_of(spec, c, root).is_none_or(|(_, v)| v.secret.is_none()) {
+                p.push(at(&format!(
+                    "--root-dir {} is not on a Secret volume",
+                    root.display()
+                )));
+            }
+        }
+        (None, None) => p.push(at(
+            "args: the root comes from a kubernetes.io/tls Secret (--root-secret, or \
+             --root-dir on a mounted one)",
+        )),
     }
     if !serve.kubernetes || serve.manifests.is_some() || serve.node_credentials.is_some() {
         p.push(at(
@@ -171,12 +190,40 @@ pub fn check_link(
     let Some(c) = spec.containers.first() else {
         return;
     };
-    if mount_of(spec, c, root).is_none_or(|(_, v)| v.config_map.is_none()) {
-        p.push(at(&format!(
+    let mount = mount_of(spec, c, root);
+    match mount.and_then(|(m, v)| Some((m, v.config_map.as_ref()?))) {
+        None => p.push(at(&format!(
             "--ca-root {} is not on a ConfigMap volume (the root certificate, not the Secret \
              with its key)",
             root.display()
-        )));
+        ))),
+        // The ConfigMap, and its key, the CA publishes the root to.
+        Some((m, cm)) if serve.root_secret.is_some() => {
+            if cm.name != serve.root_configmap {
+                p.push(at(&format!(
+                    "--ca-root {} is on the ConfigMap {}, not the CA's --root-configmap {}",
+                    root.display(),
+                    cm.name,
+                    serve.root_configmap
+                )));
+            }
+            let file = root.strip_prefix(&m.mount_path).ok();
+            let key = match cm.items.as_deref() {
+                Some(items) => items
+                    .iter()
+                    .find(|i| file == Some(Path::new(&i.path)))
+                    .map(|i| i.key.as_str()),
+                None => file.and_then(|f| f.to_str()),
+            };
+            if key != Some(ROOT_CERT_KEY) {
+                p.push(at(&format!(
+                    "--ca-root {} is not the ConfigMap's key {ROOT_CERT_KEY}, where the CA \
+                     publishes the root",
+                    root.display()
+                )));
+            }
+        }
+        Some(_) => {}
     }
     let projected = mount_of(spec, c, token).and_then(|(m, v)| {
         let file = token.strip_prefix(&m.mount_path).ok()?;

@@ -293,7 +293,8 @@ fn a_ca_in_local_mode_or_without_its_token_is_named() {
                 let spec = spec.expect("pod spec");
                 spec.automount_service_account_token = Some(false);
                 let args = spec.containers[0].args.as_mut().expect("args");
-                args.retain(|a| a != "--kubernetes");
+                args.retain(|a| a != "--kubernetes" && !a.starts_with("--root-secret"));
+                args.push("--state-dir=/var/lib/nodemesh-ca".into());
                 args.push("--manifests=/var/run/nodemesh/ca-manifests".into());
                 args.push("--node-credentials=/var/run/nodemesh/creds.yaml".into());
             }
@@ -314,4 +315,139 @@ fn a_ca_that_accepts_another_service_account_is_named() {
         "the CA's --agent-service-account system:serviceaccount:nodemesh-system:nodemesh-agent is \
          not the agent's service account system:serviceaccount:nodemesh-system:other",
     );
+}
+
+fn ca_role(docs: &mut [Doc]) -> &mut k8s_openapi::api::rbac::v1::Role {
+    docs.iter_mut()
+        .find_map(|d| match &mut d.object {
+            Object::Role(r) if r.metadata.name.as_deref() == Some("nodemesh-ca") => Some(r),
+            _ => None,
+        })
+        .expect("the CA's Role")
+}
+
+fn ca_args(docs: &mut [Doc]) -> &mut Vec<String> {
+    docs.iter_mut()
+        .find_map(|d| match &mut d.object {
+            Object::Deployment(dep) => dep.spec.template.spec.as_mut(),
+            _ => None,
+        })
+        .and_then(|s| s.containers[0].args.as_mut())
+        .expect("the CA's args")
+}
+
+#[test]
+fn a_root_secret_grant_widened_to_every_secret_is_named() {
+    let p = problems_after(|docs| {
+        let rules = ca_role(docs).rules.as_mut().expect("rules");
+        for r in rules.iter_mut() {
+            if r.resources.iter().flatten().any(|x| x == "secrets") {
+                r.resource_names = None;
+            }
+        }
+    });
+    expect(
+        &p,
+        "deploy/base/ca-rbac.yaml document 3 (Role nodemesh-system/nodemesh-ca): grants `get` on \
+         secrets (core group) in namespace nodemesh-system on every object to ServiceAccount \
+         nodemesh-system/nodemesh-ca; the code of the CA (mesh-agent/src/ca/mod.rs API_ACCESS) \
+         requests it only for nodemesh-ca-root (resourceNames)",
+    );
+}
+
+#[test]
+fn a_missing_or_misnamed_root_grant_is_named() {
+    let p = problems_after(|docs| {
+        let rules = ca_role(docs).rules.as_mut().expect("rules");
+        for r in rules.iter_mut() {
+            if r.resources.iter().flatten().any(|x| x == "configmaps") {
+                if r.resource_names.is_some() {
+                    r.resource_names = Some(vec!["nodemesh-root".into()]);
+                } else {
+                    // `create` narrowed to a name: never allowed.
+                    r.resource_names = Some(vec!["nodemesh-ca-root-cert".into()]);
+                }
+            }
+        }
+    });
+    expect(
+        &p,
+        "lacks `patch` on configmaps named nodemesh-ca-root-cert (core group) in namespace \
+         nodemesh-system, which its code requests",
+    );
+    expect(
+        &p,
+        "grants `get` on configmaps named nodemesh-root (core group) in namespace nodemesh-system \
+         to ServiceAccount nodemesh-system/nodemesh-ca, which the code of the CA",
+    );
+    expect(
+        &p,
+        "resourceNames cannot allow `create` (its requests name no object)",
+    );
+    expect(
+        &p,
+        "lacks `create` on configmaps (core group) in namespace nodemesh-system",
+    );
+}
+
+#[test]
+fn a_root_secret_or_config_map_the_rbac_does_not_grant_is_named() {
+    let p = problems_after(|docs| {
+        let args = ca_args(docs);
+        for a in args.iter_mut() {
+            if a.starts_with("--root-secret") {
+                *a = "--root-secret=nodemesh-system/my-root".into();
+            }
+        }
+    });
+    expect(
+        &p,
+        "--root-secret nodemesh-system/my-root and --root-configmap nodemesh-ca-root-cert: the \
+         CA's RBAC (ca::API_ACCESS) grants nodemesh-system/nodemesh-ca-root and \
+         nodemesh-ca-root-cert only",
+    );
+    let p = problems_after(|docs| {
+        let spec = agent(docs).spec.as_mut().expect("pod spec");
+        for v in spec.volumes.iter_mut().flatten() {
+            if let Some(cm) = v.config_map.as_mut().filter(|_| v.name == "ca-root-cert") {
+                cm.name = "my-root-cert".into();
+            }
+        }
+    });
+    expect(
+        &p,
+        "is on the ConfigMap my-root-cert, not the CA's --root-configmap nodemesh-ca-root-cert",
+    );
+    // A mounted Secret (cert-manager's, --root-dir) is still accepted.
+    let p = problems_after(|docs| {
+        let dep = docs
+            .iter_mut()
+            .find_map(|d| match &mut d.object {
+                Object::Deployment(dep) => Some(dep),
+                _ => None,
+            })
+            .expect("the CA");
+        let spec = dep.spec.template.spec.as_mut().expect("pod spec");
+        let c = &mut spec.containers[0];
+        for a in c.args.iter_mut().flatten() {
+            if a.starts_with("--root-secret") {
+                *a = "--root-dir=/var/run/nodemesh/ca-root".into();
+            }
+        }
+        c.volume_mounts = Some(vec![k8s_openapi::api::core::v1::VolumeMount {
+            name: "root".into(),
+            mount_path: "/var/run/nodemesh/ca-root".into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
+        spec.volumes = Some(vec![k8s_openapi::api::core::v1::Volume {
+            name: "root".into(),
+            secret: Some(k8s_openapi::api::core::v1::SecretVolumeSource {
+                secret_name: Some("nodemesh-ca-root".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]);
+    });
+    assert!(p.is_empty(), "{p:?}");
 }

@@ -1,7 +1,9 @@
 //! RBAC of deploy/ against the code: what each workload's service account is granted must be
 //! exactly what its code asks of the API server (the agent: `config::kube::access`, the CA:
-//! `ca::API_ACCESS`): every missing and every extra (verb, group, resource, scope) is named,
-//! with the role that grants it.
+//! `ca::API_ACCESS`): every missing and every extra (verb, group, resource, scope, object name)
+//! is named, with the role that grants it. A grant narrowed by `resourceNames` covers only
+//! those objects; one without covers every object, which is more than a code that names its
+//! objects needs, and is named as such.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,16 +21,28 @@ pub struct Expect<'a> {
     pub access: &'a [ApiAccess],
 }
 
-/// (verb, group, resource, namespace: `None` is cluster-wide).
-type Grant = (String, String, String, Option<String>);
+/// (verb, group, resource, namespace: `None` is cluster-wide, object name: `None` is any).
+type Grant = (String, String, String, Option<String>, Option<String>);
 
-fn describe((verb, group, resource, ns): &Grant) -> String {
+fn describe((verb, group, resource, ns, name): &Grant) -> String {
     let group = if group.is_empty() { "core" } else { group };
+    let named = match name {
+        Some(n) => format!(" named {n}"),
+        None => String::new(),
+    };
     match ns {
-        Some(ns) => format!("`{verb}` on {resource} ({group} group) in namespace {ns}"),
-        None => format!("`{verb}` on {resource} ({group} group) cluster-wide"),
+        Some(ns) => format!("`{verb}` on {resource}{named} ({group} group) in namespace {ns}"),
+        None => format!("`{verb}` on {resource}{named} ({group} group) cluster-wide"),
     }
 }
+
+/// The grant for any object of `g`'s kind.
+fn any_name(g: &Grant) -> Grant {
+    (g.0.clone(), g.1.clone(), g.2.clone(), g.3.clone(), None)
+}
+
+/// Verbs whose requests name no object, so RBAC's `resourceNames` cannot allow them.
+const UNNAMED_VERBS: &[&str] = &["create", "deletecollection"];
 
 struct Roles<'a> {
     /// (kind, namespace or "", name) -> (origin, rules).
@@ -129,22 +143,41 @@ pub fn check(docs: &[Doc], expects: &[Expect]) -> Vec<String> {
     for e in expects {
         let sa = (e.namespace.clone(), e.service_account.clone());
         expected_accounts.insert(sa.clone());
+        for a in e.access.iter().filter(|a| !a.names.is_empty()) {
+            for verb in a.verbs.iter().filter(|v| UNNAMED_VERBS.contains(v)) {
+                problems.push(format!(
+                    "the access list of {} names objects for `{verb}` on {}, which RBAC \
+                     cannot narrow to names",
+                    e.who, a.resource
+                ));
+            }
+        }
         let want: BTreeSet<Grant> = e
             .access
             .iter()
             .flat_map(|a| {
-                a.verbs.iter().map(|v| {
-                    (
-                        v.to_string(),
-                        a.group.to_owned(),
-                        a.resource.to_owned(),
-                        a.namespace.map(str::to_owned),
-                    )
+                let names: Vec<Option<String>> = if a.names.is_empty() {
+                    vec![None]
+                } else {
+                    a.names.iter().map(|n| Some(n.to_string())).collect()
+                };
+                a.verbs.iter().flat_map(move |v| {
+                    names.clone().into_iter().map(move |name| {
+                        (
+                            v.to_string(),
+                            a.group.to_owned(),
+                            a.resource.to_owned(),
+                            a.namespace.map(str::to_owned),
+                            name,
+                        )
+                    })
                 })
             })
             .collect();
         let have = granted.get(&sa).cloned().unwrap_or_default();
-        for g in want.iter().filter(|g| !have.contains_key(*g)) {
+        // A grant for any name covers a named one (and is reported below as too broad).
+        let covered = |g: &Grant| have.contains_key(g) || have.contains_key(&any_name(g));
+        for g in want.iter().filter(|g| !covered(g)) {
             problems.push(format!(
                 "ServiceAccount {}/{} of {} lacks {}, which its code requests",
                 sa.0,
@@ -154,14 +187,31 @@ pub fn check(docs: &[Doc], expects: &[Expect]) -> Vec<String> {
             ));
         }
         for (g, origin) in have.iter().filter(|(g, _)| !want.contains(*g)) {
-            problems.push(format!(
-                "{origin}: grants {} to ServiceAccount {}/{}, which the code of {} never \
-                 requests",
-                describe(g),
-                sa.0,
-                sa.1,
-                e.who
-            ));
+            let only: Vec<&str> = want
+                .iter()
+                .filter(|w| g.4.is_none() && any_name(w) == *g)
+                .filter_map(|w| w.4.as_deref())
+                .collect();
+            if only.is_empty() {
+                problems.push(format!(
+                    "{origin}: grants {} to ServiceAccount {}/{}, which the code of {} never \
+                     requests",
+                    describe(g),
+                    sa.0,
+                    sa.1,
+                    e.who
+                ));
+            } else {
+                problems.push(format!(
+                    "{origin}: grants {} on every object to ServiceAccount {}/{}; the code of \
+                     {} requests it only for {} (resourceNames)",
+                    describe(g),
+                    sa.0,
+                    sa.1,
+                    e.who,
+                    only.join(", ")
+                ));
+            }
         }
     }
     for (sa, grants) in &granted {
@@ -182,8 +232,9 @@ fn service_account(s: &Subject, binding_ns: &str) -> Option<(String, String)> {
     })
 }
 
-/// A role's rules as single grants; wildcards, resourceNames and non-resource URLs are
-/// problems (nothing in the code needs them).
+/// A role's rules as single grants, one per object name when the rule has `resourceNames`;
+/// wildcards and non-resource URLs are problems (nothing in the code needs them), and so are
+/// `resourceNames` on a verb whose requests name no object (the rule never allows it).
 fn expand(
     rules: &[PolicyRule],
     scope: &Option<String>,
@@ -192,10 +243,27 @@ fn expand(
 ) -> Vec<Grant> {
     let mut out = Vec::new();
     for (i, rule) in rules.iter().enumerate() {
-        if rule.non_resource_urls.is_some() || rule.resource_names.is_some() {
+        if rule.non_resource_urls.is_some() {
             problems.push(format!(
-                "{origin}: field rules[{i}]: nonResourceURLs and resourceNames are not used"
+                "{origin}: field rules[{i}]: nonResourceURLs are not used"
             ));
+        }
+        // Kubernetes reads an empty resourceNames as "any".
+        let names: Vec<Option<String>> = match rule.resource_names.as_deref() {
+            Some(n) if !n.is_empty() => n.iter().cloned().map(Some).collect(),
+            _ => vec![None],
+        };
+        if names.iter().any(Option::is_some) {
+            for verb in rule
+                .verbs
+                .iter()
+                .filter(|v| UNNAMED_VERBS.contains(&v.as_str()))
+            {
+                problems.push(format!(
+                    "{origin}: field rules[{i}]: resourceNames cannot allow `{verb}` (its \
+                     requests name no object): grant it in a rule without resourceNames"
+                ));
+            }
         }
         let groups = rule.api_groups.as_deref().unwrap_or(&[]);
         let resources = rule.resources.as_deref().unwrap_or(&[]);
@@ -209,7 +277,15 @@ fn expand(
         for group in groups {
             for resource in resources {
                 for verb in &rule.verbs {
-                    out.push((verb.clone(), group.clone(), resource.clone(), scope.clone()));
+                    for name in &names {
+                        out.push((
+                            verb.clone(),
+                            group.clone(),
+                            resource.clone(),
+                            scope.clone(),
+                            name.clone(),
+                        ));
+                    }
                 }
             }
         }

@@ -101,7 +101,7 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
 }
 
 /// What a path names.
-enum Target {
+pub(super) enum Target {
     Discovery(Value),
     Collection {
         t: TypeInfo,
@@ -112,7 +112,7 @@ enum Target {
     Object(TypeInfo, String, String, String),
 }
 
-fn route(shared: &Shared, path: &str) -> Option<Target> {
+pub(super) fn route(shared: &Shared, path: &str) -> Option<Target> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let st = shared.lock();
     let served = |group: &str, version: &str| -> Vec<TypeInfo> {
@@ -223,11 +223,14 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body_> {
     if req.method() == Method::POST && path == super::auth::PATH {
         return super::auth::review(shared, req).await;
     }
+    if matches!(*req.method(), Method::POST | Method::PATCH) {
+        return super::write::handle(shared, req, &path).await;
+    }
     if req.method() != Method::GET {
         return status(
             405,
             "MethodNotAllowed",
-            "the fake API server is read-only over HTTP",
+            &format!("the fake API server does not serve {}", req.method()),
         );
     }
     let Some(target) = route(shared, &path) else {

@@ -13,17 +13,21 @@
 //! - Discovery for the served versions (`/api`, `/apis`, `/apis/GROUP/VERSION`).
 //! - `POST /apis/authentication.k8s.io/v1/tokenreviews`, answered as programmed with
 //!   [`FakeApiServer::review_token`] (see [`auth`]).
+//! - `POST` to a collection (create: 201, or 409 AlreadyExists) and `PATCH` of one object
+//!   (JSON merge patch), with the real server's Status objects (see [`write`]).
 //!
 //! The test drives it at runtime: [`FakeApiServer::apply`] / [`FakeApiServer::delete`]
 //! objects (JSON), [`FakeApiServer::drop_watches`] (connections cut mid-stream),
 //! [`FakeApiServer::expire_watches`] (410 Gone and compaction), [`FakeApiServer::bookmark`],
 //! [`FakeApiServer::hold`] requests, [`FakeApiServer::fail`] a resource with an HTTP error,
-//! and reads the [`FakeApiServer::requests`] it got. [`FakeApiServer::write_kubeconfig`]
+//! make a create lose a race ([`FakeApiServer::race_create`]), [`FakeApiServer::get`] an
+//! object, and reads the [`FakeApiServer::requests`] it got. [`FakeApiServer::write_kubeconfig`]
 //! writes a kubeconfig pointing at it.
 
 pub mod auth;
 mod http;
 mod select;
+pub mod write;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -218,6 +222,9 @@ struct State {
     token_reviews: HashMap<String, Value>,
     /// `spec.audiences` of every TokenReview received.
     token_reviews_seen: Vec<Value>,
+    /// (plural, namespace, name, object): stored just before the next create of that object,
+    /// which so answers 409 AlreadyExists (another client won the race).
+    races: Vec<(String, String, String, Value)>,
 }
 
 impl State {
@@ -227,6 +234,53 @@ impl State {
             .iter()
             .find(|t| t.group == group && t.kind == kind && t.versions.iter().any(|v| v == version))
             .cloned()
+    }
+
+    /// Stores `obj` (no apiVersion and kind; namespace set for a namespaced kind) as an object
+    /// of `t`, with a new resourceVersion (and uid and creationTimestamp if it has none);
+    /// watches see ADDED or MODIFIED. Returns the object as stored.
+    fn store(&mut self, t: &TypeInfo, mut obj: Value) -> Result<Value> {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if name.is_empty() {
+            bail!("{} without metadata.name", t.kind);
+        }
+        let namespace = if t.namespaced {
+            let ns = obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned();
+            obj["metadata"]["namespace"] = ns.clone().into();
+            ns
+        } else {
+            String::new()
+        };
+        self.rv += 1;
+        let rv = self.rv;
+        let meta = &mut obj["metadata"];
+        meta["resourceVersion"] = rv.to_string().into();
+        if meta["uid"].is_null() {
+            meta["uid"] = format!("fake-uid-{rv}").into();
+        }
+        if meta["creationTimestamp"].is_null() {
+            meta["creationTimestamp"] = "2025-01-01T00:00:00Z".into();
+        }
+        let collection = self
+            .objects
+            .entry((t.group.clone(), t.plural.clone()))
+            .or_default();
+        let old = collection.insert((namespace, name), obj.clone());
+        self.record(Change {
+            rv,
+            plural: t.plural.clone(),
+            group: t.group.clone(),
+            old,
+            new: obj.clone(),
+            deleted: false,
+        });
+        Ok(obj)
     }
 
     fn record(&mut self, change: Change) {
@@ -336,47 +390,50 @@ impl FakeApiServer {
         };
         map.remove("apiVersion");
         map.remove("kind");
-        let name = obj["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        if name.is_empty() {
-            bail!("{kind} without metadata.name");
-        }
-        let namespace = if t.namespaced {
-            let ns = obj["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_owned();
-            obj["metadata"]["namespace"] = ns.clone().into();
-            ns
-        } else {
-            String::new()
-        };
-        st.rv += 1;
-        let rv = st.rv;
-        let meta = &mut obj["metadata"];
-        meta["resourceVersion"] = rv.to_string().into();
-        if meta["uid"].is_null() {
-            meta["uid"] = format!("fake-uid-{rv}").into();
-        }
-        if meta["creationTimestamp"].is_null() {
-            meta["creationTimestamp"] = "2025-01-01T00:00:00Z".into();
-        }
-        let collection = st
+        st.store(&t, obj)?;
+        Ok(st.rv)
+    }
+
+    /// The object as a GET returns it (with apiVersion and kind), or None.
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.shared.lock();
+        let t = st.type_of(api_version, kind)?;
+        let ns = if t.namespaced { namespace } else { "" };
+        let obj = st
             .objects
-            .entry((t.group.clone(), t.plural.clone()))
-            .or_default();
-        let old = collection.insert((namespace, name), obj.clone());
-        st.record(Change {
-            rv,
-            plural: t.plural,
-            group: t.group,
-            old,
-            new: obj,
-            deleted: false,
-        });
-        Ok(rv)
+            .get(&(t.group.clone(), t.plural.clone()))?
+            .get(&(ns.to_owned(), name.to_owned()))?;
+        let version = api_version.rsplit('/').next().unwrap_or(api_version);
+        Some(with_types(obj, &t.api_version(version), &t.kind))
+    }
+
+    /// Makes the next create of `obj`'s kind, namespace and name lose a race: just before it
+    /// is handled, `obj` is stored (as if another client had created it after this one's
+    /// read), so the create answers 409 AlreadyExists and a read finds `obj`.
+    pub fn race_create(&self, obj: Value) -> Result<()> {
+        let api_version = obj["apiVersion"].as_str().unwrap_or_default().to_owned();
+        let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+        let mut st = self.shared.lock();
+        let t = st
+            .type_of(&api_version, &kind)
+            .ok_or_else(|| anyhow!("the fake API server does not serve {api_version} {kind}"))?;
+        let ns = if t.namespaced {
+            obj["metadata"]["namespace"].as_str().unwrap_or("default")
+        } else {
+            ""
+        };
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        let mut stored = obj.clone();
+        if let Some(map) = stored.as_object_mut() {
+            map.remove("apiVersion");
+            map.remove("kind");
+        }
+        if t.namespaced {
+            stored["metadata"]["namespace"] = ns.into();
+        }
+        st.races
+            .push((t.plural.clone(), ns.to_owned(), name.to_owned(), stored));
+        Ok(())
     }
 
     /// Deletes an object; watches see DELETED. False if there was none.

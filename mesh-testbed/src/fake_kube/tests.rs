@@ -121,3 +121,116 @@ fn list_then_watch_with_replay_selectors_bookmarks_and_gone() {
             .any(|r| r.contains("fieldSelector=spec.nodeName=n1"))
     );
 }
+
+/// `METHOD path` with a JSON body on a fresh connection: (status code, JSON reply).
+fn send(
+    server: &FakeApiServer,
+    method: &str,
+    path: &str,
+    ctype: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let addr = server.url().trim_start_matches("http://").to_owned();
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let body = body.to_string();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ctype}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut text = String::new();
+    BufReader::new(s).read_to_string(&mut text).expect("read");
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let json = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (code, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+const JSON: &str = "application/json";
+const MERGE: &str = "application/merge-patch+json";
+
+fn config_map(name: &str, value: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": name, "namespace": "a"}, "data": {"k": value, "other": "x"}})
+}
+
+#[test]
+fn create_conflict_merge_patch_and_a_lost_race() {
+    let server = FakeApiServer::start().expect("start");
+    let cms = "/api/v1/namespaces/a/configmaps";
+    let (code, created) = send(&server, "POST", cms, JSON, &config_map("c", "1"));
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(created["kind"], "ConfigMap");
+    assert_eq!(created["metadata"]["resourceVersion"], "1");
+    assert_eq!(
+        server.get("v1", "ConfigMap", "a", "c").expect("stored")["data"]["k"],
+        "1"
+    );
+    let (code, reply) = send(&server, "POST", cms, JSON, &config_map("c", "2"));
+    assert_eq!(
+        (code, reply["reason"].as_str(), reply["code"].as_u64()),
+        (409, Some("AlreadyExists"), Some(409)),
+        "{reply}"
+    );
+    let other_ns = "/api/v1/namespaces/b/configmaps";
+    let (code, _) = send(&server, "POST", other_ns, JSON, &config_map("d", "1"));
+    assert_eq!(code, 400);
+
+    // A merge patch changes one key, removes another, and keeps the rest.
+    let patch = json!({"data": {"k": "2", "other": null}});
+    let (code, patched) = send(&server, "PATCH", &format!("{cms}/c"), MERGE, &patch);
+    assert_eq!(code, 200, "{patched}");
+    assert_eq!(patched["data"], json!({"k": "2"}));
+    assert_eq!(patched["metadata"]["resourceVersion"], "2");
+    let stale = json!({"metadata": {"resourceVersion": "1"}, "data": {"k": "3"}});
+    let (code, reply) = send(&server, "PATCH", &format!("{cms}/c"), MERGE, &stale);
+    assert_eq!((code, reply["reason"].as_str()), (409, Some("Conflict")));
+    let (code, _) = send(&server, "PATCH", &format!("{cms}/none"), MERGE, &patch);
+    assert_eq!(code, 404);
+    let (code, _) = send(&server, "PATCH", &format!("{cms}/c"), JSON, &patch);
+    assert_eq!(code, 415);
+
+    // The lost race: the create finds the winner's object.
+    server.race_create(config_map("r", "winner")).expect("race");
+    assert!(server.get("v1", "ConfigMap", "a", "r").is_none());
+    let (code, _) = send(&server, "POST", cms, JSON, &config_map("r", "loser"));
+    assert_eq!(code, 409);
+    assert_eq!(
+        server.get("v1", "ConfigMap", "a", "r").expect("winner")["data"]["k"],
+        "winner"
+    );
+
+    // A TLS Secret needs its two keys.
+    let secret = json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+                        "metadata": {"name": "s"}, "data": {"tls.crt": "eA=="}});
+    let (code, reply) = send(
+        &server,
+        "POST",
+        "/api/v1/namespaces/a/secrets",
+        JSON,
+        &secret,
+    );
+    assert_eq!(code, 422);
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("data[tls.key]: Required value")),
+        "{reply}"
+    );
+    server.fail("configmaps", Some(500));
+    let (code, _) = send(&server, "POST", cms, JSON, &config_map("e", "1"));
+    assert_eq!(code, 500);
+    assert!(
+        server
+            .requests()
+            .iter()
+            .any(|r| r == "PATCH /api/v1/namespaces/a/configmaps/c")
+    );
+}

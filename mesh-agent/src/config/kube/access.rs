@@ -26,6 +26,9 @@ pub struct ApiAccess {
     pub resource: &'static str,
     /// `None`: in every namespace (a ClusterRole); `Some(ns)`: only in `ns` (a Role there).
     pub namespace: Option<&'static str>,
+    /// Only these objects (an RBAC rule's `resourceNames`); empty: any. RBAC cannot narrow
+    /// `create`, `list`, `watch` or `deletecollection` to names.
+    pub names: &'static [&'static str],
     pub verbs: &'static [&'static str],
 }
 
@@ -63,6 +66,7 @@ impl Kind {
             group,
             resource,
             namespace,
+            names: &[],
             verbs: WATCH,
         }
     }
