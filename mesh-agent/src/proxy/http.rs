@@ -4,9 +4,10 @@
 //! endpoints, then sent over HBONE (or TCP to pods outside the mesh) in HTTP/1.1, or HTTP/2
 //! for `http2`/`grpc` ports.
 //!
-//! Upstream connections belong to the client connection that opened them (one per endpoint
-//! for HTTP/2, a few idle ones per endpoint for HTTP/1.1), so keep-alive clients reuse them and
-//! no lock is shared with other connections. Errors are answered as Envoy answers them, with
+//! Requests to meshed pods share one HTTP/2 connection per (client pod, destination pod)
+//! and data-path thread (`shared`); other upstream connections belong to the client
+//! connection that opened them, so no lock is shared across threads. Errors are answered as
+//! Envoy answers them, with
 //! the response flag kept for metrics and the access log: no endpoint 503 `UH`, connect
 //! failure 503 `UF`, upstream reset before the response 503 `UC`.
 
@@ -84,11 +85,67 @@ pub async fn serve(conn: HttpConn, client: TcpStream) {
         let ctx = ctx.clone();
         Box::pin(async move { Ok::<_, Infallible>(ctx.request(req).await) })
     });
-    let served = server()
-        .serve_connection_with_upgrades(TokioIo::new(client), service)
-        .await;
-    if let Err(e) = served {
+    if let Err(e) = serve_tcp(client, service).await {
         debug!(%pod, client = %peer, error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// The h2c prior-knowledge preface (RFC 9113, section 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Serves a client's TCP connection as h2c if it opens with the HTTP/2 preface, else as
+/// HTTP/1.1 with upgrades, with [`server`]'s settings.
+///
+/// hyper-util's auto builder decides by reading the first bytes through a rewinding wrapper:
+/// hyper's first read then returns those bytes alone, its read buffer doubles to 16 KiB and
+/// every keep-alive connection keeps that. Peeking at the socket decides the same with no
+/// read, and holds nothing while the client has not spoken yet.
+pub(crate) async fn serve_tcp<S, B>(client: TcpStream, service: S) -> Result<(), hyper::Error>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    let h2 = match opens_with_h2_preface(&client).await {
+        Ok(h2) => h2,
+        // The socket failed before the first byte: nothing to serve, nothing to answer.
+        Err(e) => {
+            debug!(error = %e, "HTTP client connection failed before its first request");
+            return Ok(());
+        }
+    };
+    let io = TokioIo::new(client);
+    if h2 {
+        let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        h2.max_header_list_size(MAX_HEADER_BYTES as u32);
+        h2.serve_connection(io, service).await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .max_buf_size(MAX_HEADER_BYTES)
+            .serve_connection(io, service)
+            .with_upgrades()
+            .await
+    }
+}
+
+/// Whether the client's first bytes are the HTTP/2 preface, by peeking (nothing is consumed).
+/// False as soon as a byte differs, and at EOF (HTTP/1 then sees the EOF itself).
+async fn opens_with_h2_preface(client: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = client.peek(&mut buf).await?;
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // Part of the preface so far: a peek would return at once with the same bytes, so
+        // give the rest a moment to arrive (clients send the preface in one write).
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
 
@@ -583,6 +640,48 @@ fn grpc_status(headers: &HeaderMap) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `opens_with_h2_preface` says of a client that writes `parts` (pausing between
+    /// them) and then closes, over a real loopback connection.
+    async fn preface_of(parts: &'static [&'static [u8]]) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let writer = tokio::spawn(async move {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            for p in parts {
+                c.write_all(p).await.expect("write");
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        });
+        let (server, _) = listener.accept().await.expect("accept");
+        let h2 = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            opens_with_h2_preface(&server),
+        )
+        .await
+        .expect("decided within 5 s")
+        .expect("peek");
+        writer.await.expect("writer");
+        // Peeking consumed nothing: hyper reads the client's bytes from the start.
+        let mut buf = [0u8; 3];
+        let n = server.peek(&mut buf).await.expect("peek again");
+        assert!(n == 0 || buf[..n] == parts[0][..n], "bytes were consumed");
+        h2
+    }
+
+    #[tokio::test]
+    async fn the_h2_preface_is_recognised_by_peeking_even_when_split() {
+        assert!(preface_of(&[H2_PREFACE]).await);
+        assert!(preface_of(&[b"PRI * HT", b"TP/2.0\r\n\r\nSM\r\n\r\n"]).await);
+        assert!(!preface_of(&[b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"]).await);
+        // A prefix of the preface, then something else: HTTP/1 decides (and refuses it).
+        assert!(!preface_of(&[b"PRI", b" / HTTP/1.1\r\n\r\n"]).await);
+        // Closed before a byte: HTTP/1 sees the EOF.
+        assert!(!preface_of(&[b""]).await);
+    }
 
     #[test]
     fn h1_requests_keep_host_and_lose_hop_by_hop_headers() {
