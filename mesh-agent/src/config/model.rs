@@ -76,6 +76,11 @@ impl Pod {
     pub fn opted_out(&self) -> bool {
         self.labels.get(ENROLL_LABEL).map(String::as_str) == Some("false")
     }
+
+    /// Whether the pod carries every label of `selector` (a DestinationRule subset's labels).
+    pub fn has_labels(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -721,7 +721,7 @@ impl<'a> Compiler<'a> {
             .filter(|ep| {
                 subset_def.is_none_or(|s| {
                     let pod = ep.pod.as_ref().and_then(|p| pods.get(p));
-                    pod.is_some_and(|p| s.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                    pod.is_some_and(|p| p.has_labels(&s.labels))
                 })
             })
             .map(|ep| (ep.clone(), prev_endpoint(ep.addr)))

@@ -134,9 +134,7 @@ fn port_view<'p>(
             let pod = pod_of(ep);
             let member: Vec<String> = subsets
                 .iter()
-                .filter(|s| {
-                    pod.is_some_and(|p| s.labels.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-                })
+                .filter(|s| pod.is_some_and(|p| p.has_labels(&s.labels)))
                 .map(|s| s.name.clone())
                 .collect();
             let states = state_of(ep.addr);
