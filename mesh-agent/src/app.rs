@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState, ControlView, LogControl, Surface};
 use crate::capture::enroll::{Enroller, Mtls};
+use crate::capture::fast_path::{FastPath, FastPathConfig, FastPathMode};
 use crate::capture::{Capture, CaptureConfig};
 use crate::config::model::Snapshot;
 use crate::config::watch as config_watch;
@@ -115,6 +116,29 @@ pub struct RunArgs {
     /// holds at most two --buffer-size buffers, so this bounds the data path's memory.
     #[arg(long, value_name = "N", default_value_t = 16384)]
     pub max_connections: u64,
+
+    /// eBPF fast path for the loopback hops between apps and the agent inside each pod
+    /// (sock_ops + sk_msg with a SOCKHASH: bytes go socket to socket, skipping the TCP/IP
+    /// stack). `on` turns it on only if a self-test at start-up proves it works on this
+    /// kernel; `status` says whether it is on and why; `mesh-agent fast-path on|off`
+    /// switches it at runtime. Off by default: on the machines measured it did not lower
+    /// latency (docs/benchmarks.md), and some kernels break blocking reads under it.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "off")]
+    pub fast_path: FastPathMode,
+
+    /// Bytes each accelerated socket may send through the fast path; past it, the rest of
+    /// its connection goes over the TCP/IP stack. The kernel does not bound redirected bytes
+    /// by the receiver's buffer, so this is what bounds the memory a stalled reader can
+    /// make its peer queue (per socket, like TCP's own buffers).
+    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u32).range(i64::from(crate::capture::fast_path::MIN_BUDGET)..))]
+    pub fast_path_budget: u32,
+
+    /// Testing: make the fast path's start-up self-test fail (its namespace is enrolled
+    /// without the self-test flag, so no socket is accelerated), as on a kernel where the
+    /// fast path does not work.
+    #[arg(long, hide = true)]
+    pub fast_path_inject_self_test_failure: bool,
 
     /// Worker threads of the data-path runtime; 0 picks a quarter of the CPUs (at least 1,
     /// at most 4), leaving the rest to the workloads whose traffic the agent carries. On a
@@ -277,8 +301,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let capture = Capture::start(&CaptureConfig {
         cgroup: cgroup.clone(),
         pin_dir: args.bpffs_dir.clone(),
+        fast_path: args.fast_path != FastPathMode::Off,
     })
     .context("starting eBPF capture (see `mesh-agent check`)")?;
+    // Before any pod is enrolled: the fast path is off until its self-test has passed.
+    let fast_path = Arc::new(FastPath::start(
+        &args.bpffs_dir,
+        FastPathConfig {
+            mode: args.fast_path,
+            budget_bytes: args.fast_path_budget,
+            inject_self_test_failure: args.fast_path_inject_self_test_failure,
+        },
+    ));
 
     let mtls = match mtls_config(&args)? {
         Some(cfg) => {
@@ -349,6 +383,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         access_log: access_log.stats.clone(),
         connections,
         spans: (span_queue, spans.stats.clone()),
+        fast_path,
     }));
 
     // Drain: accept loops are stopped; give live connections until the deadline.
@@ -415,6 +450,7 @@ struct ControlInputs {
         tokio::sync::mpsc::Receiver<crate::telemetry::trace::SpanRecord>,
         Arc<SpanStats>,
     ),
+    fast_path: Arc<FastPath>,
 }
 
 /// The CA client settings, if mutual TLS is configured.
@@ -451,6 +487,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         access_log,
         connections,
         spans: (span_queue, span_stats),
+        fast_path,
     } = inputs;
     // Spans are sent from here, the control runtime, never from the data path.
     tokio::spawn(crate::telemetry::trace::export::run(
@@ -493,6 +530,7 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         spans: span_stats,
         connections,
         certs: certs.clone(),
+        fast_path,
     };
     let unix = admin::bind_unix(&args.admin_socket)
         .with_context(|| format!("binding the admin socket {}", args.admin_socket.display()))?;

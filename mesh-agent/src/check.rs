@@ -148,6 +148,27 @@ pub fn run_checks() -> Vec<Check> {
         },
         "see the verifier message; the kernel may lack a helper the programs use",
     ));
+
+    // Optional: the mesh works without the fast path, so this never fails the check; it
+    // says what `--fast-path=on` would do on this kernel, and why.
+    let fast_path = crate::capture::check_fast_path(4 << 20);
+    out.push(check(
+        "fast path self-test (optional)",
+        true,
+        match &fast_path {
+            Ok(r) => format!(
+                "passes ({} messages redirected, {} bytes checked): --fast-path=on would turn it on",
+                r.redirected, r.bytes
+            ),
+            Err(crate::capture::fast_path::FastPathCheckError::SelfTest(
+                e @ crate::capture::fast_path::SelfTestError::BlockingReadEagain { .. },
+            )) => format!(
+                "data checks pass but {e}; --fast-path=on keeps it off, --fast-path=force would turn it on"
+            ),
+            Err(e) => format!("fails: {e}; the agent keeps the fast path off"),
+        },
+        "",
+    ));
     out
 }
 

@@ -111,6 +111,18 @@ enum Command {
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
         admin_socket: PathBuf,
     },
+    /// Show whether the running agent's eBPF fast path is on and why, or switch it at
+    /// runtime. Off takes effect at once for every connection (each stays on the TCP/IP stack
+    /// from its next write); on applies to new connections and is refused unless the
+    /// agent's start-up self-test passed.
+    FastPath {
+        /// `on` or `off`; without it, prints the current state.
+        #[arg(value_enum)]
+        set: Option<cli::Switch>,
+        /// Admin unix socket of the agent to ask.
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+    },
     /// Show the running agent's log filter, or change it without a restart.
     Logging {
         /// New filter in tracing's EnvFilter syntax: a level (`debug`) or per-module
@@ -229,6 +241,10 @@ fn main() -> ExitCode {
             level,
             admin_socket,
         } => client_command(cli::status::logging(&admin_socket, level.as_deref())),
+        Command::FastPath { set, admin_socket } => client_command(cli::status::fast_path_command(
+            &admin_socket,
+            set.map(|s| s == cli::Switch::On),
+        )),
         Command::Version { admin_socket } => client_command(cli::status::version(&admin_socket)),
         Command::Cni { action } => cni_command(action),
         Command::Analyze {

@@ -81,6 +81,19 @@ fn check_reports_every_prerequisite_ok_on_this_machine() {
         .filter(|c| c["ok"] != true)
         .collect();
     assert!(failed.is_empty(), "prerequisites missing: {failed:?}");
+    // The fast path's self-test ran for real and says what --fast-path=on would do, and why.
+    let fast_path = checks
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|c| c["name"] == "fast path self-test (optional)")
+        .unwrap_or_else(|| panic!("no fast path check: {names:?}"));
+    let detail = fast_path["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with("passes (") && detail.contains("--fast-path=on would turn it on")
+            || detail.contains("--fast-path=on keeps it off"),
+        "{detail}"
+    );
     assert!(out.status.success());
 }
 

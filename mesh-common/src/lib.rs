@@ -38,6 +38,10 @@ pub mod names {
     pub const PROG_GETPEERNAME4: &str = "peer_getpeername4";
     pub const PROG_GETPEERNAME6: &str = "peer_getpeername6";
     pub const PROG_INBOUND: &str = "inbound_capture";
+    pub const MAP_FAST_PATH: &str = "FAST_PATH";
+    pub const MAP_FAST_PATH_SENT: &str = "FAST_PATH_SENT";
+    pub const MAP_FAST_PATH_ON: &str = "FAST_PATH_ON";
+    pub const PROG_FAST_PATH_MSG: &str = "fast_path_msg";
 }
 
 /// Capacity of the ENROLLED map: pods per node.
@@ -45,13 +49,70 @@ pub const ENROLLED_CAPACITY: u32 = 4096;
 /// Capacity of the LRU maps holding original destinations of connections in flight.
 pub const ORIG_DST_CAPACITY: u32 = 65536;
 
+/// Capacity of the SOCKHASH of the fast path (sockets, two per accelerated connection) and of
+/// the map of its sockets pinned to the TCP/IP stack.
+pub const FAST_PATH_CAPACITY: u32 = 65536;
+
 /// Value of the ENROLLED map (key: netns cookie, `u64`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EnrolledPod {
-    /// Flags, reserved for later use (always 0 today).
+    /// `ENROLLED_*` flags.
     pub flags: u32,
     pub _pad: u32,
+}
+
+/// FAST_PATH_ON index of the on/off switch (1 = on).
+pub const FAST_PATH_ON_INDEX: u32 = 0;
+/// FAST_PATH_ON index of the budget: bytes one socket may redirect before it is pinned to the
+/// TCP/IP stack (where flow control bounds what a stalled reader can make its peer queue).
+pub const FAST_PATH_BUDGET_INDEX: u32 = 1;
+/// FAST_PATH_SENT value of a socket pinned to the stack for good.
+pub const FAST_PATH_PINNED: u32 = u32::MAX;
+
+/// [`EnrolledPod::flags`]: the agent's own fast-path self-test namespace, where the fast path
+/// runs even while it is off for pods (it has to, to be tested before it is turned on).
+pub const ENROLLED_SELF_TEST: u32 = 1;
+
+/// Key of the fast path's SOCKHASH: one end of a loopback connection inside an enrolled pod's
+/// network namespace, as that end sees it. The peer's key is the same with local and remote
+/// swapped; the netns cookie keeps equal loopback tuples of two pods apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    /// IPv4 addresses in network byte order.
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    /// Ports in host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    #[must_use]
+    pub const fn peer(&self) -> SockKey {
+        SockKey {
+            netns_cookie: self.netns_cookie,
+            local_ip4: self.remote_ip4,
+            remote_ip4: self.local_ip4,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Port of a `remote_port` field of `bpf_sock_ops` / `sk_msg_md` in host byte order. The
+/// kernel stores it in network byte order, shifted into the upper half of the word on
+/// little-endian machines (older kernels left it in the lower half); a port is never 0 on an
+/// established socket, so the half that is not zero is the port.
+#[must_use]
+pub const fn remote_port_host(raw: u32) -> u16 {
+    let be = if raw & 0xffff == 0 { raw >> 16 } else { raw };
+    u16::from_be(be as u16)
 }
 
 /// An original destination, as the application asked for it in `connect()`.
@@ -99,7 +160,15 @@ pub mod stats {
     /// Inbound SYNs dropped because the agent's 15006 listener was missing (agent down):
     /// fail closed, never around the agent.
     pub const INBOUND_NO_LISTENER: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Sockets sock_ops put into the fast path's SOCKHASH.
+    pub const FAST_PATH_INSERTED: u32 = 6;
+    /// Messages sk_msg moved straight to the peer socket (no TCP/IP stack).
+    pub const FAST_PATH_REDIRECTED: u32 = 7;
+    /// Messages of a fast-path socket that went through the stack: the peer was not (yet) in
+    /// the SOCKHASH, or the fast path is off. Such a socket stays on the stack for good, so
+    /// its bytes are never reordered.
+    pub const FAST_PATH_STACK: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// `family` values of [`OrigDst`].
@@ -114,6 +183,8 @@ mod user {
     unsafe impl aya::Pod for super::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::OrigDstKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 #[cfg(test)]
@@ -126,5 +197,28 @@ mod tests {
         assert_eq!(size_of::<EnrolledPod>(), 8);
         assert_eq!(size_of::<OrigDst>(), 16);
         assert_eq!(size_of::<OrigDstKey>(), 16);
+        assert_eq!(size_of::<SockKey>(), 24);
+    }
+
+    #[test]
+    fn remote_port_in_either_half() {
+        // 8080 = 0x1f90, network order bytes 1f 90; as a little-endian u16 that is 0x901f.
+        let be = u32::from(8080u16.to_be());
+        assert_eq!(remote_port_host(be), 8080);
+        assert_eq!(remote_port_host(be << 16), 8080);
+    }
+
+    #[test]
+    fn peer_key_swaps_ends() {
+        let k = SockKey {
+            netns_cookie: 7,
+            local_ip4: 1,
+            remote_ip4: 2,
+            local_port: 3,
+            remote_port: 4,
+            _pad: 0,
+        };
+        assert_eq!(k.peer().peer(), k);
+        assert_eq!((k.peer().local_ip4, k.peer().local_port), (2, 4));
     }
 }

@@ -12,18 +12,22 @@
 //!   destination (the Service), not 127.0.0.1:15001.
 //! * `inbound_capture` (tc ingress, see `inbound`): new inbound TCP connections of an
 //!   enrolled pod go to the agent's listener on 15006.
+//! * `fast_path_msg` (sk_msg, see `fast_path`): the loopback hops between an app and the
+//!   agent skip the TCP/IP stack; the same sock_ops program fills its SOCKHASH.
 //!
 //! Every program is `match try_x(..) { Ok(v) => v, Err(_) => SAFE }`; no path can panic, all
 //! work is bounded (a few map operations), and the stack holds two small structs.
 #![no_std]
 #![no_main]
 
+mod fast_path;
 mod inbound;
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -44,7 +48,7 @@ const LOOPBACK_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
 /// Netns cookies of enrolled pods. Written by the agent only after the pod's listeners exist.
 #[map(name = "ENROLLED")]
-static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(ENROLLED_CAPACITY, 0);
+pub(crate) static ENROLLED: HashMap<u64, EnrolledPod> = HashMap::pinned(ENROLLED_CAPACITY, 0);
 
 /// Original destinations by socket cookie, from connect() until the socket closes (sock_ops'
 /// state callback removes it); read by getpeername.
@@ -61,7 +65,7 @@ static ORIG_DST: LruHashMap<OrigDstKey, OrigDst> = LruHashMap::pinned(ORIG_DST_C
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
 #[inline(always)]
-fn count(index: u32) {
+pub(crate) fn count(index: u32) {
     if let Some(slot) = STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, programs do not migrate CPU while running.
         unsafe { *slot += 1 };
@@ -182,11 +186,14 @@ pub fn record_orig_dst(ctx: SockOpsContext) -> u32 {
 fn try_sockops(ctx: &SockOpsContext) -> Result<u32, i64> {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
-        // Only sockets that asked for it (captured ones) get state callbacks.
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => fast_path::on_established(ctx, false),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => fast_path::on_established(ctx, true),
+        // Only sockets that asked for it (captured and fast-path ones) get state callbacks.
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // SAFETY: helper valid for sock_ops programs.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let _ = SOCK_ORIG_DST.remove(cookie);
+            fast_path::on_close(ctx);
         }
         _ => {}
     }

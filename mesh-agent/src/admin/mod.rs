@@ -101,6 +101,28 @@ fn routes(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
     }
 }
 
+/// `POST /fast_path?enabled=true|false`: switches the eBPF fast path at runtime.
+fn set_fast_path(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let value = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("enabled=")));
+    let on = match value {
+        Some("true" | "on" | "1") => true,
+        Some("false" | "off" | "0") => false,
+        _ => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "POST /fast_path?enabled=true|false (got {})\n",
+                    value.map_or("no enabled=".to_string(), |v| format!("enabled={v:?}"))
+                ),
+            );
+        }
+    };
+    match state.fast_path.set(on) {
+        Ok(s) => json(StatusCode::OK, &s),
+        Err(e) => text(StatusCode::CONFLICT, format!("{e}\n")),
+    }
+}
+
 /// `level=...` from a query string, percent-decoded.
 fn query_level(query: Option<&str>) -> Option<String> {
     query?
@@ -150,6 +172,8 @@ pub struct AdminState {
     pub connections: Arc<crate::proxy::connections::ConnectionTable>,
     /// Workload certificates, with mutual TLS on.
     pub certs: Option<crate::identity::CertManager>,
+    /// The eBPF fast path's switch and state.
+    pub fast_path: Arc<crate::capture::fast_path::FastPath>,
 }
 
 /// Workload certificates (empty with mutual TLS off).
@@ -206,6 +230,8 @@ struct StatusDoc<'a> {
     /// Certificates not in the `valid` state (pending, renewing after a failure, expired).
     certificates_unhealthy: usize,
     ebpf: &'a EbpfStats,
+    /// The eBPF fast path for app-to-agent hops: on or off, and why.
+    fast_path: crate::capture::fast_path::FastPathState,
 }
 
 #[derive(Serialize)]
@@ -322,10 +348,13 @@ pub fn handle(
             Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
         };
     }
+    if path == "/fast_path" && req.method() == Method::POST {
+        return set_fast_path(state, req.uri().query());
+    }
     if req.method() != Method::GET {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET (and POST /logging)\n".into(),
+            "only GET (and POST /logging, POST /fast_path)\n".into(),
         );
     }
     let view = state.view.borrow().clone();
@@ -351,6 +380,7 @@ pub fn handle(
         "/certs" => json(StatusCode::OK, &certs(state)),
         "/connections" => json(StatusCode::OK, &state.connections.view()),
         "/logging" => text(StatusCode::OK, format!("{}\n", state.logging.current())),
+        "/fast_path" => json(StatusCode::OK, &state.fast_path.state()),
         "/status" => {
             let count = |state: &str| view.workloads.iter().filter(|w| w.state == state).count();
             let enrolled = count("enrolled");
@@ -381,6 +411,7 @@ pub fn handle(
                     .filter(|c| c.state != crate::identity::CertState::Valid)
                     .count(),
                 ebpf: &ebpf,
+                fast_path: state.fast_path.state(),
             };
             json(StatusCode::OK, &doc)
         }
@@ -432,7 +463,7 @@ pub fn handle(
         }
         "/" => text(
             StatusCode::OK,
-            "nodemesh admin: /healthz/ready /status /config_dump /workloads /certs /connections /routes /services /stats /stats/prometheus /logging\n"
+            "nodemesh admin: /healthz/ready /status /config_dump /workloads /certs /connections /routes /services /stats /stats/prometheus /logging /fast_path\n"
                 .into(),
         ),
         other => text(

@@ -9,6 +9,7 @@
 
 pub mod delivery;
 pub mod enroll;
+pub mod fast_path;
 pub mod netns;
 pub mod tc;
 
@@ -16,11 +17,11 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
-use mesh_common::{EnrolledPod, OrigDst, OrigDstKey, names, stats};
+use mesh_common::{EnrolledPod, OrigDst, OrigDstKey, SockKey, names, stats};
 use tracing::{debug, info, warn};
 
 /// The eBPF object built from `mesh-ebpf` by `build.rs`.
@@ -63,6 +64,11 @@ pub enum CaptureError {
     },
     #[error("entering network namespace {path}: {source}")]
     Netns { path: PathBuf, source: io::Error },
+    #[error("eBPF map {name}: duplicating its file descriptor: {source}")]
+    MapFd {
+        name: &'static str,
+        source: io::Error,
+    },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -70,7 +76,7 @@ pub enum CaptureError {
     },
 }
 
-fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> CaptureError {
     move |source| CaptureError::Map {
         name,
         source: Box::new(source),
@@ -91,6 +97,9 @@ pub struct CaptureConfig {
     pub cgroup: PathBuf,
     /// bpffs directory holding this agent's pinned maps and links.
     pub pin_dir: PathBuf,
+    /// Attach the fast path's sk_msg program (its sock_ops half is always loaded; it stays
+    /// idle until FAST_PATH_ON is set).
+    pub fast_path: bool,
 }
 
 /// Loaded and attached capture programs plus the control-plane handle of ENROLLED.
@@ -130,11 +139,15 @@ impl Capture {
             .map_err(prog_err(name))?;
         let link = prog.take_link(id).map_err(prog_err(name))?;
         links.push(replace_pinned_link(name, link.try_into(), &cfg.pin_dir)?);
+        if cfg.fast_path {
+            links.extend(attach_fast_path(&mut ebpf, cfg)?);
+        }
 
         let enrolled = open_pinned_hash(&cfg.pin_dir, names::MAP_ENROLLED)?;
         info!(
             cgroup = %cfg.cgroup.display(),
             pin_dir = %cfg.pin_dir.display(),
+            fast_path = cfg.fast_path,
             "capture attached (connect4/6, getpeername4/6, sock_ops)"
         );
         Ok(Capture {
@@ -172,18 +185,67 @@ impl Capture {
 
     /// Read-only handles on the maps, for the admin API.
     pub fn reader(&self) -> Result<MapReader, CaptureError> {
-        let stats = Map::from_map_data(
-            MapData::from_pin(self.pin_dir.join(names::MAP_STATS))
-                .map_err(map_err(names::MAP_STATS))?,
-        )
-        .map_err(map_err(names::MAP_STATS))?;
-        Ok(MapReader {
-            stats: PerCpuArray::try_from(stats).map_err(map_err(names::MAP_STATS))?,
-            enrolled: open_pinned_hash(&self.pin_dir, names::MAP_ENROLLED)?,
-            orig_dst: open_pinned_hash(&self.pin_dir, names::MAP_ORIG_DST)?,
-            sock_orig_dst: open_pinned_hash(&self.pin_dir, names::MAP_SOCK_ORIG_DST)?,
-        })
+        MapReader::open(&self.pin_dir)
     }
+}
+
+/// Attaches the fast path's sk_msg program to its SOCKHASH and, when the agent's own cgroup
+/// is outside the captured one, the sock_ops program to the agent's cgroup too: the agent's
+/// ends of the hops (accepted 15001 connections, delivery connections) are its own sockets,
+/// and sock_ops only sees sockets of the cgroups it is attached to.
+fn attach_fast_path(ebpf: &mut Ebpf, cfg: &CaptureConfig) -> Result<Vec<PinnedLink>, CaptureError> {
+    let map = ebpf
+        .map(names::MAP_FAST_PATH)
+        .ok_or(CaptureError::Missing(names::MAP_FAST_PATH))?;
+    let sockhash: SockHash<&MapData, SockKey> =
+        SockHash::try_from(map).map_err(map_err(names::MAP_FAST_PATH))?;
+    let map_fd = sockhash
+        .fd()
+        .try_clone()
+        .map_err(|source| CaptureError::MapFd {
+            name: names::MAP_FAST_PATH,
+            source,
+        })?;
+    let name = names::PROG_FAST_PATH_MSG;
+    let prog: &mut SkMsg = program(ebpf, name)?;
+    // sk_msg attaches to the map (not a bpf link); the program stays attached as long as
+    // this agent holds it, and a restarted agent's attach replaces it.
+    prog.attach(&map_fd).map_err(prog_err(name))?;
+
+    let mut links = Vec::new();
+    match own_cgroup() {
+        Some(own) if !own.starts_with(&cfg.cgroup) => {
+            let file = File::open(&own).map_err(|source| CaptureError::Cgroup {
+                path: own.clone(),
+                source,
+            })?;
+            let name = names::PROG_SOCK_OPS;
+            let prog: &mut SockOps = program(ebpf, name)?;
+            let id = prog
+                .attach(&file, CgroupAttachMode::Single)
+                .map_err(prog_err(name))?;
+            let link = prog.take_link(id).map_err(prog_err(name))?;
+            links.push(replace_pinned_link(
+                "record_orig_dst_agent",
+                link.try_into(),
+                &cfg.pin_dir,
+            )?);
+            info!(cgroup = %own.display(), "sock_ops attached to the agent's own cgroup for the fast path");
+        }
+        Some(_) => {}
+        None => warn!(
+            "cannot read the agent's own cgroup from /proc/self/cgroup; the fast path works only if the agent runs under --cgroup"
+        ),
+    }
+    Ok(links)
+}
+
+/// The agent's cgroup v2 directory (`0::/path` in /proc/self/cgroup, under the cgroup2 mount).
+fn own_cgroup() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mount = crate::sys::cgroup2_mount()?;
+    Some(mount.join(rel.trim_start_matches('/')))
 }
 
 /// eBPF counters and map occupancy, as the admin API shows them.
@@ -201,6 +263,17 @@ pub struct EbpfStats {
     pub orig_dst_entries: usize,
     /// Captured sockets still open (their original destination serves getpeername).
     pub sock_orig_dst_entries: usize,
+    /// Sockets put into the fast path's SOCKHASH.
+    pub fast_path_inserted: u64,
+    /// Messages moved socket to socket by the fast path.
+    pub fast_path_redirected: u64,
+    /// Messages of fast-path sockets that took the TCP/IP stack (peer not there yet, budget
+    /// spent, or off).
+    pub fast_path_stack: u64,
+    /// Sockets in the SOCKHASH now (two per accelerated connection).
+    pub fast_path_entries: usize,
+    /// Open fast-path sockets that have sent (their byte count, or pinned to the stack).
+    pub fast_path_sent_entries: usize,
 }
 
 /// Read-only view of the pinned maps; safe to share (every operation takes `&self`).
@@ -209,9 +282,35 @@ pub struct MapReader {
     enrolled: BpfHashMap<MapData, u64, EnrolledPod>,
     orig_dst: BpfHashMap<MapData, OrigDstKey, OrigDst>,
     sock_orig_dst: BpfHashMap<MapData, u64, OrigDst>,
+    fast_path: SockHash<MapData, SockKey>,
+    fast_path_sent: BpfHashMap<MapData, SockKey, u32>,
 }
 
 impl MapReader {
+    /// Opens the maps pinned in `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<MapReader, CaptureError> {
+        let pinned = |name: &'static str| -> Result<Map, CaptureError> {
+            Map::from_map_data(MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?)
+                .map_err(map_err(name))
+        };
+        Ok(MapReader {
+            stats: PerCpuArray::try_from(pinned(names::MAP_STATS)?)
+                .map_err(map_err(names::MAP_STATS))?,
+            enrolled: open_pinned_hash(pin_dir, names::MAP_ENROLLED)?,
+            orig_dst: open_pinned_hash(pin_dir, names::MAP_ORIG_DST)?,
+            sock_orig_dst: open_pinned_hash(pin_dir, names::MAP_SOCK_ORIG_DST)?,
+            fast_path: SockHash::try_from(pinned(names::MAP_FAST_PATH)?)
+                .map_err(map_err(names::MAP_FAST_PATH))?,
+            fast_path_sent: open_pinned_hash(pin_dir, names::MAP_FAST_PATH_SENT)?,
+        })
+    }
+
+    /// True if the socket with this key is in the fast path's SOCKHASH. (A SOCKHASH with
+    /// 4-byte values cannot be looked up from user space, so this walks the keys.)
+    pub fn in_fast_path(&self, key: &SockKey) -> bool {
+        self.fast_path.keys().any(|k| k.is_ok_and(|k| k == *key))
+    }
+
     pub fn read(&self) -> EbpfStats {
         let counter = |i: u32| {
             self.stats
@@ -229,6 +328,11 @@ impl MapReader {
             enrolled_entries: self.enrolled.keys().count(),
             orig_dst_entries: self.orig_dst.keys().count(),
             sock_orig_dst_entries: self.sock_orig_dst.keys().count(),
+            fast_path_inserted: counter(stats::FAST_PATH_INSERTED),
+            fast_path_redirected: counter(stats::FAST_PATH_REDIRECTED),
+            fast_path_stack: counter(stats::FAST_PATH_STACK),
+            fast_path_entries: self.fast_path.keys().count(),
+            fast_path_sent_entries: self.fast_path_sent.keys().count(),
         }
     }
 }
@@ -251,6 +355,8 @@ fn load_programs(pin_dir: &Path) -> Result<Ebpf, CaptureError> {
     prog.load().map_err(prog_err(names::PROG_SOCK_OPS))?;
     let prog: &mut SchedClassifier = program(&mut ebpf, names::PROG_INBOUND)?;
     prog.load().map_err(prog_err(names::PROG_INBOUND))?;
+    let prog: &mut SkMsg = program(&mut ebpf, names::PROG_FAST_PATH_MSG)?;
+    prog.load().map_err(prog_err(names::PROG_FAST_PATH_MSG))?;
     Ok(ebpf)
 }
 
@@ -274,7 +380,48 @@ pub fn verify_programs() -> Result<(), CaptureError> {
     result
 }
 
-fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
+/// `mesh-agent check`: the fast path's self-test with private maps (pinned in a directory
+/// removed afterwards) and the sock_ops program attached to this process's own cgroup for
+/// the duration. Says whether `--fast-path=on` would turn the fast path on here.
+pub fn check_fast_path(
+    budget: u32,
+) -> Result<fast_path::SelfTestReport, fast_path::FastPathCheckError> {
+    use fast_path::FastPathCheckError as E;
+    let dir = PathBuf::from(format!(
+        "/sys/fs/bpf/nodemesh-check-fast-path-{}",
+        std::process::id()
+    ));
+    ensure_bpffs(&dir)?;
+    let result = (|| {
+        let mut ebpf = load_programs(&dir)?;
+        let own = own_cgroup().ok_or(E::NoCgroup)?;
+        let cfg = CaptureConfig {
+            cgroup: own.clone(),
+            pin_dir: dir.clone(),
+            fast_path: true,
+        };
+        let cgroup = File::open(&own).map_err(|source| CaptureError::Cgroup {
+            path: own.clone(),
+            source,
+        })?;
+        let name = names::PROG_SOCK_OPS;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
+        // Dropped with `ebpf` at the end: nothing stays attached.
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(prog_err(name))?;
+        attach_fast_path(&mut ebpf, &cfg)?;
+        let mut on = fast_path::open_on_map(&dir)?;
+        on.set(mesh_common::FAST_PATH_BUDGET_INDEX, budget, 0)
+            .map_err(map_err(names::MAP_FAST_PATH_ON))?;
+        let report = fast_path::self_test(&dir, budget, false)?;
+        drop(ebpf);
+        Ok(report)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+pub(crate) fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
     pin_dir: &Path,
     name: &'static str,
 ) -> Result<BpfHashMap<MapData, K, V>, CaptureError> {

@@ -10,6 +10,13 @@ pub mod services;
 pub mod status;
 pub mod workloads;
 
+/// `on` / `off` arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// Output format of the inspection commands.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {

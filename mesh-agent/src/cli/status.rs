@@ -60,7 +60,7 @@ fn render(v: &Value) -> String {
         _ => String::new(),
     };
     format!(
-        "agent:        {} on node {}\nready:        {ready}\nconfig:       {config}{source}\n{}workloads:    {} enrolled, {} failing{pending}\ncertificates: {certificates}\nconnections:  {} outbound, {} inbound open\neBPF:         {} redirected, {} recorded, {} map errors; maps: {} enrolled, {} in flight\n",
+        "agent:        {} on node {}\nready:        {ready}\nconfig:       {config}{source}\n{}workloads:    {} enrolled, {} failing{pending}\ncertificates: {certificates}\nconnections:  {} outbound, {} inbound open\neBPF:         {} redirected, {} recorded, {} map errors; maps: {} enrolled, {} in flight\nfast path:    {}\n",
         s("version"),
         s("node"),
         resources(v),
@@ -73,7 +73,45 @@ fn render(v: &Value) -> String {
         e("map_errors"),
         e("enrolled_entries"),
         e("orig_dst_entries"),
+        fast_path(v),
     )
+}
+
+/// `on (self-test passed); N messages redirected, M sockets` or `off (why)`.
+fn fast_path(v: &Value) -> String {
+    let fp = &v["fast_path"];
+    let reason = fp["reason"].as_str().unwrap_or("-");
+    let detail = match fp["self_test_error"].as_str() {
+        Some(err) => format!("{reason}: {err}"),
+        None => reason.to_owned(),
+    };
+    if fp["on"] == true {
+        format!(
+            "on ({detail}); {} messages redirected, {} took the stack; {} sockets",
+            v["ebpf"]["fast_path_redirected"],
+            v["ebpf"]["fast_path_stack"],
+            v["ebpf"]["fast_path_entries"],
+        )
+    } else if fp.is_null() {
+        "-".to_owned()
+    } else {
+        format!("off ({detail})")
+    }
+}
+
+/// `mesh-agent fast-path [on|off]`: shows or switches the running agent's fast path.
+pub async fn fast_path_command(socket: &Path, set: Option<bool>) -> anyhow::Result<()> {
+    let body = match set {
+        Some(on) => super::client::post_ok(socket, &format!("/fast_path?enabled={on}")).await?,
+        None => super::client::get_ok(socket, "/fast_path").await?,
+    };
+    let v: Value =
+        serde_json::from_str(&body).context("the agent's /fast_path answer is not valid JSON")?;
+    let status = serde_json::json!({ "fast_path": v, "ebpf": {} });
+    let line = fast_path(&status);
+    // Without counters here, the "on" line ends at the reason.
+    println!("{}", line.split(';').next().unwrap_or(&line));
+    Ok(())
 }
 
 /// Kubernetes mode: one line per watched kind, indented under `config:`.
@@ -172,6 +210,26 @@ mod tests {
         assert!(out.contains("agent:        0.1.0 on node node-1"), "{out}");
         assert!(out.contains("generation 3 in force; newest config REJECTED (2 rejected so far):\n  m/app.yaml: document 1: bad\n  second"), "{out}");
         assert!(out.contains("workloads:    4 enrolled, 0 failing"), "{out}");
+    }
+
+    #[test]
+    fn renders_the_fast_path_state_and_why() {
+        let on = serde_json::json!({
+            "fast_path": {"on": true, "reason": "self-test passed", "self_test": "passed"},
+            "ebpf": {"fast_path_redirected": 12, "fast_path_stack": 1, "fast_path_entries": 2}
+        });
+        assert_eq!(
+            fast_path(&on),
+            "on (self-test passed); 12 messages redirected, 1 took the stack; 2 sockets"
+        );
+        let failed = serde_json::json!({
+            "fast_path": {"on": false, "reason": "self-test failed", "self_test": "failed",
+                          "self_test_error": "the loopback connection never entered the SOCKHASH"}
+        });
+        assert_eq!(
+            fast_path(&failed),
+            "off (self-test failed: the loopback connection never entered the SOCKHASH)"
+        );
     }
 
     #[test]

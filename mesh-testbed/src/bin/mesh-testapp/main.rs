@@ -8,6 +8,7 @@ mod hold;
 mod http;
 mod otlp;
 mod tcp;
+mod xfer;
 
 use std::net::SocketAddr;
 
@@ -37,6 +38,17 @@ enum Cmd {
     },
     /// Sends N pseudo-random bytes, half-closes, and checks the sink's reply.
     Source(tcp::SourceArgs),
+    /// Accepts connections and never reads from them (a stalled reader).
+    Stall {
+        #[arg(long, value_parser = parse_listen)]
+        listen: SocketAddr,
+    },
+    /// Sends bytes with write, sendfile or splice, half-closes, checks the reply (echo or
+    /// sink); `--connections N` repeats it. Prints `ok connections N bytes B`.
+    Xfer(xfer::XferArgs),
+    /// Writes without blocking to a server that never reads; prints `taken N` (bytes the
+    /// connection took before pushing back) and `full yes|no`.
+    Fill(xfer::FillArgs),
     /// Answers each connection with the peer address `<ip>:<port>` and closes.
     Peer {
         #[arg(long, value_parser = parse_listen)]
@@ -102,6 +114,8 @@ fn main() -> Result<()> {
         Cmd::Read(args) => return tcp::read(&args),
         Cmd::Chat(args) => return tcp::chat(&args),
         Cmd::Upgrade(args) => return tcp::upgrade(&args),
+        Cmd::Xfer(args) => return xfer::xfer(&args),
+        Cmd::Fill(args) => return xfer::fill(&args),
         other => other,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -116,13 +130,19 @@ fn main() -> Result<()> {
                 Cmd::Echo { listen } => tcp::echo(listen).await,
                 Cmd::Sink { listen } => tcp::sink(listen).await,
                 Cmd::Peer { listen } => tcp::peer(listen).await,
+                Cmd::Stall { listen } => tcp::stall(listen).await,
                 Cmd::Run(args) => fake_agent::run(args).await,
                 Cmd::GrpcEcho(args) => grpc::serve(args).await,
                 Cmd::Grpc(args) => grpc::client(args).await,
                 Cmd::RapidReset(args) => tcp::rapid_reset(args).await,
                 Cmd::Hold(args) => hold::hold(args).await,
                 Cmd::OtlpReceiver(args) => otlp::serve(args).await,
-                Cmd::Source(_) | Cmd::Read(_) | Cmd::Chat(_) | Cmd::Upgrade(_) => {
+                Cmd::Source(_)
+                | Cmd::Read(_)
+                | Cmd::Chat(_)
+                | Cmd::Upgrade(_)
+                | Cmd::Xfer(_)
+                | Cmd::Fill(_) => {
                     bail!("not a server")
                 }
             }

@@ -67,6 +67,17 @@ pub async fn sink(listen: SocketAddr) -> Result<()> {
     .await
 }
 
+/// Accepts and never reads: the slowest reader there is. Connections stay open until the
+/// server is stopped.
+pub async fn stall(listen: SocketAddr) -> Result<()> {
+    serve(listen, "stall", |sock, _| async move {
+        let _held = sock;
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+    .await
+}
+
 pub async fn peer(listen: SocketAddr) -> Result<()> {
     serve(listen, "peer", |mut sock, peer| async move {
         sock.write_all(format!("{peer}\n").as_bytes())
@@ -98,14 +109,14 @@ pub struct SourceArgs {
 }
 
 /// xorshift64* — fast, deterministic, good enough to make corruption visible.
-struct Prng(u64);
+pub(crate) struct Prng(u64);
 
 impl Prng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self(seed.max(1))
     }
 
-    fn fill(&mut self, buf: &mut [u8]) {
+    pub(crate) fn fill(&mut self, buf: &mut [u8]) {
         for chunk in buf.chunks_mut(8) {
             self.0 ^= self.0 >> 12;
             self.0 ^= self.0 << 25;
@@ -171,7 +182,7 @@ pub struct ReadArgs {
     keep_open: bool,
 }
 
-fn connect(target: &str) -> Result<TcpStream> {
+pub(crate) fn connect(target: &str) -> Result<TcpStream> {
     let addrs: Vec<SocketAddr> = target
         .to_socket_addrs()
         .with_context(|| format!("resolving {target}"))?

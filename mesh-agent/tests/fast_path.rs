@@ -1,0 +1,504 @@
+//! The eBPF fast path (sock_ops + sk_msg + SOCKHASH) on the app-to-agent loopback hops, on the
+//! testbed (root): every byte intact both ways for the ways apps send (small, large and split
+//! writes, sendfile, splice, half-close), proof that the redirect carried them (counters, and
+//! no payload on the pod's `lo`), no map entry left after 10 000 connections, a stalled reader
+//! pushing back, switching off at runtime or by flag, and a failed self-test leaving it off
+//! with the mesh working.
+//!
+//! The agents run with `--fast-path force`: this machine's kernel fails the self-test's
+//! blocking-read check (a blocking read on an accelerated socket returns EAGAIN when the ACK
+//! of its own half-close wakes it), so `on` would leave it off here. The clients read the way
+//! event-loop applications do (poll, then a non-blocking recv), which that flaw does not
+//! touch; every data check of the self-test still has to pass for `force` to turn it on.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mesh_testbed::Testbed;
+use serde_json::Value;
+
+const FORCE: &[&str] = &["--fast-path", "force"];
+
+fn manifests() -> String {
+    docs(&[
+        namespace("default", true),
+        pod("default", "client", "node-1", &[("app", "client")], 9999),
+        pod(
+            "default",
+            "echo-near",
+            "node-1",
+            &[("app", "echo-near")],
+            7000,
+        ),
+        pod(
+            "default",
+            "echo-far",
+            "node-2",
+            &[("app", "echo-far")],
+            7000,
+        ),
+        pod(
+            "default",
+            "sink-far",
+            "node-2",
+            &[("app", "sink-far")],
+            7001,
+        ),
+    ])
+}
+
+fn addr(tb: &Testbed, pod: &str, port: u16) -> String {
+    format!("{}:{port}", tb.pod_ip("default", pod).expect("pod ip"))
+}
+
+fn servers(tb: &Testbed) -> Vec<mesh_testbed::PodProcess> {
+    vec![
+        serve(tb, "echo-near", &["echo", "--listen", "0.0.0.0:7000"]),
+        serve(tb, "echo-far", &["echo", "--listen", "0.0.0.0:7000"]),
+        serve(tb, "sink-far", &["sink", "--listen", "0.0.0.0:7001"]),
+    ]
+}
+
+/// `mesh-testapp xfer ARGS` from the client pod; panics with its output unless it passed.
+fn xfer(tb: &Testbed, args: &[&str]) {
+    let mut all = vec!["xfer"];
+    all.extend_from_slice(args);
+    let out = testapp_in(tb, "client", &all, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("xfer {args:?}: {e:#}"));
+    let ok = out.status.success() && String::from_utf8_lossy(&out.stdout).starts_with("ok ");
+    assert!(
+        ok,
+        "xfer {args:?}: stdout {:?} stderr {:?}\nnode-1 ebpf {}\nnode-2 ebpf {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .take(4)
+            .collect::<Vec<_>>()
+            .join(" / "),
+        admin_json(tb, "node-1", "/stats")["ebpf"],
+        admin_json(tb, "node-2", "/stats")["ebpf"],
+    );
+}
+
+fn ebpf(tb: &Testbed, node: &str, name: &str) -> u64 {
+    counter(tb, node, "ebpf", name)
+}
+
+fn fast_path_state(tb: &Testbed, node: &str) -> Value {
+    admin_json(tb, node, "/status")["fast_path"].clone()
+}
+
+/// `mesh-agent fast-path [on|off]` against a node's agent: (success, stdout + stderr).
+fn switch(tb: &Testbed, node: &str, set: &str) -> (bool, String) {
+    let socket = tb.node(node).expect("node").admin_socket.clone();
+    let out = Command::new(AGENT)
+        .args(["fast-path", set, "--admin-socket"])
+        .arg(&socket)
+        .output()
+        .expect("mesh-agent fast-path");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Every transfer the issue lists, against the echo on the same node and the one across, and
+/// the sink (whose answer comes only after the half-close).
+fn transfers(tb: &Testbed) {
+    let near = addr(tb, "echo-near", 7000);
+    let far = addr(tb, "echo-far", 7000);
+    let sink = addr(tb, "sink-far", 7001);
+    for target in [&near, &far] {
+        // small writes: one 5-byte message
+        xfer(tb, &["--connect", target, "--bytes", "5"]);
+        // split writes: 200 KB in 7-byte writes
+        xfer(
+            tb,
+            &["--connect", target, "--bytes", "200000", "--chunk", "7"],
+        );
+        // large writes: 8 MiB in 1 MiB writes
+        xfer(
+            tb,
+            &[
+                "--connect",
+                target,
+                "--bytes",
+                "8388608",
+                "--chunk",
+                "1048576",
+            ],
+        );
+        for mode in ["sendfile", "splice"] {
+            xfer(
+                tb,
+                &["--connect", target, "--bytes", "4194304", "--mode", mode],
+            );
+        }
+    }
+    xfer(
+        tb,
+        &[
+            "--connect",
+            &sink,
+            "--bytes",
+            "3000000",
+            "--reply",
+            "sink",
+            "--mode",
+            "splice",
+        ],
+    );
+}
+
+/// tshark on a pod's `lo`, port 15001 (the app-to-agent hop of captured connections).
+struct LoCapture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl LoCapture {
+    fn start(tb: &Testbed, pod: &str) -> LoCapture {
+        let file = tb.state_dir().join("tmp").join(format!("{pod}-lo.pcap"));
+        let mut cmd = tb.pod_command(pod, "tshark").expect("pod command");
+        // -a duration bounds the capture even if the test dies before stopping it.
+        cmd.args([
+            "-q",
+            "-i",
+            "lo",
+            "-f",
+            "tcp port 15001",
+            "-a",
+            "duration:120",
+            "-w",
+        ])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .expect("tshark (installed by cargo xtask setup)");
+        let mut cap = LoCapture { child, file };
+        let until = Instant::now() + Duration::from_secs(15);
+        while std::fs::metadata(&cap.file).map_or(0, |m| m.len()) == 0 {
+            assert!(Instant::now() < until, "tshark did not start capturing");
+            assert!(
+                cap.child.try_wait().expect("poll").is_none(),
+                "tshark exited"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        cap
+    }
+
+    /// Stops the capture; returns the TCP payload bytes it saw.
+    fn payload_bytes(mut self) -> u64 {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        let out = Command::new("tshark")
+            .arg("-r")
+            .arg(&self.file)
+            .args(["-T", "fields", "-e", "tcp.len"])
+            .output()
+            .expect("tshark -r");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for LoCapture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Bytes echoed in [`lo_payload_of_a_transfer`]: under the default budget (4 MiB per socket).
+const LO_TRANSFER: u64 = 2 << 20;
+
+/// Payload bytes on the client's `lo` while 2 MiB are echoed through the mesh.
+fn lo_payload_of_a_transfer(tb: &Testbed) -> u64 {
+    let far = addr(tb, "echo-far", 7000);
+    let cap = LoCapture::start(tb, "client");
+    xfer(
+        tb,
+        &["--connect", &far, "--bytes", &LO_TRANSFER.to_string()],
+    );
+    cap.payload_bytes()
+}
+
+#[test]
+fn every_byte_arrives_both_ways_through_the_fast_path() {
+    let Some(tb) = up_with_args("fast_path_bytes", 2, &[("app.yaml", &manifests())], FORCE) else {
+        return;
+    };
+    let _servers = servers(&tb);
+    for node in ["node-1", "node-2"] {
+        let fp = fast_path_state(&tb, node);
+        assert_eq!(fp["on"], true, "fast path on {node}: {fp}");
+    }
+    let before: Vec<u64> = ["node-1", "node-2"]
+        .iter()
+        .map(|n| ebpf(&tb, n, "fast_path_redirected"))
+        .collect();
+    transfers(&tb);
+    // Both agents' hops were redirected: the client's outbound hop on node-1 (and the near
+    // echo's delivery hop), the far servers' delivery hops on node-2.
+    for (node, before) in ["node-1", "node-2"].iter().zip(before) {
+        let redirected = ebpf(&tb, node, "fast_path_redirected") - before;
+        assert!(
+            redirected >= 1000,
+            "{node}: only {redirected} messages went through the fast path"
+        );
+    }
+    // The 8 MiB transfers went past the 4 MiB budget: the rest of each went over the stack.
+    assert!(
+        ebpf(&tb, "node-1", "fast_path_stack") > 0,
+        "no socket was moved to the stack after its budget"
+    );
+    // And the bytes did not cross the client's loopback: 2 MiB each way, (almost) nothing
+    // on lo but handshakes. A message sent before the agent's end was in the map takes the
+    // stack, so allow a little.
+    let on_lo = lo_payload_of_a_transfer(&tb);
+    assert!(
+        on_lo < 64 * 1024,
+        "{on_lo} payload bytes crossed the client's lo with the fast path on"
+    );
+    tb.down().expect("down");
+}
+
+#[test]
+fn ten_thousand_short_connections_leave_the_maps_as_they_were() {
+    let Some(tb) = up_with_args("fast_path_churn", 2, &[("app.yaml", &manifests())], FORCE) else {
+        return;
+    };
+    let _servers = servers(&tb);
+    let near = addr(&tb, "echo-near", 7000);
+    // One connection first, so the agent's own long-lived state (HBONE pools) exists.
+    xfer(&tb, &["--connect", &near, "--bytes", "16"]);
+    let maps = |tb: &Testbed| {
+        let e = &admin_json(tb, "node-1", "/stats")["ebpf"];
+        [
+            "fast_path_entries",
+            "fast_path_sent_entries",
+            "orig_dst_entries",
+            "sock_orig_dst_entries",
+        ]
+        .map(|k| (k, e[k].as_u64().expect(k)))
+    };
+    let start = maps(&tb);
+    let inserted = ebpf(&tb, "node-1", "fast_path_inserted");
+    xfer(
+        &tb,
+        &[
+            "--connect",
+            &near,
+            "--bytes",
+            "16",
+            "--connections",
+            "10000",
+        ],
+    );
+    // Four sockets per connection on node-1: the client's hop and the echo's delivery hop.
+    let added = ebpf(&tb, "node-1", "fast_path_inserted") - inserted;
+    assert!(added >= 40_000, "only {added} sockets entered the SOCKHASH");
+    // Sockets close asynchronously (TIME_WAIT is not a full socket, but the last close
+    // happens after the client exits).
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = maps(&tb);
+        if now == start {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "maps did not return to their size: before {start:?}, after {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tb.down().expect("down");
+}
+
+#[test]
+fn a_stalled_reader_pushes_back_on_the_writer() {
+    let yaml = docs(&[
+        namespace("default", true),
+        pod("default", "client", "node-1", &[("app", "client")], 9999),
+        pod("default", "stall", "node-2", &[("app", "stall")], 7002),
+    ]);
+    let Some(tb) = up_with_args("fast_path_stall", 2, &[("app.yaml", &yaml)], FORCE) else {
+        return;
+    };
+    let _stall = serve(&tb, "stall", &["stall", "--listen", "0.0.0.0:7002"]);
+    let target = addr(&tb, "stall", 7002);
+    let out = testapp_in(
+        &tb,
+        "client",
+        &["fill", "--connect", &target, "--max-bytes", "268435456"],
+        Duration::from_secs(60),
+    )
+    .expect("fill");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "fill: {text} {:?}", out.stderr);
+    let taken: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("taken "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no taken line: {text}"));
+    // The kernel does not bound redirected bytes by the reader's buffer; the budget (4 MiB
+    // per socket) does, then TCP's own buffers on both hops and the agents' bounded relay
+    // buffers: the app's writes stop being taken.
+    assert!(
+        text.contains("full yes"),
+        "the connection kept taking bytes: {text}"
+    );
+    assert!(
+        taken < 64 << 20,
+        "{taken} bytes were taken by a connection whose reader never reads"
+    );
+    assert!(
+        ebpf(&tb, "node-1", "fast_path_redirected") > 0,
+        "the fast path was not used"
+    );
+    tb.down().expect("down");
+}
+
+#[test]
+fn switching_off_at_runtime_keeps_live_and_new_connections_flowing() {
+    let Some(tb) = up_with_args("fast_path_switch", 2, &[("app.yaml", &manifests())], FORCE) else {
+        return;
+    };
+    let _servers = servers(&tb);
+    let far = addr(&tb, "echo-far", 7000);
+    // A connection that lives across both switches: 48 writes of 4 KiB, 100 ms apart.
+    let live = |tb: &Testbed| {
+        let mut cmd = tb.pod_command("client", testapp()).expect("pod command");
+        cmd.args([
+            "xfer",
+            "--connect",
+            &far,
+            "--bytes",
+            "196608",
+            "--chunk",
+            "4096",
+            "--delay-ms",
+            "100",
+        ]);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("xfer")
+    };
+    let finish = |child: Child| {
+        let out = child.wait_with_output().expect("xfer");
+        assert!(
+            out.status.success(),
+            "the live connection broke: {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    let running = live(&tb);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, out) = switch(&tb, "node-1", "off");
+    assert!(ok && out.starts_with("off"), "{out}");
+    assert_eq!(fast_path_state(&tb, "node-1")["on"], false);
+    let redirected = ebpf(&tb, "node-1", "fast_path_redirected");
+    // New connections go over the stack; the live one goes on, in order.
+    transfers(&tb);
+    finish(running);
+    assert_eq!(
+        ebpf(&tb, "node-1", "fast_path_redirected"),
+        redirected,
+        "messages were redirected on node-1 with the fast path off"
+    );
+    // With it off the bytes cross lo: what the "on" test's lo check would catch.
+    let on_lo = lo_payload_of_a_transfer(&tb);
+    // (2 MiB each way; tshark may drop a few packets, so ask for one direction's worth.)
+    assert!(
+        on_lo >= LO_TRANSFER,
+        "only {on_lo} payload bytes on lo with the fast path off"
+    );
+
+    let running = live(&tb);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, out) = switch(&tb, "node-1", "on");
+    assert!(ok && out.starts_with("on"), "{out}");
+    transfers(&tb);
+    finish(running);
+    assert!(
+        ebpf(&tb, "node-1", "fast_path_redirected") > redirected,
+        "turned on again, new connections were not redirected"
+    );
+    tb.down().expect("down");
+}
+
+#[test]
+fn fast_path_off_by_default_keeps_the_mesh_working() {
+    let Some(tb) = up("fast_path_off", 2, &[("app.yaml", &manifests())]) else {
+        return;
+    };
+    let _servers = servers(&tb);
+    let fp = fast_path_state(&tb, "node-1");
+    assert_eq!(fp["on"], false, "{fp}");
+    assert_eq!(fp["reason"], "turned off with --fast-path=off", "{fp}");
+    transfers(&tb);
+    for node in ["node-1", "node-2"] {
+        assert_eq!(ebpf(&tb, node, "fast_path_inserted"), 0, "{node}");
+        assert_eq!(ebpf(&tb, node, "fast_path_redirected"), 0, "{node}");
+    }
+    // Off by flag means no self-test ran: it cannot be turned on at runtime.
+    let (ok, out) = switch(&tb, "node-1", "on");
+    assert!(!ok && out.contains("cannot be turned on"), "{out}");
+    tb.down().expect("down");
+}
+
+#[test]
+fn a_failed_self_test_leaves_the_fast_path_off_and_the_mesh_working() {
+    let Some(tb) = up_with_args(
+        "fast_path_selftest",
+        2,
+        &[("app.yaml", &manifests())],
+        &["--fast-path", "on", "--fast-path-inject-self-test-failure"],
+    ) else {
+        return;
+    };
+    let _servers = servers(&tb);
+    let fp = fast_path_state(&tb, "node-1");
+    assert_eq!(fp["on"], false, "{fp}");
+    assert_eq!(fp["self_test"], "failed", "{fp}");
+    assert!(
+        fp["self_test_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("never entered the SOCKHASH")),
+        "{fp}"
+    );
+    let status = Command::new(AGENT)
+        .args(["status", "--admin-socket"])
+        .arg(&tb.node("node-1").expect("node").admin_socket)
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("fast path:    off (self-test failed: the loopback connection never entered"),
+        "{text}"
+    );
+    // It cannot be forced on.
+    let (ok, out) = switch(&tb, "node-1", "on");
+    assert!(!ok && out.contains("cannot be turned on"), "{out}");
+    transfers(&tb);
+    assert_eq!(ebpf(&tb, "node-1", "fast_path_redirected"), 0);
+    assert_eq!(ebpf(&tb, "node-1", "fast_path_inserted"), 0);
+    tb.down().expect("down");
+}
