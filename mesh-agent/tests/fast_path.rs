@@ -48,6 +48,13 @@ fn manifests() -> String {
             &[("app", "sink-far")],
             7001,
         ),
+        pod(
+            "default",
+            "blob-far",
+            "node-2",
+            &[("app", "blob-far")],
+            7003,
+        ),
     ])
 }
 
@@ -64,7 +71,8 @@ fn servers(tb: &Testbed) -> Vec<mesh_testbed::PodProcess> {
 }
 
 /// `mesh-testapp xfer ARGS` from the client pod; panics with its output unless it passed.
-fn xfer(tb: &Testbed, args: &[&str]) {
+/// Returns its `ok ...` line.
+fn xfer(tb: &Testbed, args: &[&str]) -> String {
     let mut all = vec!["xfer"];
     all.extend_from_slice(args);
     let out = testapp_in(tb, "client", &all, Duration::from_secs(120))
@@ -82,6 +90,7 @@ fn xfer(tb: &Testbed, args: &[&str]) {
         admin_json(tb, "node-1", "/stats")["ebpf"],
         admin_json(tb, "node-2", "/stats")["ebpf"],
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 fn ebpf(tb: &Testbed, node: &str, name: &str) -> u64 {
@@ -288,17 +297,7 @@ fn ten_thousand_short_connections_leave_the_maps_as_they_were() {
     let near = addr(&tb, "echo-near", 7000);
     // One connection first, so the agent's own long-lived state (HBONE pools) exists.
     xfer(&tb, &["--connect", &near, "--bytes", "16"]);
-    let maps = |tb: &Testbed| {
-        let e = &admin_json(tb, "node-1", "/stats")["ebpf"];
-        [
-            "fast_path_entries",
-            "fast_path_sent_entries",
-            "orig_dst_entries",
-            "sock_orig_dst_entries",
-        ]
-        .map(|k| (k, e[k].as_u64().expect(k)))
-    };
-    let start = maps(&tb);
+    let start = map_sizes(&tb);
     let inserted = ebpf(&tb, "node-1", "fast_path_inserted");
     xfer(
         &tb,
@@ -314,13 +313,29 @@ fn ten_thousand_short_connections_leave_the_maps_as_they_were() {
     // Four sockets per connection on node-1: the client's hop and the echo's delivery hop.
     let added = ebpf(&tb, "node-1", "fast_path_inserted") - inserted;
     assert!(added >= 40_000, "only {added} sockets entered the SOCKHASH");
-    // Sockets close asynchronously (TIME_WAIT is not a full socket, but the last close
-    // happens after the client exits).
+    wait_for_map_sizes(&tb, start);
+    tb.down().expect("down");
+}
+
+/// The node-1 maps whose size must come back after connections end.
+fn map_sizes(tb: &Testbed) -> [(&'static str, u64); 4] {
+    let e = &admin_json(tb, "node-1", "/stats")["ebpf"];
+    [
+        "fast_path_entries",
+        "fast_path_sent_entries",
+        "orig_dst_entries",
+        "sock_orig_dst_entries",
+    ]
+    .map(|k| (k, e[k].as_u64().expect(k)))
+}
+
+fn wait_for_map_sizes(tb: &Testbed, start: [(&'static str, u64); 4]) {
+    // Sockets close asynchronously (the last close happens after the client exits).
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = maps(&tb);
+        let now = map_sizes(tb);
         if now == start {
-            break;
+            return;
         }
         assert!(
             Instant::now() < until,
@@ -328,6 +343,107 @@ fn ten_thousand_short_connections_leave_the_maps_as_they_were() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn closing_or_resetting_with_bytes_queued_loses_nothing_and_leaks_nothing() {
+    let Some(tb) = up_with_args("fast_path_close", 2, &[("app.yaml", &manifests())], FORCE) else {
+        return;
+    };
+    let mut sink = serve(
+        &tb,
+        "sink-far",
+        &["sink", "--listen", "0.0.0.0:7001", "--report"],
+    );
+    let _blob = serve(
+        &tb,
+        "blob-far",
+        &["blob", "--listen", "0.0.0.0:7003", "--bytes", "3145728"],
+    );
+    let sink_addr = addr(&tb, "sink-far", 7001);
+    xfer(
+        &tb,
+        &["--connect", &sink_addr, "--bytes", "16", "--reply", "sink"],
+    );
+    let _ = sink.wait_for_line("received", Duration::from_secs(5));
+    let start = map_sizes(&tb);
+    let redirected =
+        |tb: &Testbed| ["node-1", "node-2"].map(|n| ebpf(tb, n, "fast_path_redirected"));
+    let before = redirected(&tb);
+
+    // The app writes 1 MiB and closes at once: the bytes still queued (in the agent's
+    // socket, put there by the redirect) must all reach the server, then its EOF.
+    let sent = xfer(
+        &tb,
+        &[
+            "--connect",
+            &sink_addr,
+            "--bytes",
+            "1048576",
+            "--end",
+            "close",
+        ],
+    );
+    let crc = sent.rsplit(' ').next().expect("crc").to_string();
+    let line = sink
+        .wait_for_line("received", Duration::from_secs(10))
+        .expect("the sink's report");
+    assert!(
+        line.ends_with(&format!(" 1048576 {crc}")),
+        "the server got {line:?}, the client sent 1048576 bytes with crc {crc}"
+    );
+
+    // The server sends 3 MiB and closes at once while the client does not read yet: the
+    // bytes queued for the client survive the close of every socket behind them.
+    xfer(
+        &tb,
+        &[
+            "--connect",
+            &addr(&tb, "blob-far", 7003),
+            "--bytes",
+            "0",
+            "--reply",
+            "blob",
+            "--blob-bytes",
+            "3145728",
+            "--read-delay-ms",
+            "500",
+        ],
+    );
+
+    // Both agents' hops carried these through the fast path.
+    let after = redirected(&tb);
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "the fast path was not used: {before:?} -> {after:?}"
+    );
+
+    // Resets with bytes in flight: nothing breaks, nothing leaks.
+    for _ in 0..20 {
+        xfer(
+            &tb,
+            &[
+                "--connect",
+                &sink_addr,
+                "--bytes",
+                "262144",
+                "--end",
+                "reset",
+            ],
+        );
+    }
+    xfer(
+        &tb,
+        &[
+            "--connect",
+            &sink_addr,
+            "--bytes",
+            "65536",
+            "--reply",
+            "sink",
+        ],
+    );
+    wait_for_map_sizes(&tb, start);
     tb.down().expect("down");
 }
 

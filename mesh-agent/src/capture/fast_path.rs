@@ -597,7 +597,9 @@ mod tests {
     fn compare_names_the_first_difference() {
         assert!(compare("same", b"abc", b"abc").is_ok());
         match compare("what", b"abcdef", b"abXdef") {
-            Err(SelfTestError::Corrupt { at, expected, got, .. }) => {
+            Err(SelfTestError::Corrupt {
+                at, expected, got, ..
+            }) => {
                 assert_eq!((at, expected, got), (2, 6, 6));
             }
             other => panic!("{other:?}"),

@@ -35,6 +35,16 @@ enum Cmd {
     Sink {
         #[arg(long, value_parser = parse_listen)]
         listen: SocketAddr,
+        /// Also print `received <peer> <bytes> <crc32 hex>` for each connection.
+        #[arg(long)]
+        report: bool,
+    },
+    /// Sends --bytes pseudo-random bytes to each connection and closes it at once.
+    Blob {
+        #[arg(long, value_parser = parse_listen)]
+        listen: SocketAddr,
+        #[arg(long)]
+        bytes: usize,
     },
     /// Sends N pseudo-random bytes, half-closes, and checks the sink's reply.
     Source(tcp::SourceArgs),
@@ -128,7 +138,8 @@ fn main() -> Result<()> {
             match server {
                 Cmd::Http(args) => http::serve(args).await,
                 Cmd::Echo { listen } => tcp::echo(listen).await,
-                Cmd::Sink { listen } => tcp::sink(listen).await,
+                Cmd::Sink { listen, report } => tcp::sink(listen, report).await,
+                Cmd::Blob { listen, bytes } => tcp::blob(listen, bytes).await,
                 Cmd::Peer { listen } => tcp::peer(listen).await,
                 Cmd::Stall { listen } => tcp::stall(listen).await,
                 Cmd::Run(args) => fake_agent::run(args).await,

@@ -46,8 +46,24 @@ pub async fn echo(listen: SocketAddr) -> Result<()> {
     .await
 }
 
-pub async fn sink(listen: SocketAddr) -> Result<()> {
-    serve(listen, "sink", |mut sock, _| async move {
+/// Sends `bytes` pseudo-random bytes (seed `xfer::BLOB_SEED`) and closes at once, whatever
+/// the client does.
+pub async fn blob(listen: SocketAddr, bytes: usize) -> Result<()> {
+    let mut data = vec![0u8; bytes];
+    Prng::new(crate::xfer::BLOB_SEED).fill(&mut data);
+    let data = std::sync::Arc::new(data);
+    serve(listen, "blob", move |mut sock, _| {
+        let data = data.clone();
+        async move {
+            sock.write_all(&data).await.context("sending")?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+pub async fn sink(listen: SocketAddr, report: bool) -> Result<()> {
+    serve(listen, "sink", move |mut sock, peer| async move {
         let mut hasher = crc32fast::Hasher::new();
         let mut total: u64 = 0;
         let mut buf = vec![0u8; 64 * 1024];
@@ -60,7 +76,13 @@ pub async fn sink(listen: SocketAddr) -> Result<()> {
             total += n as u64;
         }
         let line = format!("{total} {:08x}\n", hasher.finalize());
-        sock.write_all(line.as_bytes()).await.context("replying")?;
+        if report {
+            println!("received {peer} {}", line.trim_end());
+        }
+        // The client may be gone already (it closed right after writing).
+        if sock.write_all(line.as_bytes()).await.is_err() {
+            return Ok(());
+        }
         sock.shutdown().await.context("shutting down")?;
         Ok(())
     })

@@ -27,6 +27,19 @@ pub enum Reply {
     Echo,
     /// The server is `sink`: it answers `<bytes> <crc32>`.
     Sink,
+    /// The server is `blob`: it sends `--blob-bytes` of its own and closes at once.
+    Blob,
+}
+
+/// How the connection ends after the bytes are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum End {
+    /// Half-close, read the whole reply, check it.
+    HalfClose,
+    /// close() at once, while the bytes may still be queued; nothing is read.
+    Close,
+    /// Reset (SO_LINGER 0) at once; nothing is read.
+    Reset,
 }
 
 #[derive(clap::Args)]
@@ -53,9 +66,18 @@ pub struct XferArgs {
     /// Pause between writes (mode write), to keep a connection open across a change.
     #[arg(long, default_value_t = 0)]
     delay_ms: u64,
+    #[arg(long, value_enum, default_value = "half-close")]
+    end: End,
+    /// With `--reply blob`: how many bytes the server sends.
+    #[arg(long, default_value_t = 0)]
+    blob_bytes: usize,
+    /// Wait this long before reading the reply (a slow reader: the reply queues meanwhile).
+    #[arg(long, default_value_t = 0)]
+    read_delay_ms: u64,
 }
 
-/// Prints `ok connections N bytes B` when every connection's reply matched.
+/// Prints `ok connections N bytes B crc C` when every connection's reply matched (C: the
+/// CRC-32 of the bytes each connection sent).
 pub fn xfer(args: &XferArgs) -> Result<()> {
     ensure!(args.chunk > 0, "--chunk must be positive");
     let mut data = vec![0u8; args.bytes];
@@ -64,7 +86,12 @@ pub fn xfer(args: &XferArgs) -> Result<()> {
         one(args, &data)
             .with_context(|| format!("connection {} of {}", i + 1, args.connections))?;
     }
-    println!("ok connections {} bytes {}", args.connections, args.bytes);
+    println!(
+        "ok connections {} bytes {} crc {:08x}",
+        args.connections,
+        args.bytes,
+        crc32fast::hash(&data)
+    );
     Ok(())
 }
 
@@ -73,11 +100,39 @@ fn one(args: &XferArgs, data: &[u8]) -> Result<()> {
     let timeout = Some(Duration::from_secs(args.timeout.max(1)));
     sock.set_read_timeout(timeout)?;
     sock.set_write_timeout(timeout)?;
+    if args.end != End::HalfClose {
+        send(args, &sock, data)?;
+        if args.end == End::Reset {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: valid fd, option pointer and length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&raw const linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("SO_LINGER 0");
+            }
+        }
+        drop(sock);
+        return Ok(());
+    }
     let reader = sock.try_clone().context("cloning the socket")?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout.max(1));
     // Reads concurrently: an echo server sends back while we are still sending.
     let back = std::thread::scope(|s| -> Result<Vec<u8>> {
-        let handle = s.spawn(move || read_to_end_polling(&reader, data.len(), deadline));
+        let read_delay = Duration::from_millis(args.read_delay_ms);
+        let handle = s.spawn(move || {
+            std::thread::sleep(read_delay);
+            read_to_end_polling(&reader, data.len(), deadline)
+        });
         send(args, &sock, data)?;
         sock.shutdown(Shutdown::Write).context("half-closing")?;
         handle
@@ -98,6 +153,21 @@ fn one(args: &XferArgs, data: &[u8]) -> Result<()> {
                     data.len()
                 );
             }
+        }
+        Reply::Blob => {
+            let mut expected = vec![0u8; args.blob_bytes];
+            Prng::new(BLOB_SEED).fill(&mut expected);
+            ensure!(
+                back == expected,
+                "blob differs: {} bytes of {} arrived{}",
+                back.len(),
+                expected.len(),
+                back.iter()
+                    .zip(&expected)
+                    .position(|(a, b)| a != b)
+                    .map(|at| format!(", first difference at byte {at}"))
+                    .unwrap_or_default()
+            );
         }
         Reply::Sink => {
             let expected = format!("{} {:08x}", data.len(), crc32fast::hash(data));
@@ -224,6 +294,9 @@ fn read_to_end_polling(sock: &TcpStream, expect: usize, deadline: Instant) -> Re
         back.extend_from_slice(&buf[..n as usize]);
     }
 }
+
+/// PRNG seed of what `blob` sends.
+pub const BLOB_SEED: u64 = 0xb10b;
 
 fn memfd_with(data: &[u8]) -> Result<std::fs::File> {
     // SAFETY: constant NUL-terminated name.
