@@ -70,7 +70,8 @@ impl PodProcesses {
             .expect("spawn in the pod");
         let pid = child.id();
         self.children.push(child);
-        // Wait until it runs in the pod's namespace.
+        // Wait until it runs in the pod's namespace, or has already run there and exited (a
+        // short command such as curl can finish before the first look).
         let want = std::fs::metadata(netns).expect("netns").ino();
         let until = Instant::now() + Duration::from_secs(5);
         while std::fs::metadata(format!("/proc/{pid}/ns/net"))
@@ -78,6 +79,15 @@ impl PodProcesses {
             .ok()
             != Some(want)
         {
+            let exited = self
+                .children
+                .last_mut()
+                .and_then(|c| c.try_wait().ok())
+                .flatten()
+                .is_some();
+            if exited {
+                break;
+            }
             assert!(
                 Instant::now() < until,
                 "process {pid} never entered {netns}"
