@@ -130,7 +130,7 @@ pub struct RunArgs {
     /// its connection goes over the TCP/IP stack. The kernel does not bound redirected bytes
     /// by the receiver's buffer, so this is what bounds the memory a stalled reader can
     /// make its peer queue (per socket, like TCP's own buffers).
-    #[arg(long, value_name = "BYTES", default_value_t = 4 << 20,
+    #[arg(long, value_name = "BYTES", default_value_t = crate::capture::fast_path::DEFAULT_BUDGET,
           value_parser = clap::value_parser!(u32).range(i64::from(crate::capture::fast_path::MIN_BUDGET)..))]
     pub fast_path_budget: u32,
 

@@ -151,7 +151,7 @@ pub fn run_checks() -> Vec<Check> {
 
     // Optional: the mesh works without the fast path, so this never fails the check; it
     // says what `--fast-path=on` would do on this kernel, and why.
-    let fast_path = crate::capture::check_fast_path(4 << 20);
+    let fast_path = crate::capture::check_fast_path(crate::capture::fast_path::DEFAULT_BUDGET);
     out.push(check(
         "fast path self-test (optional)",
         true,

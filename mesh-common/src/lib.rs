@@ -50,7 +50,7 @@ pub const ENROLLED_CAPACITY: u32 = 4096;
 pub const ORIG_DST_CAPACITY: u32 = 65536;
 
 /// Capacity of the SOCKHASH of the fast path (sockets, two per accelerated connection) and of
-/// the map of its sockets pinned to the TCP/IP stack.
+/// FAST_PATH_SENT (one entry per fast-path socket that has sent).
 pub const FAST_PATH_CAPACITY: u32 = 65536;
 
 /// Value of the ENROLLED map (key: netns cookie, `u64`).
@@ -165,8 +165,8 @@ pub mod stats {
     /// Messages sk_msg moved straight to the peer socket (no TCP/IP stack).
     pub const FAST_PATH_REDIRECTED: u32 = 7;
     /// Messages of a fast-path socket that went through the stack: the peer was not (yet) in
-    /// the SOCKHASH, or the fast path is off. Such a socket stays on the stack for good, so
-    /// its bytes are never reordered.
+    /// the SOCKHASH, the socket's budget was spent, or the fast path is off. Such a socket
+    /// stays on the stack for good, so its bytes are never reordered.
     pub const FAST_PATH_STACK: u32 = 8;
     pub const COUNT: u32 = 9;
 }

@@ -89,15 +89,7 @@ pub fn on_established(ctx: &SockOpsContext, passive: bool) {
     if !on_for(pod.flags) {
         return;
     }
-    let key = SockKey {
-        netns_cookie: netns,
-        local_ip4: ctx.local_ip4(),
-        remote_ip4: ctx.remote_ip4(),
-        // sock_ops' local_port is in host byte order.
-        local_port: ctx.local_port() as u16,
-        remote_port: remote_port_host(ctx.remote_port()),
-        _pad: 0,
-    };
+    let key = sock_ops_key(ctx, netns);
     if !is_agent_hop(ctx, &key, passive) {
         return;
     }
@@ -146,15 +138,21 @@ pub fn on_close(ctx: &SockOpsContext) {
     }
     // SAFETY: helper valid for sock_ops programs.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let key = SockKey {
+    let _ = FAST_PATH_SENT.remove(sock_ops_key(ctx, netns));
+}
+
+/// The socket's key as sock_ops sees it (the same one sk_msg builds for it).
+#[inline(always)]
+fn sock_ops_key(ctx: &SockOpsContext, netns: u64) -> SockKey {
+    SockKey {
         netns_cookie: netns,
         local_ip4: ctx.local_ip4(),
         remote_ip4: ctx.remote_ip4(),
+        // sock_ops' local_port is in host byte order.
         local_port: ctx.local_port() as u16,
         remote_port: remote_port_host(ctx.remote_port()),
         _pad: 0,
-    };
-    let _ = FAST_PATH_SENT.remove(key);
+    }
 }
 
 #[sk_msg]

@@ -9,9 +9,10 @@
 //! The self-test uses the real programs and maps: in a private network namespace it enrolls
 //! that namespace with the self-test flag (the fast path runs there even while it is off for
 //! pods), opens a 127.0.0.1:15001 connection exactly like a captured app's, checks that both
-//! ends entered the SOCKHASH, exchanges data both ways (a small message, 4 MiB in one write,
-//! 1 MiB in one write, 64 writes of 1 to 64 bytes, a half-close), checks every byte and that
-//! every message was redirected and none took the stack, then checks both ends left the map.
+//! ends entered the SOCKHASH, exchanges data both ways (a small message, one large write each
+//! way sized to the budget, 64 writes of 1 to 64 bytes, a half-close with a blocking read
+//! waiting across it), checks every byte and that every message was redirected and none took
+//! the stack, then checks both ends left the map.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -27,7 +28,7 @@ use mesh_common::{
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{CaptureError, MapReader, map_err, open_pinned_hash};
+use super::{CaptureError, MapReader, map_err, open_pinned};
 
 /// `--fast-path`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -89,7 +90,7 @@ impl FastPath {
     /// budget, then runs the self-test unless the mode is off, and turns the fast path on if
     /// it passed.
     pub fn start(pin_dir: &Path, cfg: FastPathConfig) -> Self {
-        let on_map = match open_on_map(pin_dir) {
+        let on_map = match open_pinned::<Array<MapData, u32>>(pin_dir, names::MAP_FAST_PATH_ON) {
             Ok(m) => m,
             Err(e) => {
                 // The map is part of the object Capture::start just loaded; without it nothing
@@ -238,13 +239,6 @@ impl FastPath {
     }
 }
 
-pub(crate) fn open_on_map(pin_dir: &Path) -> Result<Array<MapData, u32>, CaptureError> {
-    let name = names::MAP_FAST_PATH_ON;
-    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
-    let map = aya::maps::Map::from_map_data(data).map_err(map_err(name))?;
-    Array::try_from(map).map_err(map_err(name))
-}
-
 /// Why `mesh-agent check` could not run or pass the self-test.
 #[derive(Debug, thiserror::Error)]
 pub enum FastPathCheckError {
@@ -338,6 +332,8 @@ const UP_MAX: usize = 512 << 10;
 const SPLIT_WRITES: usize = 64;
 /// Smallest budget the self-test (and `--fast-path-budget`) accepts.
 pub const MIN_BUDGET: u32 = 64 << 10;
+/// `--fast-path-budget`'s default, and the budget `mesh-agent check` tests with.
+pub const DEFAULT_BUDGET: u32 = 4 << 20;
 /// How long the server waits after the half-close before answering: the client is blocked in
 /// read() meanwhile, and the ACK of its FIN wakes it without data.
 const LATE_REPLY: Duration = Duration::from_millis(200);
@@ -359,7 +355,8 @@ fn self_test_in_private_netns(
         .map_err(io_err("listening on 127.0.0.1:15001"))?;
     let netns = super::netns::netns_cookie(&listener).map_err(io_err("SO_NETNS_COOKIE"))?;
 
-    let mut enrolled = open_pinned_hash::<u64, EnrolledPod>(pin_dir, names::MAP_ENROLLED)?;
+    let mut enrolled: aya::maps::HashMap<MapData, u64, EnrolledPod> =
+        open_pinned(pin_dir, names::MAP_ENROLLED)?;
     let flags = if inject_failure {
         0
     } else {
@@ -569,7 +566,8 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// `ip link set lo up` in the calling thread's network namespace.
+/// `ip link set lo up` in the calling thread's network namespace. Two ioctls rather than
+/// rtnetlink (a dependency already): that would need an async runtime on this thread.
 fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket syscall; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

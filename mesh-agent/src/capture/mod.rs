@@ -143,7 +143,7 @@ impl Capture {
             links.extend(attach_fast_path(&mut ebpf, cfg)?);
         }
 
-        let enrolled = open_pinned_hash(&cfg.pin_dir, names::MAP_ENROLLED)?;
+        let enrolled = open_pinned(&cfg.pin_dir, names::MAP_ENROLLED)?;
         info!(
             cgroup = %cfg.cgroup.display(),
             pin_dir = %cfg.pin_dir.display(),
@@ -179,7 +179,7 @@ impl Capture {
     /// A new, independent handle on ORIG_DST for one accept loop.
     pub fn orig_dst_table(&self) -> Result<OrigDstTable, CaptureError> {
         Ok(OrigDstTable {
-            map: open_pinned_hash(&self.pin_dir, names::MAP_ORIG_DST)?,
+            map: open_pinned(&self.pin_dir, names::MAP_ORIG_DST)?,
         })
     }
 
@@ -289,19 +289,13 @@ pub struct MapReader {
 impl MapReader {
     /// Opens the maps pinned in `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<MapReader, CaptureError> {
-        let pinned = |name: &'static str| -> Result<Map, CaptureError> {
-            Map::from_map_data(MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?)
-                .map_err(map_err(name))
-        };
         Ok(MapReader {
-            stats: PerCpuArray::try_from(pinned(names::MAP_STATS)?)
-                .map_err(map_err(names::MAP_STATS))?,
-            enrolled: open_pinned_hash(pin_dir, names::MAP_ENROLLED)?,
-            orig_dst: open_pinned_hash(pin_dir, names::MAP_ORIG_DST)?,
-            sock_orig_dst: open_pinned_hash(pin_dir, names::MAP_SOCK_ORIG_DST)?,
-            fast_path: SockHash::try_from(pinned(names::MAP_FAST_PATH)?)
-                .map_err(map_err(names::MAP_FAST_PATH))?,
-            fast_path_sent: open_pinned_hash(pin_dir, names::MAP_FAST_PATH_SENT)?,
+            stats: open_pinned(pin_dir, names::MAP_STATS)?,
+            enrolled: open_pinned(pin_dir, names::MAP_ENROLLED)?,
+            orig_dst: open_pinned(pin_dir, names::MAP_ORIG_DST)?,
+            sock_orig_dst: open_pinned(pin_dir, names::MAP_SOCK_ORIG_DST)?,
+            fast_path: open_pinned(pin_dir, names::MAP_FAST_PATH)?,
+            fast_path_sent: open_pinned(pin_dir, names::MAP_FAST_PATH_SENT)?,
         })
     }
 
@@ -410,7 +404,7 @@ pub fn check_fast_path(
         prog.attach(&cgroup, CgroupAttachMode::Single)
             .map_err(prog_err(name))?;
         attach_fast_path(&mut ebpf, &cfg)?;
-        let mut on = fast_path::open_on_map(&dir)?;
+        let mut on: aya::maps::Array<MapData, u32> = open_pinned(&dir, names::MAP_FAST_PATH_ON)?;
         on.set(mesh_common::FAST_PATH_BUDGET_INDEX, budget, 0)
             .map_err(map_err(names::MAP_FAST_PATH_ON))?;
         let report = fast_path::self_test(&dir, budget, false)?;
@@ -421,13 +415,14 @@ pub fn check_fast_path(
     result
 }
 
-pub(crate) fn open_pinned_hash<K: aya::Pod, V: aya::Pod>(
-    pin_dir: &Path,
-    name: &'static str,
-) -> Result<BpfHashMap<MapData, K, V>, CaptureError> {
+/// The map pinned as `<pin_dir>/<name>`, as the typed aya map `T` (hash, array, SOCKHASH...).
+pub(crate) fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
     let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
     let map = Map::from_map_data(data).map_err(map_err(name))?;
-    BpfHashMap::try_from(map).map_err(map_err(name))
+    T::try_from(map).map_err(map_err(name))
 }
 
 /// Pins `link` at `<pin_dir>/link_<name>`, detaching a link a previous agent left there.

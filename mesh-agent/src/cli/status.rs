@@ -80,23 +80,31 @@ fn render(v: &Value) -> String {
 /// `on (self-test passed); N messages redirected, M sockets` or `off (why)`.
 fn fast_path(v: &Value) -> String {
     let fp = &v["fast_path"];
+    if fp.is_null() {
+        return "-".to_owned();
+    }
+    let state = fast_path_state(fp);
+    if fp["on"] == true {
+        format!(
+            "{state}; {} messages redirected, {} took the stack; {} sockets",
+            v["ebpf"]["fast_path_redirected"],
+            v["ebpf"]["fast_path_stack"],
+            v["ebpf"]["fast_path_entries"],
+        )
+    } else {
+        state
+    }
+}
+
+/// `on (why)` or `off (why)` from a `/fast_path` document.
+fn fast_path_state(fp: &Value) -> String {
     let reason = fp["reason"].as_str().unwrap_or("-");
     let detail = match fp["self_test_error"].as_str() {
         Some(err) => format!("{reason}: {err}"),
         None => reason.to_owned(),
     };
-    if fp["on"] == true {
-        format!(
-            "on ({detail}); {} messages redirected, {} took the stack; {} sockets",
-            v["ebpf"]["fast_path_redirected"],
-            v["ebpf"]["fast_path_stack"],
-            v["ebpf"]["fast_path_entries"],
-        )
-    } else if fp.is_null() {
-        "-".to_owned()
-    } else {
-        format!("off ({detail})")
-    }
+    let on = if fp["on"] == true { "on" } else { "off" };
+    format!("{on} ({detail})")
 }
 
 /// `mesh-agent fast-path [on|off]`: shows or switches the running agent's fast path.
@@ -107,10 +115,7 @@ pub async fn fast_path_command(socket: &Path, set: Option<bool>) -> anyhow::Resu
     };
     let v: Value =
         serde_json::from_str(&body).context("the agent's /fast_path answer is not valid JSON")?;
-    let status = serde_json::json!({ "fast_path": v, "ebpf": {} });
-    let line = fast_path(&status);
-    // Without counters here, the "on" line ends at the reason.
-    println!("{}", line.split(';').next().unwrap_or(&line));
+    println!("{}", fast_path_state(&v));
     Ok(())
 }
 
