@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -168,70 +167,25 @@ fn transfers(tb: &Testbed) {
 }
 
 /// tshark on a pod's `lo`, port 15001 (the app-to-agent hop of captured connections).
-struct LoCapture {
-    child: Child,
-    file: PathBuf,
+fn capture_lo(tb: &Testbed, pod: &str) -> PacketCapture {
+    let file = tb.state_dir().join("tmp").join(format!("{pod}-lo.pcap"));
+    let cmd = tb.pod_command(pod, "tshark").expect("pod command");
+    PacketCapture::start(cmd, "lo", "tcp port 15001", file)
 }
 
-impl LoCapture {
-    fn start(tb: &Testbed, pod: &str) -> LoCapture {
-        let file = tb.state_dir().join("tmp").join(format!("{pod}-lo.pcap"));
-        let mut cmd = tb.pod_command(pod, "tshark").expect("pod command");
-        // -a duration bounds the capture even if the test dies before stopping it.
-        cmd.args([
-            "-q",
-            "-i",
-            "lo",
-            "-f",
-            "tcp port 15001",
-            "-a",
-            "duration:120",
-            "-w",
-        ])
+/// Stops the capture; returns the TCP payload bytes it saw.
+fn payload_bytes(cap: PacketCapture) -> u64 {
+    let file = cap.finish();
+    let out = Command::new("tshark")
+        .arg("-r")
         .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-        let child = cmd
-            .spawn()
-            .expect("tshark (installed by cargo xtask setup)");
-        let mut cap = LoCapture { child, file };
-        let until = Instant::now() + Duration::from_secs(15);
-        while std::fs::metadata(&cap.file).map_or(0, |m| m.len()) == 0 {
-            assert!(Instant::now() < until, "tshark did not start capturing");
-            assert!(
-                cap.child.try_wait().expect("poll").is_none(),
-                "tshark exited"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        cap
-    }
-
-    /// Stops the capture; returns the TCP payload bytes it saw.
-    fn payload_bytes(mut self) -> u64 {
-        std::thread::sleep(Duration::from_millis(300));
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        let out = Command::new("tshark")
-            .arg("-r")
-            .arg(&self.file)
-            .args(["-T", "fields", "-e", "tcp.len"])
-            .output()
-            .expect("tshark -r");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse::<u64>().ok())
-            .sum()
-    }
-}
-
-impl Drop for LoCapture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        .args(["-T", "fields", "-e", "tcp.len"])
+        .output()
+        .expect("tshark -r");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Bytes echoed in [`lo_payload_of_a_transfer`]: under the default budget (4 MiB per socket).
@@ -240,12 +194,12 @@ const LO_TRANSFER: u64 = 2 << 20;
 /// Payload bytes on the client's `lo` while 2 MiB are echoed through the mesh.
 fn lo_payload_of_a_transfer(tb: &Testbed) -> u64 {
     let far = addr(tb, "echo-far", 7000);
-    let cap = LoCapture::start(tb, "client");
+    let cap = capture_lo(tb, "client");
     xfer(
         tb,
         &["--connect", &far, "--bytes", &LO_TRANSFER.to_string()],
     );
-    cap.payload_bytes()
+    payload_bytes(cap)
 }
 
 #[test]

@@ -37,54 +37,11 @@ fn workload<'a>(w: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no workload {name} in {w}"))
 }
 
-/// Captures on the node's eth0 (the link between nodes) until dropped.
-struct Capture {
-    child: std::process::Child,
-    file: PathBuf,
-}
-
-impl Capture {
-    fn start(tb: &Testbed, node: &str) -> Capture {
-        let file = tb.state_dir().join("tmp").join(format!("{node}.pcap"));
-        let mut cmd = tb.node_command(node, "tshark").expect("node command");
-        // -a duration bounds the capture even if the test dies before stopping it.
-        cmd.args(["-q", "-i", "eth0", "-f", "tcp", "-a", "duration:60", "-w"])
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let child = cmd
-            .spawn()
-            .expect("tshark (installed by cargo xtask setup)");
-        let mut cap = Capture { child, file };
-        let until = Instant::now() + Duration::from_secs(15);
-        // tshark writes the pcap header once the interface is open.
-        while std::fs::metadata(&cap.file).map_or(0, |m| m.len()) == 0 {
-            assert!(Instant::now() < until, "tshark did not start capturing");
-            assert!(
-                cap.child.try_wait().expect("poll").is_none(),
-                "tshark exited"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        cap
-    }
-
-    /// Stops the capture and returns the file.
-    fn finish(mut self) -> PathBuf {
-        std::thread::sleep(Duration::from_millis(500));
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let _ = self.child.wait();
-        self.file.clone()
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Captures on the node's eth0 (the link between nodes).
+fn capture_between_nodes(tb: &Testbed, node: &str) -> PacketCapture {
+    let file = tb.state_dir().join("tmp").join(format!("{node}.pcap"));
+    let cmd = tb.node_command(node, "tshark").expect("node command");
+    PacketCapture::start(cmd, "eth0", "tcp", file)
 }
 
 fn tshark_count(file: &Path, filter: &str) -> usize {
@@ -105,7 +62,7 @@ fn traffic_between_nodes_is_mutual_tls_and_never_plaintext() {
     };
     let _echo = serve(&tb, "server", &["echo", "--listen", "0.0.0.0:7000"]);
 
-    let cap = Capture::start(&tb, "node-1");
+    let cap = capture_between_nodes(&tb, "node-1");
     let marker = "NODEMESH-PLAINTEXT-MARKER-7f3a9c";
     let mut chat = Chat::open(&tb, "client", &server_addr(&tb));
     for i in 0..20 {

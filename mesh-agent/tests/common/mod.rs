@@ -384,3 +384,54 @@ pub fn http_service(name: &str, selector: &str, port_name: &str, target: &str) -
          targetPort: {target}\n"
     )
 }
+
+/// tshark capturing into a file, started from `cmd` (a `tshark` command already placed in a
+/// node's or pod's namespace), until [`PacketCapture::finish`] or drop.
+pub struct PacketCapture {
+    child: Child,
+    file: PathBuf,
+}
+
+impl PacketCapture {
+    /// Captures on `iface` with the capture `filter` into `file`; returns once tshark has the
+    /// interface open. `-a duration` bounds it even if the test dies before stopping it.
+    pub fn start(mut cmd: Command, iface: &str, filter: &str, file: PathBuf) -> PacketCapture {
+        let duration = "duration:120";
+        cmd.args(["-q", "-i", iface, "-f", filter, "-a", duration, "-w"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .expect("tshark (installed by cargo xtask setup)");
+        let mut cap = PacketCapture { child, file };
+        let until = Instant::now() + Duration::from_secs(15);
+        // tshark writes the pcap header once the interface is open.
+        while std::fs::metadata(&cap.file).map_or(0, |m| m.len()) == 0 {
+            assert!(Instant::now() < until, "tshark did not start capturing");
+            assert!(
+                cap.child.try_wait().expect("poll").is_none(),
+                "tshark exited"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        cap
+    }
+
+    /// Stops the capture (letting the last packets in first) and returns the file.
+    pub fn finish(mut self) -> PathBuf {
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        self.file.clone()
+    }
+}
+
+impl Drop for PacketCapture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
