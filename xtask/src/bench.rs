@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: the mesh against direct connections on a two-node testbed, same-node
-//! and cross-node: iperf3 single-stream throughput and wrk HTTP/1.1 at 1 and 32 connections,
-//! alternating runs, medians and ratios, the agent's CPU time and peak RSS. Writes
-//! docs/benchmarks.md and prints the tables.
+//! and cross-node: iperf3 single-stream throughput and wrk HTTP/1.1 at 1 and 32 connections
+//! (with `--http`, also h2load: HTTP/2 and gRPC unary calls at 1 and 32 streams), alternating
+//! runs, medians and ratios, the agent's CPU time and peak RSS. Writes docs/benchmarks.md and
+//! prints the tables.
 //!
 //! Pods: `bench/client` (enrolled namespace) and `bench-direct/client` (unlabelled) on
 //! node-1; `bench/server-local` on node-1 and `bench/server-remote` on node-2, each running
@@ -25,7 +26,7 @@ use mesh_testbed::{Testbed, TestbedConfig};
 use crate::setup::{self, SetupArgs};
 use crate::util::{build_bin, workspace_root};
 use bed::{CLIENT, CLIENT_NODE, DIRECT_NS, MESH_NS, SERVERS, ServerPod};
-use report::{AgentUse, Mode, Report, Scenario, WRK_CONNS};
+use report::{AgentUse, H2_STREAMS, Mode, Report, Scenario, WRK_CONNS};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -48,7 +49,8 @@ pub struct BenchArgs {
     #[arg(long)]
     plaintext: bool,
     /// Send wrk through the agents' HTTP path (a Service port named `http`: the client's
-    /// agent parses each request and balances it) instead of L4 (a port named `tcp-web`);
+    /// agent parses each request and balances it) instead of L4 (a port named `tcp-web`),
+    /// and add h2load runs of HTTP/2 (h2c, port `http2`) and gRPC unary calls (port `grpc`);
     /// the targets are then the L7 ones.
     #[arg(long)]
     http: bool,
@@ -96,7 +98,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     setup::run(&args.setup)?;
     let agent_bin = build_bin("mesh-agent", "mesh-agent", true)?;
     let testapp = build_bin("mesh-testbed", "mesh-testapp", true)?;
-    for tool in ["iperf3", "wrk"] {
+    let tools: &[&str] = if args.http {
+        &["iperf3", "wrk", "h2load"]
+    } else {
+        &["iperf3", "wrk"]
+    };
+    for &tool in tools {
         if !on_path(tool) {
             bail!("{tool} is not installed (cargo xtask setup installs it)");
         }
@@ -115,7 +122,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     cfg.ca = !args.plaintext;
     let tb = Testbed::up(cfg)?;
     bed::wait_enrolled(&tb)?;
-    let servers = bed::start_servers(&tb, &http)?;
+    let servers = bed::start_servers(&tb, &http, &testapp, args.http)?;
     let bench = Bench {
         tb: &tb,
         duration_s,
@@ -205,6 +212,10 @@ enum Test {
     Iperf,
     /// wrk with WRK_CONNS[i] connections.
     Wrk(usize),
+    /// h2load, HTTP/2 GET, at H2_STREAMS[i].
+    H2(usize),
+    /// h2load, gRPC unary calls, at H2_STREAMS[i].
+    Grpc(usize),
 }
 
 impl Test {
@@ -213,8 +224,20 @@ impl Test {
         match self {
             Test::Iperf => 0,
             Test::Wrk(i) => 1 + i,
+            Test::H2(i) => 3 + i,
+            Test::Grpc(i) => 5 + i,
         }
     }
+}
+
+/// The gRPC message h2load sends: a 100-byte message in gRPC's length-prefixed framing
+/// (uncompressed flag, big-endian length); grpc-echo answers `v1:` and the same bytes.
+fn grpc_frame() -> Vec<u8> {
+    let msg = [b'x'; 100];
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    frame
 }
 
 struct Bench<'a> {
@@ -292,6 +315,8 @@ impl Bench<'_> {
             description,
             gbps: Default::default(),
             wrk: Default::default(),
+            h2: Default::default(),
+            grpc: Default::default(),
             agent: AgentUse::default(),
             other_agent: AgentUse::default(),
             errors: Vec::new(),
@@ -305,6 +330,16 @@ impl Bench<'_> {
         for mode in [Mode::Direct, Mode::Mesh] {
             self.wrk(mode, dst(mode), 32, WARMUP_S)
                 .with_context(|| format!("{title}: warm-up, {}", mode.name()))?;
+            if self.http {
+                // h2load checks only the HTTP status; a real gRPC client checks the answers
+                // and grpc-status once per path before the load.
+                self.grpc_check(mode, dst(mode))
+                    .with_context(|| format!("{title}: gRPC check, {}", mode.name()))?;
+            }
+        }
+        let mut tests = vec![Test::Iperf, Test::Wrk(0), Test::Wrk(1)];
+        if self.http {
+            tests.extend([Test::H2(0), Test::H2(1), Test::Grpc(0), Test::Grpc(1)]);
         }
         for run in 1..=self.runs {
             let order = if run % 2 == 1 {
@@ -312,7 +347,7 @@ impl Bench<'_> {
             } else {
                 [Mode::Mesh, Mode::Direct]
             };
-            for test in [Test::Iperf, Test::Wrk(0), Test::Wrk(1)] {
+            for &test in &tests {
                 for mode in order {
                     let what = format!("{title}, run {run}/{}, {}", self.runs, mode.name());
                     self.measure(&mut sc, test, mode, dst(mode), &what)
@@ -357,6 +392,25 @@ impl Bench<'_> {
                 }
                 let line = format!(
                     "wrk -c{conns} {:.0} req/s, p50 {:.1} us, p99 {:.1} us",
+                    r.rps, r.p50_us, r.p99_us
+                );
+                (line, r.rps * secs)
+            }
+            Test::H2(i) | Test::Grpc(i) => {
+                let grpc = matches!(test, Test::Grpc(_));
+                let (conns, streams) = H2_STREAMS[i];
+                let r = self.h2load(mode, dst, grpc, conns, streams)?;
+                let w = if grpc { &mut sc.grpc[i] } else { &mut sc.h2[i] };
+                w.rps.push(mode, r.rps);
+                w.p50_us.push(mode, r.p50_us);
+                w.p99_us.push(mode, r.p99_us);
+                let kind = if grpc { "gRPC" } else { "HTTP/2" };
+                for e in &r.errors {
+                    sc.errors
+                        .push(format!("{what}, {kind} {conns}x{streams} streams: {e}"));
+                }
+                let line = format!(
+                    "h2load {kind} -c{conns} -m{streams} {:.0} req/s, p50 {:.1} us, p99 {:.1} us",
                     r.rps, r.p50_us, r.p99_us
                 );
                 (line, r.rps * secs)
@@ -420,7 +474,67 @@ impl Bench<'_> {
         tools::parse_iperf3(&out.stdout)
     }
 
-    fn wrk(&self, mode: Mode, dst: Ipv4Addr, conns: u32, secs: u32) -> Result<tools::WrkResult> {
+    /// h2load with `conns` connections of `streams` concurrent streams each: HTTP/2 GETs of
+    /// nginx's page, or (`grpc`) unary calls to grpc-echo.
+    fn h2load(
+        &self,
+        mode: Mode,
+        dst: Ipv4Addr,
+        grpc: bool,
+        conns: u32,
+        streams: u32,
+    ) -> Result<tools::LoadResult> {
+        let dir = self.tb.state_dir().join("bench");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = dir.join("h2load.log");
+        // A log left by an earlier run must not be read as this one's.
+        match std::fs::remove_file(&log) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", log.display()));
+            }
+            _ => {}
+        }
+        let mut cmd = self.tb.pod_command(&Self::client(mode), "h2load")?;
+        let url = if grpc {
+            let body = dir.join("grpc-request.bin");
+            std::fs::write(&body, grpc_frame())
+                .with_context(|| format!("writing {}", body.display()))?;
+            cmd.arg("-d").arg(&body).args([
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+            ]);
+            format!("http://{dst}:{}/nodemesh.test.Echo/Unary", bed::GRPC_PORT)
+        } else {
+            format!("http://{dst}:{}/", bed::H2C_PORT)
+        };
+        cmd.args(["-t1", &format!("-c{conns}"), &format!("-m{streams}")])
+            .arg(format!("-D{}", self.duration_s))
+            .arg(format!("--log-file={}", log.display()))
+            .arg(&url);
+        let limit = Duration::from_secs(self.duration_s.into()) + SLACK;
+        let what = format!("h2load -c{conns} -m{streams} {url}");
+        let out = tools::run_bounded(cmd, &what, limit)?;
+        let log_text = std::fs::read_to_string(&log)
+            .with_context(|| format!("reading {} (h2load --log-file)", log.display()))?;
+        tools::parse_h2load(&out.stdout, &log_text).with_context(|| what.clone())
+    }
+
+    /// A real gRPC client (tonic, `mesh-testapp grpc`) makes unary calls and a bidirectional
+    /// stream on the path h2load will load, and checks every answer.
+    fn grpc_check(&self, mode: Mode, dst: Ipv4Addr) -> Result<()> {
+        let mut cmd = self.tb.pod_command(&Self::client(mode), self.testapp)?;
+        let connect = format!("{dst}:{}", bed::GRPC_PORT);
+        cmd.args(["grpc", "--connect", &connect, "--unary", "3", "--chat", "3"]);
+        let out = tools::run_bounded(cmd, &format!("mesh-testapp grpc {connect}"), SLACK)?;
+        if !(out.stdout.contains("unary 3 ok") && out.stdout.contains("chat 3 ok")) {
+            bail!("mesh-testapp grpc {connect}: {}", out.stdout.trim());
+        }
+        Ok(())
+    }
+
+    fn wrk(&self, mode: Mode, dst: Ipv4Addr, conns: u32, secs: u32) -> Result<tools::LoadResult> {
         let mut cmd = self.tb.pod_command(&Self::client(mode), "wrk")?;
         let threads = if conns > 1 { 2 } else { 1 };
         let port = match mode {

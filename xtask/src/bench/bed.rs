@@ -20,6 +20,10 @@ pub const IPERF_PORT: u16 = 5201;
 /// The Services' second port to the same web server, named `http`: the agents' HTTP path.
 /// `HTTP_PORT` on the Service is named `tcp-web`: L4.
 pub const MESH_HTTP_PORT: u16 = 8081;
+/// The server pods' HTTP/2 port (h2c with prior knowledge), a Service port named `http2`.
+pub const H2C_PORT: u16 = 8082;
+/// The server pods' gRPC port (`mesh-testapp grpc-echo`), a Service port named `grpc`.
+pub const GRPC_PORT: u16 = 50051;
 /// The node of both clients; its agent is the one that proxies the mesh traffic.
 pub const CLIENT_NODE: &str = "node-1";
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -44,7 +48,9 @@ pub const SERVERS: [ServerPod; 2] = [
 fn pod_yaml(out: &mut String, ns: &str, name: &str, node: &str, ports: bool) {
     let ports = if ports {
         format!(
-            "\n    ports: [{{name: http, containerPort: {HTTP_PORT}}}, {{name: iperf, containerPort: {IPERF_PORT}}}]"
+            "\n    ports: [{{name: http, containerPort: {HTTP_PORT}}}, {{name: iperf, containerPort: \
+             {IPERF_PORT}}}, {{name: h2c, containerPort: {H2C_PORT}}}, {{name: grpc, \
+             containerPort: {GRPC_PORT}}}]"
         )
     } else {
         String::new()
@@ -77,7 +83,9 @@ pub fn manifest() -> String {
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {MESH_NS}\n\
              spec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: tcp-web, port: {HTTP_PORT}, \
              targetPort: http}}\n  - {{name: http, port: {MESH_HTTP_PORT}, targetPort: http}}\n  \
-             - {{name: iperf, port: {IPERF_PORT}, targetPort: iperf}}\n",
+             - {{name: iperf, port: {IPERF_PORT}, targetPort: iperf}}\n  \
+             - {{name: http2, port: {H2C_PORT}, targetPort: h2c}}\n  \
+             - {{name: grpc, port: {GRPC_PORT}, targetPort: grpc}}\n",
             name = s.name
         );
     }
@@ -123,13 +131,21 @@ fn nginx_conf(dir: &Path) -> String {
          client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
          fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  \
          scgi_temp_path {d}/tmp/scgi;\n  server {{\n    listen {HTTP_PORT} default_server;\n    \
-         root {d}/www;\n    location / {{ index index.html; }}\n  }}\n}}\n"
+         root {d}/www;\n    location / {{ index index.html; }}\n  }}\n  server {{\n    \
+         listen {H2C_PORT} http2;\n    root {d}/www;\n    location / {{ index index.html; }}\n  \
+         }}\n}}\n"
     )
 }
 
-/// Starts iperf3 and the HTTP server in every server pod and waits until they accept
+/// Starts iperf3 and the HTTP server in every server pod (with `h2`, also an HTTP/2 server
+/// on [`H2C_PORT`] and `testapp grpc-echo` on [`GRPC_PORT`]) and waits until they accept
 /// connections. The returned guards stop them on drop.
-pub fn start_servers(tb: &Testbed, http: &HttpServer) -> Result<Vec<PodProcess>> {
+pub fn start_servers(
+    tb: &Testbed,
+    http: &HttpServer,
+    testapp: &Path,
+    h2: bool,
+) -> Result<Vec<PodProcess>> {
     let mut procs = Vec::new();
     for (ns, s) in [MESH_NS, DIRECT_NS]
         .into_iter()
@@ -142,7 +158,9 @@ pub fn start_servers(tb: &Testbed, http: &HttpServer) -> Result<Vec<PodProcess>>
             .wait_for_line("Server listening", READY_TIMEOUT)
             .with_context(|| format!("iperf3 -s in pod {pod}"))?;
         procs.push(iperf);
-        let web = match http {
+        // The ports to wait for, each with the index in `procs` of the process serving it.
+        let mut serving: Vec<(usize, u16)> = Vec::new();
+        match http {
             HttpServer::Nginx(bin) => {
                 let dir = tb.state_dir().join("bench").join(ns).join(s.name);
                 for sub in ["tmp", "www"] {
@@ -167,22 +185,43 @@ pub fn start_servers(tb: &Testbed, http: &HttpServer) -> Result<Vec<PodProcess>>
                     "-e".as_ref(),
                     err.as_os_str(),
                 ];
-                tb.spawn_in_pod(&pod, bin, args)?
+                procs.push(tb.spawn_in_pod(&pod, bin, args)?);
+                serving.push((procs.len() - 1, HTTP_PORT));
+                if h2 {
+                    serving.push((procs.len() - 1, H2C_PORT));
+                }
             }
             HttpServer::Testapp(bin) => {
-                let listen = format!("0.0.0.0:{HTTP_PORT}");
-                let args = ["http", "--listen", &listen, "--service", s.name];
-                let mut p = tb.spawn_in_pod(&pod, bin, args)?;
-                p.wait_for_line("listening", READY_TIMEOUT)
-                    .with_context(|| format!("mesh-testapp http in pod {pod}"))?;
-                p
+                // mesh-testapp http speaks HTTP/1.1 and h2c (hyper-util's auto builder).
+                let ports = if h2 {
+                    &[HTTP_PORT, H2C_PORT][..]
+                } else {
+                    &[HTTP_PORT][..]
+                };
+                for &port in ports {
+                    let listen = format!("0.0.0.0:{port}");
+                    let args = ["http", "--listen", &listen, "--service", s.name];
+                    let mut p = tb.spawn_in_pod(&pod, bin, args)?;
+                    p.wait_for_line("listening", READY_TIMEOUT)
+                        .with_context(|| format!("mesh-testapp http in pod {pod}"))?;
+                    procs.push(p);
+                    serving.push((procs.len() - 1, port));
+                }
             }
-        };
-        procs.push(web);
-        let ip = tb.pod_ip(MESH_NS, s.name)?;
-        let web = procs.last_mut().context("no HTTP server process")?;
-        wait_tcp(tb, web, SocketAddr::from((ip, HTTP_PORT)))
-            .with_context(|| format!("the HTTP server in pod {pod}"))?;
+        }
+        if h2 {
+            let listen = format!("0.0.0.0:{GRPC_PORT}");
+            let mut p = tb.spawn_in_pod(&pod, testapp, ["grpc-echo", "--listen", &listen])?;
+            p.wait_for_line("listening", READY_TIMEOUT)
+                .with_context(|| format!("mesh-testapp grpc-echo in pod {pod}"))?;
+            procs.push(p);
+            serving.push((procs.len() - 1, GRPC_PORT));
+        }
+        let ip = tb.pod_ip(ns, s.name)?;
+        for (i, port) in serving {
+            wait_tcp(tb, &mut procs[i], SocketAddr::from((ip, port)))
+                .with_context(|| format!("the server on port {port} of pod {pod}"))?;
+        }
     }
     Ok(procs)
 }

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use super::bed::{CLIENT, CLIENT_NODE, DIRECT_NS, HttpServer, MESH_NS};
-use super::report::{AgentUse, Report, Samples, Scenario, TESTS, WRK_CONNS, targets};
+use super::report::{
+    AgentUse, H2_STREAMS, LoadSamples, Report, Samples, Scenario, TESTS, WRK_CONNS, targets,
+};
 use super::tools;
 
 fn lat(us: f64) -> String {
@@ -35,7 +37,7 @@ struct Row<'a> {
     latency: bool,
 }
 
-fn rows(s: &Scenario) -> Vec<Row<'_>> {
+fn rows<'a>(s: &'a Scenario) -> Vec<Row<'a>> {
     let row = |name: String, samples, fmt, latency| Row {
         name,
         samples,
@@ -43,22 +45,27 @@ fn rows(s: &Scenario) -> Vec<Row<'_>> {
         latency,
     };
     let mut out = vec![row("iperf3, 1 stream, Gbit/s".into(), &s.gbps, gbit, false)];
+    let mut load = |what: String, w: &'a LoadSamples| {
+        out.push(row(format!("{what}, requests/s"), &w.rps, rate, false));
+        out.push(row(format!("{what}, p50 latency"), &w.p50_us, lat, true));
+        out.push(row(format!("{what}, p99 latency"), &w.p99_us, lat, true));
+    };
     for (w, c) in s.wrk.iter().zip(WRK_CONNS) {
         let conns = if c == 1 { "1 conn" } else { "32 conns" };
-        out.push(row(format!("wrk {conns}, requests/s"), &w.rps, rate, false));
-        out.push(row(
-            format!("wrk {conns}, p50 latency"),
-            &w.p50_us,
-            lat,
-            true,
-        ));
-        out.push(row(
-            format!("wrk {conns}, p99 latency"),
-            &w.p99_us,
-            lat,
-            true,
-        ));
+        load(format!("wrk {conns}"), w);
     }
+    for (kind, samples) in [("HTTP/2", &s.h2), ("gRPC", &s.grpc)] {
+        for (w, (c, m)) in samples.iter().zip(H2_STREAMS) {
+            let streams = if c * m == 1 {
+                "1 stream".to_string()
+            } else {
+                format!("{} streams ({c} conns)", c * m)
+            };
+            load(format!("h2load {kind} {streams}"), w);
+        }
+    }
+    // Loads that did not run (h2load without `--http`) have no rows.
+    out.retain(|r| !(r.samples.direct.is_empty() && r.samples.mesh.is_empty()));
     out
 }
 
@@ -248,7 +255,7 @@ pub fn document(r: &Report) -> String {
             agent_use(&s.other_agent)
         );
         for e in &s.errors {
-            let _ = writeln!(out, "- {}: wrk reported {e}", s.title);
+            let _ = writeln!(out, "- {}: the load generator reported {e}", s.title);
         }
     }
     out.push_str("\n## Every run\n\n");
@@ -366,6 +373,21 @@ pub fn notes(
             super::bed::HTTP_PORT
         )
     });
+    if http_path {
+        n.push(format!(
+            "h2load ({}, `-t1 -c<conns> -m<streams> -D <s> --log-file`; p50/p99 from the log \
+             file's per-request times, successful requests only): HTTP/2 GET / to the Service \
+             port named `http2` ({}; h2c with prior knowledge, nginx's `listen ... http2`), and \
+             gRPC unary calls (POST /nodemesh.test.Echo/Unary, a 100-byte message, \
+             `content-type: application/grpc`) to the port named `grpc` ({}; `mesh-testapp \
+             grpc-echo`, tonic). Both agents parse each request as HTTP/2; before the load a \
+             tonic client checks unary answers, a bidirectional stream and trailers on each path. \
+             The 32-stream figures are 4 connections of 8 concurrent streams.",
+            tools::version("h2load", "--version"),
+            super::bed::H2C_PORT,
+            super::bed::GRPC_PORT
+        ));
+    }
     n.push(
         "Each run measures direct and mesh back to back, the order flipping every run; a 1 s \
          wrk warm-up per scenario and mode comes first. The agent is a release build with \

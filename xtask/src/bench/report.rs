@@ -50,9 +50,9 @@ pub fn median(v: &[f64]) -> Option<f64> {
     }
 }
 
-/// wrk results at one connection count.
+/// A request load's results (wrk or h2load) at one concurrency.
 #[derive(Debug, Default, Clone)]
-pub struct WrkSamples {
+pub struct LoadSamples {
     pub rps: Samples,
     pub p50_us: Samples,
     pub p99_us: Samples,
@@ -60,18 +60,28 @@ pub struct WrkSamples {
 
 /// Connection counts of the wrk measurements.
 pub const WRK_CONNS: [u32; 2] = [1, 32];
+/// h2load's concurrency: (connections, streams per connection), 1 and 32 requests in flight.
+pub const H2_STREAMS: [(u32, u32); 2] = [(1, 1), (4, 8)];
 /// Measurements, in the order of [`AgentUse`]'s arrays.
-pub const TESTS: [&str; 3] = ["iperf3", "wrk 1 conn", "wrk 32 conns"];
+pub const TESTS: [&str; 7] = [
+    "iperf3",
+    "wrk 1 conn",
+    "wrk 32 conns",
+    "HTTP/2 1 stream",
+    "HTTP/2 32 streams",
+    "gRPC 1 stream",
+    "gRPC 32 streams",
+];
 
 /// An agent's resource use during a scenario's mesh measurements.
 #[derive(Debug, Default, Clone)]
 pub struct AgentUse {
     /// CPU seconds (user + system) per measurement kind ([`TESTS`]).
-    pub cpu_s: [f64; 3],
+    pub cpu_s: [f64; TESTS.len()],
     /// Wall-clock seconds per measurement kind.
-    pub wall_s: [f64; 3],
-    /// Work done per measurement kind: gigabytes received (iperf3), requests (wrk).
-    pub work: [f64; 3],
+    pub wall_s: [f64; TESTS.len()],
+    /// Work done per measurement kind: gigabytes received (iperf3), requests (the others).
+    pub work: [f64; TESTS.len()],
     /// VmHWM at the end of the scenario (reset at its start), KiB.
     pub peak_rss_kib: u64,
 }
@@ -101,12 +111,17 @@ pub struct Scenario {
     /// iperf3 receiver throughput, Gbit/s.
     pub gbps: Samples,
     /// wrk at [`WRK_CONNS`] connections.
-    pub wrk: [WrkSamples; 2],
+    pub wrk: [LoadSamples; 2],
+    /// h2load, HTTP/2 (h2c) to nginx, at [`H2_STREAMS`] (only with `--http`).
+    pub h2: [LoadSamples; 2],
+    /// h2load, gRPC unary calls to mesh-testapp grpc-echo, at [`H2_STREAMS`] (`--http`).
+    pub grpc: [LoadSamples; 2],
     /// The agent of the clients' node (it proxies the mesh traffic).
     pub agent: AgentUse,
     /// The agent of the other node.
     pub other_agent: AgentUse,
-    /// wrk's socket errors / non-2xx lines, prefixed with the measurement.
+    /// wrk's and h2load's errors (socket errors, failed requests, non-2xx), prefixed with the
+    /// measurement.
     pub errors: Vec<String>,
 }
 
@@ -286,10 +301,12 @@ pub mod tests {
                 mesh: vec![9.5],
             },
             wrk: Default::default(),
+            h2: Default::default(),
+            grpc: Default::default(),
             agent: AgentUse {
-                cpu_s: [1.0, 0.5, 1.5],
-                wall_s: [5.0, 5.0, 5.0],
-                work: [6.0, 50_000.0, 150_000.0],
+                cpu_s: [1.0, 0.5, 1.5, 0.0, 0.0, 0.0, 0.0],
+                wall_s: [5.0, 5.0, 5.0, 0.0, 0.0, 0.0, 0.0],
+                work: [6.0, 50_000.0, 150_000.0, 0.0, 0.0, 0.0, 0.0],
                 peak_rss_kib: 12_000,
             },
             other_agent: AgentUse::default(),

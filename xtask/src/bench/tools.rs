@@ -1,4 +1,5 @@
-//! The load generators: running iperf3 and wrk with a deadline, and parsing what they print.
+//! The load generators: running iperf3, wrk and h2load with a deadline, and parsing what they
+//! print.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -91,13 +92,14 @@ pub fn parse_iperf3(json: &str) -> Result<f64> {
     Ok(bps)
 }
 
-/// What one `wrk --latency` run measured.
+/// What one `wrk --latency` or h2load run measured.
 #[derive(Debug, Clone, PartialEq)]
-pub struct WrkResult {
+pub struct LoadResult {
     pub rps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
-    /// Socket errors and non-2xx/3xx responses, as wrk words them (empty if none).
+    /// Socket errors, failed requests and non-2xx/3xx responses, as the tool words them
+    /// (empty if none).
     pub errors: Vec<String>,
 }
 
@@ -122,7 +124,7 @@ fn parse_latency(s: &str) -> Result<f64> {
 }
 
 /// Parses the text `wrk --latency` prints.
-pub fn parse_wrk(text: &str) -> Result<WrkResult> {
+pub fn parse_wrk(text: &str) -> Result<LoadResult> {
     let mut rps = None;
     let mut p50 = None;
     let mut p99 = None;
@@ -143,7 +145,7 @@ pub fn parse_wrk(text: &str) -> Result<WrkResult> {
         }
     }
     match (rps, p50, p99) {
-        (Some(rps), Some(p50_us), Some(p99_us)) if rps > 0.0 => Ok(WrkResult {
+        (Some(rps), Some(p50_us), Some(p99_us)) if rps > 0.0 => Ok(LoadResult {
             rps,
             p50_us,
             p99_us,
@@ -152,6 +154,84 @@ pub fn parse_wrk(text: &str) -> Result<WrkResult> {
         (Some(_), Some(_), Some(_)) => bail!("wrk completed no requests:\n{text}"),
         _ => bail!("wrk's output lacks Requests/sec or the 50%/99% latency lines:\n{text}"),
     }
+}
+
+/// Parses what h2load prints (`finished in 5.00s, 1234.50 req/s, ...`, the `requests:` and
+/// `status codes:` lines) and its `--log-file` (one request per line: start time, status,
+/// microseconds to the end of the response), from which the percentiles come: h2load itself
+/// prints only min/max/mean/sd.
+pub fn parse_h2load(text: &str, log: &str) -> Result<LoadResult> {
+    let mut rps = None;
+    let mut errors = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            let v = rest
+                .split(", ")
+                .find_map(|f| f.strip_suffix(" req/s"))
+                .with_context(|| format!("no req/s in h2load's line {line:?}"))?;
+            rps = Some(
+                v.parse::<f64>()
+                    .with_context(|| format!("h2load's req/s {v:?} is not a number"))?,
+            );
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            // "N total, N started, N done, N succeeded, F failed, E errored, T timeout"
+            let bad: u64 = rest
+                .split(", ")
+                .filter(|f| {
+                    ["failed", "errored", "timeout"]
+                        .iter()
+                        .any(|k| f.ends_with(k))
+                })
+                .filter_map(|f| f.split_whitespace().next()?.parse::<u64>().ok())
+                .sum();
+            if bad > 0 {
+                errors.push(line.to_string());
+            }
+        } else if let Some(rest) = line.strip_prefix("status codes: ") {
+            let non_2xx = rest
+                .split(", ")
+                .filter(|f| !f.ends_with("2xx"))
+                .any(|f| f.split_whitespace().next() != Some("0"));
+            if non_2xx {
+                errors.push(line.to_string());
+            }
+        }
+    }
+    let rps = rps.with_context(|| format!("h2load printed no `finished in` line:\n{text}"))?;
+    let mut durations = Vec::new();
+    for (n, line) in log.lines().enumerate() {
+        let mut cols = line.split('\t');
+        let (Some(_start), Some(status), Some(us)) = (cols.next(), cols.next(), cols.next()) else {
+            bail!(
+                "h2load's log file, line {}: {line:?} has fewer than 3 columns",
+                n + 1
+            );
+        };
+        let ok = status.parse::<i32>().is_ok_and(|s| (200..300).contains(&s));
+        if ok {
+            let us: f64 = us
+                .trim()
+                .parse()
+                .with_context(|| format!("h2load's log file, line {}: {us:?}", n + 1))?;
+            durations.push(us);
+        }
+    }
+    if rps <= 0.0 || durations.is_empty() {
+        bail!("h2load completed no successful requests:\n{text}");
+    }
+    durations.sort_by(f64::total_cmp);
+    Ok(LoadResult {
+        rps,
+        p50_us: percentile(&durations, 50.0),
+        p99_us: percentile(&durations, 99.0),
+        errors,
+    })
+}
+
+/// Nearest-rank percentile of sorted, non-empty `v`.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    let rank = (p / 100.0 * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
 }
 
 /// `<program> <version>`: the first word with a digit that `<program> <flag>` prints (on
@@ -232,6 +312,40 @@ Transfer/sec:      3.34MB
         assert!(parse_wrk("unable to connect to 10.0.0.1:80 Connection refused").is_err());
         assert!(parse_latency("12").is_err());
         assert_eq!(parse_latency("1.5m").unwrap(), 90e6);
+    }
+
+    const H2LOAD: &str = "starting benchmark...
+spawning thread #0: 4 total client(s). Timing-based test with 0s of warm-up time and 5s of main duration for measurements.
+Warm-up phase is over for thread #0.
+Main benchmark duration is over for thread #0. Stopping all clients.
+finished in 5.00s, 10530.40 req/s, 7.21MB/s
+requests: 52652 total, 52684 started, 52652 done, 52652 succeeded, 0 failed, 0 errored, 0 timeout
+status codes: 52652 2xx, 0 3xx, 0 4xx, 0 5xx
+traffic: 36.05MB (37802536) total, 618.40KB (633236) headers (space savings 95.12%), 31.66MB (33200000) data
+                     min         max         mean         sd        +/- sd
+time for request:      247us     10.58ms      2.98ms       956us    71.13%
+";
+
+    #[test]
+    fn h2load_output_and_log() {
+        let log: String = (1..=100)
+            .map(|i| format!("1764201600000000\t200\t{}\n", i * 10))
+            .collect();
+        let r = parse_h2load(H2LOAD, &log).unwrap();
+        assert_eq!(r.rps, 10530.40);
+        assert_eq!((r.p50_us, r.p99_us), (500.0, 990.0));
+        assert!(r.errors.is_empty());
+        // Failed streams (-1) and non-2xx answers are not latencies; they are errors.
+        let text = H2LOAD
+            .replace("0 failed", "3 failed")
+            .replace("0 5xx", "7 5xx");
+        let log = format!("{log}1764201600000000\t-1\t5\n1764201600000000\t503\t1\n");
+        let r = parse_h2load(&text, &log).unwrap();
+        assert_eq!(r.p50_us, 500.0);
+        assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+        assert!(parse_h2load("connect: Connection refused", "").is_err());
+        assert!(parse_h2load(H2LOAD, "").is_err());
+        assert!(parse_h2load(H2LOAD, "1\t200").is_err());
     }
 
     #[test]
