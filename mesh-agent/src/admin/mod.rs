@@ -247,6 +247,10 @@ struct ConfigDump<'a> {
     services: Vec<&'a crate::config::model::Service>,
     pods: Vec<&'a crate::config::model::Pod>,
     peer_authentications: Vec<&'a crate::config::model::PeerAuthentication>,
+    authorization_policies: Vec<&'a crate::config::authz::AuthorizationPolicy>,
+    /// Invalid ones, with why: each closes its namespace (fail closed).
+    invalid_authorization_policies:
+        &'a std::collections::BTreeMap<crate::config::model::ObjectRef, String>,
     virtual_services: Vec<&'a crate::config::routing::VirtualService>,
     destination_rules: Vec<&'a crate::config::routing::DestinationRule>,
     /// What is taken from MeshConfig (access log), and from where.
@@ -451,6 +455,8 @@ pub fn handle(
                 services: snap.services.values().collect(),
                 pods: snap.pods.values().collect(),
                 peer_authentications: snap.peer_authentications.values().collect(),
+                authorization_policies: snap.authorization_policies.values().collect(),
+                invalid_authorization_policies: &snap.invalid_authorization_policies,
                 virtual_services: snap.virtual_services.values().map(|v| &**v).collect(),
                 destination_rules: snap.destination_rules.values().map(|d| &**d).collect(),
                 mesh: &snap.mesh,

@@ -24,6 +24,7 @@ use tracing::debug;
 use super::model::{self, ContainerPort, Endpoint, NETNS_ANNOTATION, ObjectRef};
 use super::model::{ServicePort, Snapshot, TargetPort};
 
+pub mod authz;
 pub mod istio;
 pub mod mesh_config;
 pub mod routing;
@@ -59,6 +60,7 @@ pub enum Input<'a> {
     Service(&'a k8s::Service),
     EndpointSlice(&'a EndpointSlice),
     PeerAuthentication(&'a istio::PeerAuthentication),
+    AuthorizationPolicy(&'a authz::AuthorizationPolicy),
     VirtualService(&'a routing::VirtualService),
     DestinationRule(&'a routing::DestinationRule),
     /// Only the `istio` ConfigMap of the root namespace matters (MeshConfig).
@@ -344,6 +346,7 @@ enum Object {
     Service(model::Service),
     Slice(Slice),
     PeerAuthentication(model::PeerAuthentication),
+    AuthorizationPolicy(crate::config::authz::AuthorizationPolicy),
     VirtualService(crate::config::routing::VirtualService),
     DestinationRule(crate::config::routing::DestinationRule),
     Mesh(mesh_config::Found),
@@ -357,6 +360,7 @@ impl Object {
             Object::Service(s) => ("Service", s.id.to_string()),
             Object::Slice(s) => ("EndpointSlice", s.id.to_string()),
             Object::PeerAuthentication(p) => ("PeerAuthentication", p.id.to_string()),
+            Object::AuthorizationPolicy(p) => ("AuthorizationPolicy", p.id.to_string()),
             Object::VirtualService(v) => ("VirtualService", v.id.to_string()),
             Object::DestinationRule(d) => ("DestinationRule", d.id.to_string()),
             Object::Mesh(m) => ("MeshConfig", m.source.clone()),
@@ -379,6 +383,9 @@ fn convert(input: Input<'_>, mode: Mode) -> Result<Option<Object>, Vec<Problem>>
         },
         Input::PeerAuthentication(p) => {
             Object::PeerAuthentication(istio::convert_peer_authentication(p)?)
+        }
+        Input::AuthorizationPolicy(p) => {
+            Object::AuthorizationPolicy(authz::convert_authorization_policy(p)?)
         }
         Input::VirtualService(v) => Object::VirtualService(routing::convert_virtual_service(v)?),
         Input::DestinationRule(d) => Object::DestinationRule(routing::convert_destination_rule(d)?),
@@ -464,6 +471,9 @@ pub fn build<'a, O: Clone + fmt::Display>(
             Object::Slice(s) => slices.push(s),
             Object::PeerAuthentication(p) => {
                 snap.peer_authentications.insert(p.id.clone(), p);
+            }
+            Object::AuthorizationPolicy(p) => {
+                snap.authorization_policies.insert(p.id.clone(), p);
             }
             Object::VirtualService(v) => {
                 snap.virtual_services

@@ -3,7 +3,8 @@
 //!
 //! Every `*.yaml`/`*.yml` file of the directory (not recursive, sorted by name, hidden and
 //! editor temp files skipped) is a multi-document stream. `v1` Namespace, Pod and Service are
-//! decoded with k8s-openapi, Istio's PeerAuthentication by [`istio`], MeshConfig from the
+//! decoded with k8s-openapi, Istio's PeerAuthentication by [`istio`], AuthorizationPolicy by
+//! [`authz`](super::convert::authz), MeshConfig from the
 //! `istio` ConfigMap of the root namespace or an IstioOperator by [`mesh_config`] (unknown
 //! fields are errors); other kinds are ignored. The typed objects then go through [`convert::build`],
 //! the conversion Kubernetes mode uses too. A load yields either a whole snapshot or a
@@ -18,7 +19,7 @@ use k8s_openapi::api::core::v1 as k8s;
 use serde::Deserialize;
 use tracing::debug;
 
-use super::convert::{self, Input, Mode, Problems, istio, mesh_config, routing};
+use super::convert::{self, Input, Mode, Problems, authz, istio, mesh_config, routing};
 use super::model::ROOT_NAMESPACE;
 use super::model::Snapshot;
 
@@ -229,6 +230,7 @@ pub enum Typed {
     Pod(Box<k8s::Pod>),
     Service(Box<k8s::Service>),
     PeerAuthentication(istio::PeerAuthentication),
+    AuthorizationPolicy(Box<authz::AuthorizationPolicy>),
     VirtualService(Box<routing::VirtualService>),
     DestinationRule(Box<routing::DestinationRule>),
     ConfigMap(Box<k8s::ConfigMap>),
@@ -242,6 +244,7 @@ impl Typed {
             Typed::Pod(p) => Input::Pod(p),
             Typed::Service(s) => Input::Service(s),
             Typed::PeerAuthentication(p) => Input::PeerAuthentication(p),
+            Typed::AuthorizationPolicy(p) => Input::AuthorizationPolicy(p),
             Typed::VirtualService(v) => Input::VirtualService(v),
             Typed::DestinationRule(d) => Input::DestinationRule(d),
             Typed::ConfigMap(c) => Input::ConfigMap(c),
@@ -408,11 +411,13 @@ fn parse_document(
     }
     let api_version = text(value.get("apiVersion")).unwrap_or_default();
     let kind = doc.kind.clone().unwrap_or_default();
-    let peer_authentication = kind == "PeerAuthentication"
-        && istio::SECURITY_API_VERSIONS.contains(&api_version.as_str());
+    let security = istio::SECURITY_API_VERSIONS.contains(&api_version.as_str());
+    let peer_authentication = security && kind == "PeerAuthentication";
+    let authorization_policy = security && kind == "AuthorizationPolicy";
     let networking = routing::NETWORKING_API_VERSIONS.contains(&api_version.as_str());
     let routing_kind = networking && matches!(kind.as_str(), "VirtualService" | "DestinationRule");
     if peer_authentication
+        || authorization_policy
         || routing_kind
         || api_version == "v1" && matches!(kind.as_str(), "Pod" | "Service")
     {
@@ -427,6 +432,9 @@ fn parse_document(
             decode(typed, "PeerAuthentication")?,
             Typed::PeerAuthentication,
         ),
+        _ if authorization_policy => map(decode(typed, "AuthorizationPolicy")?, |a| {
+            Typed::AuthorizationPolicy(Box::new(a))
+        }),
         _ if routing_kind && kind == "VirtualService" => {
             map(decode(typed, "VirtualService")?, |v| {
                 Typed::VirtualService(Box::new(v))
@@ -463,6 +471,8 @@ pub(crate) use decode::decode;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_authz;
 #[cfg(test)]
 mod tests_istio;
 #[cfg(test)]

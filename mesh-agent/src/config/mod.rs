@@ -2,6 +2,7 @@
 //! Kubernetes mode) turned into one validated, immutable [`model::Snapshot`], swapped
 //! atomically. Both sources share [`convert`]; only where objects come from differs.
 
+pub mod authz;
 pub mod convert;
 pub mod kube;
 pub mod manifests;

@@ -176,6 +176,11 @@ pub struct Snapshot {
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub services: BTreeMap<ObjectRef, Service>,
     pub peer_authentications: BTreeMap<ObjectRef, PeerAuthentication>,
+    pub authorization_policies: BTreeMap<ObjectRef, super::authz::AuthorizationPolicy>,
+    /// Kubernetes mode: AuthorizationPolicies that do not decode or validate, with why. Each
+    /// refuses every connection to the pods of its namespace (of the mesh, in the root
+    /// namespace): a policy that cannot be read must not open what it may have closed.
+    pub invalid_authorization_policies: BTreeMap<ObjectRef, String>,
     pub virtual_services: BTreeMap<ObjectRef, std::sync::Arc<super::routing::VirtualService>>,
     pub destination_rules: BTreeMap<ObjectRef, std::sync::Arc<super::routing::DestinationRule>>,
     pub mesh: MeshSettings,
@@ -231,6 +236,39 @@ impl Snapshot {
         let own = Some(workload.mode).filter(set).unwrap_or(inherited);
         let port_mode = workload.port_modes.get(&port).copied();
         port_mode.filter(set).unwrap_or(own)
+    }
+
+    /// Whether AuthorizationPolicy lets `conn` reach `pod` ([`super::authz`]); only the
+    /// policies of the pod's and the root namespace are looked at.
+    pub fn authorize(
+        &self,
+        pod: &Pod,
+        conn: &super::authz::Connection<'_>,
+    ) -> Result<(), super::authz::Denied> {
+        let in_namespace = |ns: &str| {
+            let from = ObjectRef {
+                namespace: ns.to_owned(),
+                name: String::new(),
+            };
+            let ns = ns.to_owned();
+            self.authorization_policies
+                .range(from..)
+                .take_while(move |(id, _)| id.namespace == ns)
+                .map(|(_, p)| p)
+        };
+        let ns = &pod.id.namespace;
+        let invalid = self.invalid_authorization_policies.keys();
+        if let Some(id) = invalid
+            .into_iter()
+            .find(|id| id.namespace == *ns || id.namespace == ROOT_NAMESPACE)
+        {
+            return Err(super::authz::Denied::InvalidPolicy(id.clone()));
+        }
+        let root = in_namespace(ROOT_NAMESPACE);
+        if pod.id.namespace == ROOT_NAMESPACE {
+            return super::authz::authorize(root, pod, conn);
+        }
+        super::authz::authorize(root.chain(in_namespace(&pod.id.namespace)), pod, conn)
     }
 
     /// The service port a ClusterIP:port belongs to.

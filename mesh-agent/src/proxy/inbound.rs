@@ -5,6 +5,11 @@
 //! - Plaintext on 15006: every other new TCP connection to the pod, handed over by the tc
 //!   program; PeerAuthentication decides whether it may reach the app (STRICT refuses it).
 //!
+//! AuthorizationPolicy is checked for every connection and stream before the app is
+//! connected: a denied HBONE stream gets 401 with the reason, a denied plaintext connection
+//! is reset. Connections from the node itself (kubelet probes) are exempt, as they are from
+//! STRICT.
+//!
 //! Either way the connection is delivered to the app from inside the pod's namespace with the
 //! client's IP as its source.
 
@@ -30,6 +35,7 @@ use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
 use super::relay::Relayed;
 use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
 use crate::capture::netns::SocketSource;
+use crate::config::authz::{Connection, Denied};
 use crate::config::model::MtlsMode;
 use crate::config::model::ObjectRef;
 use crate::identity::Identity;
@@ -63,6 +69,26 @@ pub struct InboundStats {
     pub plaintext_refused: std::sync::atomic::AtomicU64,
     /// Plaintext connections from the node itself (kubelet probes) let through under STRICT.
     pub node_probes: std::sync::atomic::AtomicU64,
+    /// Connections and HBONE streams refused by AuthorizationPolicy.
+    pub authz_denied: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a denial and logs it (every one of the first 100, then one in 1000: a client
+/// retrying in a loop must not flood the log).
+fn log_denied(
+    inbound: &InboundStats,
+    pod: &ObjectRef,
+    peer: SocketAddrV4,
+    source: Option<&Identity>,
+    target: SocketAddrV4,
+    denied: &Denied,
+) {
+    let n = inbound.authz_denied.fetch_add(1, Ordering::Relaxed) + 1;
+    if n <= 100 || n.is_multiple_of(1000) {
+        let source = source.map_or_else(|| "none (plaintext)".to_string(), ToString::to_string);
+        warn!(pod = %pod, %peer, %source, %target, denied_total = n, reason = %denied,
+            "AuthorizationPolicy refused a connection");
+    }
 }
 
 /// What one enrolled pod's plaintext inbound listener (15006) needs.
@@ -129,10 +155,22 @@ async fn plaintext(
         mutual_tls: false,
     };
     let log = LogEntry::begin(&routes, peer, target);
-    drop(routes);
     // The kubelet probes pods from their node: Istio ambient exempts its health checks from
-    // STRICT, and so do we, for connections from the node's own addresses.
+    // STRICT and from AuthorizationPolicy, and so do we, for connections from the node's own
+    // addresses.
     let from_node = inputs.node_addresses.contains(peer.ip());
+    let conn = Connection {
+        source_ip: *peer.ip(),
+        peer: None,
+        destination_ip: pod_ip,
+        destination_port: target.port(),
+    };
+    let authorized = if from_node {
+        Ok(())
+    } else {
+        routes.authorize(&pod_ip, &conn)
+    };
+    drop(routes);
     if mode == MtlsMode::Strict && from_node {
         let n = inbound.node_probes.fetch_add(1, Ordering::Relaxed);
         if n == 0 {
@@ -145,6 +183,13 @@ async fn plaintext(
             warn!(pod = %pod, %peer, %target, refused = refused + 1,
                 "refused a plaintext connection: PeerAuthentication is STRICT");
         }
+        if let Err(e) = client.set_zero_linger() {
+            debug!(error = %e, "cannot set SO_LINGER 0");
+        }
+        return;
+    }
+    if let Err(denied) = authorized {
+        log_denied(inbound, &pod, peer, None, target, &denied);
         if let Err(e) = client.set_zero_linger() {
             debug!(error = %e, "cannot set SO_LINGER 0");
         }
@@ -329,6 +374,17 @@ async fn stream(
         );
     }
     let routes = ctx.inputs.routes.load();
+    let conn = Connection {
+        source_ip: *peer.ip(),
+        peer: Some(&source),
+        destination_ip: ctx.pod_ip,
+        destination_port: target.port(),
+    };
+    if let Err(denied) = routes.authorize(&ctx.pod_ip, &conn) {
+        log_denied(inbound, &ctx.pod, peer, Some(&source), target, &denied);
+        // As ztunnel answers a policy rejection.
+        return reply(StatusCode::UNAUTHORIZED, &format!("{denied}"));
+    }
     let protocol = routes.endpoint_protocol(&target);
     let mut labels = TcpLabels {
         reporter: Reporter::Destination,

@@ -323,6 +323,24 @@ impl RouteTable {
         }
     }
 
+    /// Whether AuthorizationPolicy lets `conn` reach the pod with this IP. A pod the config
+    /// does not know is refused: fail closed.
+    pub fn authorize(
+        &self,
+        pod_ip: &Ipv4Addr,
+        conn: &crate::config::authz::Connection<'_>,
+    ) -> Result<(), crate::config::authz::Denied> {
+        match self
+            .snapshot
+            .by_pod_ip
+            .get(pod_ip)
+            .and_then(|id| self.snapshot.pods.get(id))
+        {
+            Some(pod) => self.snapshot.authorize(pod, conn),
+            None => Err(crate::config::authz::Denied::UnknownPod(*pod_ip)),
+        }
+    }
+
     /// The access log in force (MeshConfig), if any.
     pub fn access_log(&self) -> Option<&Arc<AccessLogConfig>> {
         self.snapshot.mesh.access_log.as_ref()

@@ -52,7 +52,10 @@ impl Kind {
             Kind::NodePod | Kind::Pod => typed::<Pod>(),
             Kind::Service => typed::<Service>(),
             Kind::EndpointSlice => typed::<EndpointSlice>(),
-            Kind::PeerAuthentication | Kind::VirtualService | Kind::DestinationRule => {
+            Kind::PeerAuthentication
+            | Kind::AuthorizationPolicy
+            | Kind::VirtualService
+            | Kind::DestinationRule => {
                 let istio = self.istio().expect("an Istio kind");
                 (istio.group, istio.plural)
             }

@@ -16,9 +16,9 @@ use tracing::{debug, info, warn};
 
 use super::ResourceStatus;
 use super::watchers::{KINDS, Kind, Note, Stores};
-use crate::config::convert::{self, Input, Mode, Problem, istio, routing};
+use crate::config::convert::{self, Input, Mode, Problem, authz, istio, routing};
 use crate::config::manifests::LoadStats;
-use crate::config::model::{MeshSettings, Snapshot};
+use crate::config::model::{MeshSettings, ObjectRef, Snapshot};
 use crate::config::watch::ConfigStatus;
 
 /// Quiet time after a change before rebuilding: a rollout changes many objects at once.
@@ -183,11 +183,14 @@ impl Rebuild {
         let slices = self.stores.slices.state();
         let mesh_config = self.stores.mesh_config.state();
         let dynamic = self.stores.istio(Kind::PeerAuthentication);
+        let dynamic_ap = self.stores.istio(Kind::AuthorizationPolicy);
         let dynamic_vs = self.stores.istio(Kind::VirtualService);
         let dynamic_dr = self.stores.istio(Kind::DestinationRule);
         let mut invalid: Vec<InvalidObject> = Vec::new();
         let peer_auths: Vec<(ObjectKey, istio::PeerAuthentication)> =
             decode_all(Kind::PeerAuthentication, &dynamic, &mut invalid);
+        let authorization_policies: Vec<(ObjectKey, authz::AuthorizationPolicy)> =
+            decode_all(Kind::AuthorizationPolicy, &dynamic_ap, &mut invalid);
         let virtual_services: Vec<(ObjectKey, routing::VirtualService)> =
             decode_all(Kind::VirtualService, &dynamic_vs, &mut invalid);
         let destination_rules: Vec<(ObjectKey, routing::DestinationRule)> =
@@ -232,6 +235,11 @@ impl Rebuild {
                     .map(|(k, pa)| (k.clone(), Input::PeerAuthentication(pa))),
             )
             .chain(
+                authorization_policies
+                    .iter()
+                    .map(|(k, ap)| (k.clone(), Input::AuthorizationPolicy(ap))),
+            )
+            .chain(
                 virtual_services
                     .iter()
                     .map(|(k, vs)| (k.clone(), Input::VirtualService(vs))),
@@ -253,6 +261,20 @@ impl Rebuild {
                 .into_iter()
                 .map(|(key, problem)| InvalidObject { key, problem }),
         );
+        // An AuthorizationPolicy that cannot be read must not open what it may have closed:
+        // the pods of its namespace (every pod, in the root namespace) are refused until it
+        // is fixed or deleted.
+        for o in &dynamic_ap {
+            let key = ObjectKey::of(Kind::AuthorizationPolicy, &o.metadata);
+            if let Some(bad) = invalid.iter().find(|i| i.key == key) {
+                let id = ObjectRef {
+                    namespace: o.metadata.namespace.clone().unwrap_or_default(),
+                    name: o.metadata.name.clone().unwrap_or_default(),
+                };
+                let reason = bad.problem.to_string();
+                snapshot.invalid_authorization_policies.insert(id, reason);
+            }
+        }
         self.report(&invalid);
 
         let counts = [
@@ -262,6 +284,7 @@ impl Rebuild {
             (Kind::Service, services.len()),
             (Kind::EndpointSlice, slices.len()),
             (Kind::PeerAuthentication, dynamic.len()),
+            (Kind::AuthorizationPolicy, dynamic_ap.len()),
             (Kind::VirtualService, dynamic_vs.len()),
             (Kind::DestinationRule, dynamic_dr.len()),
             (Kind::MeshConfig, mesh_config.len()),
@@ -367,6 +390,8 @@ fn same_config(a: &Snapshot, b: &Snapshot) -> bool {
         && a.pods == b.pods
         && a.services == b.services
         && a.peer_authentications == b.peer_authentications
+        && a.authorization_policies == b.authorization_policies
+        && a.invalid_authorization_policies == b.invalid_authorization_policies
         && a.virtual_services == b.virtual_services
         && a.destination_rules == b.destination_rules
         && same_mesh(&a.mesh, &b.mesh)
@@ -377,9 +402,8 @@ fn same_mesh(a: &MeshSettings, b: &MeshSettings) -> bool {
     serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
-/// The API server's JSON of a PeerAuthentication, decoded like a manifest (unknown fields
-/// aside): a wrong type is a problem at its field path.
-/// Decodes every object of an Istio kind; the ones that do not decode are set aside, named.
+/// Decodes every object of an Istio kind, like a manifest (unknown fields aside: a wrong type
+/// is a problem at its field path); the ones that do not decode are set aside, named.
 fn decode_all<T: serde::de::DeserializeOwned>(
     kind: Kind,
     objects: &[Arc<DynamicObject>],

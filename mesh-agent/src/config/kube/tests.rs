@@ -552,3 +552,96 @@ async fn routing_rules_are_watched_and_an_edit_changes_routing() {
     );
     assert_eq!(snap.destination_rules.len(), 1);
 }
+
+fn authorization_policy(action: &str, namespaces: Value) -> Value {
+    json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+           "metadata": {"name": "web", "namespace": "shop"},
+           "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": action,
+                    "rules": [{"from": [{"source": {"namespaces": namespaces}}]}]}})
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn authorization_policies_are_watched_enforced_and_invalid_ones_named() {
+    use crate::config::authz::{Connection, Denied};
+    use crate::identity::Identity;
+    let server = FakeApiServer::start().expect("fake API server");
+    // Served only as v1beta1 (an older Istio): discovery picks it.
+    server.serve_versions("security.istio.io", "AuthorizationPolicy", &["v1beta1"]);
+    server.apply(namespace("shop", true)).expect("ns");
+    server
+        .apply(pod("shop", "web", NODE, "10.244.1.5"))
+        .expect("pod");
+    server
+        .apply(authorization_policy("ALLOW", json!(["front"])))
+        .expect("ap");
+    let decide = |s: &Snapshot, from_ns: &str| {
+        let pod = s.pods.get(&id("shop", "web"))?;
+        let peer = Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: from_ns.into(),
+            service_account: "default".into(),
+        };
+        let conn = Connection {
+            source_ip: "10.244.2.9".parse().ok()?,
+            peer: Some(&peer),
+            destination_ip: "10.244.1.5".parse().ok()?,
+            destination_port: 80,
+        };
+        Some(s.authorize(pod, &conn))
+    };
+    let mut src = start(server, "authz").await;
+    let snap = src
+        .snapshot("the ALLOW policy", |s| {
+            decide(s, "other").is_some_and(|d| d.is_err())
+        })
+        .await;
+    assert_eq!(decide(&snap, "front"), Some(Ok(())));
+    let st = src.status.borrow().clone();
+    assert_eq!(
+        resource(&st, "AuthorizationPolicy").api_version.as_deref(),
+        Some("security.istio.io/v1beta1")
+    );
+
+    // An edit to DENY applies: `front` is now the one refused.
+    src.apply(authorization_policy("DENY", json!(["front"])));
+    let snap = src
+        .snapshot("the DENY policy", |s| {
+            decide(s, "front").is_some_and(|d| d.is_err())
+        })
+        .await;
+    assert_eq!(
+        decide(&snap, "front"),
+        Some(Err(Denied::DenyPolicy(id("shop", "web"))))
+    );
+    assert_eq!(decide(&snap, "other"), Some(Ok(())));
+
+    // An invalid edit is named, not half-applied, and fails closed: the policy's namespace is
+    // refused to everyone until it is fixed.
+    src.apply(authorization_policy("CUSTOM", json!(["front"])));
+    let st = src
+        .status("the invalid AuthorizationPolicy", |s| {
+            resource(s, "AuthorizationPolicy").invalid == 1
+        })
+        .await;
+    let error = resource(&st, "AuthorizationPolicy")
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        error.contains("shop/web") && error.contains("spec.action") && error.contains("CUSTOM"),
+        "{error}"
+    );
+    let snap = src.snapshots.borrow().clone();
+    assert!(snap.authorization_policies.is_empty(), "{snap:?}");
+    assert_eq!(snap.pods.len(), 1);
+    for from in ["front", "other"] {
+        assert_eq!(
+            decide(&snap, from),
+            Some(Err(Denied::InvalidPolicy(id("shop", "web"))))
+        );
+    }
+    // Fixed: enforced as written again.
+    src.apply(authorization_policy("DENY", json!(["front"])));
+    src.snapshot("the fixed policy", |s| decide(s, "other") == Some(Ok(())))
+        .await;
+}

@@ -55,19 +55,21 @@ pub enum Kind {
     Service,
     EndpointSlice,
     PeerAuthentication,
+    AuthorizationPolicy,
     VirtualService,
     DestinationRule,
     /// MeshConfig: the ConfigMap `istio` of the root namespace (field selector on the name).
     MeshConfig,
 }
 
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
     Kind::Namespace,
     Kind::NodePod,
     Kind::Pod,
     Kind::Service,
     Kind::EndpointSlice,
     Kind::PeerAuthentication,
+    Kind::AuthorizationPolicy,
     Kind::VirtualService,
     Kind::DestinationRule,
     Kind::MeshConfig,
@@ -85,8 +87,9 @@ pub struct IstioKind {
 }
 
 /// The Istio kinds the agent watches.
-pub const ISTIO_KINDS: [Kind; 3] = [
+pub const ISTIO_KINDS: [Kind; 4] = [
     Kind::PeerAuthentication,
+    Kind::AuthorizationPolicy,
     Kind::VirtualService,
     Kind::DestinationRule,
 ];
@@ -99,6 +102,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::PeerAuthentication => "PeerAuthentication",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::MeshConfig => "ConfigMap",
@@ -117,6 +121,11 @@ impl Kind {
                 group: SECURITY_GROUP,
                 versions: &SECURITY_VERSIONS,
                 plural: "peerauthentications",
+            }),
+            Kind::AuthorizationPolicy => Some(IstioKind {
+                group: SECURITY_GROUP,
+                versions: &SECURITY_VERSIONS,
+                plural: "authorizationpolicies",
             }),
             Kind::VirtualService => Some(networking("virtualservices")),
             Kind::DestinationRule => Some(networking("destinationrules")),
@@ -164,7 +173,7 @@ pub struct Stores {
     pub mesh_config: Store<ConfigMap>,
     /// The Istio kinds ([`ISTIO_KINDS`], same order), each set once discovery found the
     /// served version.
-    pub istio: [Arc<Mutex<Option<Store<DynamicObject>>>>; 3],
+    pub istio: [Arc<Mutex<Option<Store<DynamicObject>>>>; ISTIO_KINDS.len()],
 }
 
 impl Stores {
@@ -175,7 +184,10 @@ impl Stores {
                 kind: k.name(),
                 api_version: match k {
                     Kind::EndpointSlice => Some("discovery.k8s.io/v1".into()),
-                    Kind::PeerAuthentication | Kind::VirtualService | Kind::DestinationRule => None,
+                    Kind::PeerAuthentication
+                    | Kind::AuthorizationPolicy
+                    | Kind::VirtualService
+                    | Kind::DestinationRule => None,
                     _ => Some("v1".into()),
                 },
                 selector: selector(k, node),
