@@ -14,9 +14,14 @@
 //!
 //! The connection's attributes: the peer's proven SPIFFE identity (HBONE; none for
 //! plaintext), its IP, the pod's IP and the target port. Request attributes (methods, paths,
-//! hosts, headers, request principals) are not known per connection: as Istio ambient's
-//! ztunnel does, an ALLOW rule that needs them never matches and a DENY rule that has them is
-//! applied on its other fields (failing closed both ways).
+//! hosts, headers) exist only where the destination's agent parses HTTP (ports a Service
+//! declares HTTP); there each request is checked again with them ([`Stage::Request`]), and
+//! the connection is refused up front only if no request on it could be allowed
+//! ([`Stage::HttpConnection`]). On other ports, as Istio ambient's ztunnel does, an ALLOW rule
+//! that needs them never matches and a DENY rule that has them is applied on its other fields
+//! ([`Stage::Connection`]: failing closed both ways). There are no request principals (no
+//! RequestAuthentication, so no validated JWT): `requestPrincipals` and `request.auth.*`
+//! match as Istio matches a request without a token.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -119,6 +124,22 @@ impl StrMatch {
             StrMatch::Suffix(s) => v.ends_with(s.as_str()),
         }
     }
+
+    fn matches_ignore_case(&self, v: &str) -> bool {
+        let starts = |p: &str| v.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
+        let ends = |s: &str| {
+            v.len()
+                .checked_sub(s.len())
+                .and_then(|i| v.get(i..))
+                .is_some_and(|h| h.eq_ignore_ascii_case(s))
+        };
+        match self {
+            StrMatch::Any => !v.is_empty(),
+            StrMatch::Exact(e) => v.eq_ignore_ascii_case(e),
+            StrMatch::Prefix(p) => starts(p),
+            StrMatch::Suffix(s) => ends(s),
+        }
+    }
 }
 
 /// `from[].source`, the connection-level fields.
@@ -129,19 +150,26 @@ pub struct Source {
     pub namespaces: Values<StrMatch>,
     /// `NAMESPACE/SERVICE_ACCOUNT`.
     pub service_accounts: Values<(String, String)>,
+    /// A request field: the principal of a validated JWT, which never exists here.
+    pub request_principals: Values<StrMatch>,
     /// `ipBlocks` and `remoteIpBlocks` (the same address here: no proxy in between adds
     /// X-Forwarded-For at this layer).
     pub ip_blocks: Values<IpNet>,
     pub remote_ip_blocks: Values<IpNet>,
 }
 
-/// `to[].operation`, the connection-level field.
+/// `to[].operation`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Operation {
     pub ports: Values<u16>,
+    /// Request fields: matched against the authority without its port, case-insensitively.
+    pub hosts: Values<StrMatch>,
+    pub methods: Values<StrMatch>,
+    /// Matched against the path without the query.
+    pub paths: Values<StrMatch>,
 }
 
-/// `when[]`, the connection-level keys.
+/// `when[]`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub enum Condition {
     /// `source.ip`, `remote.ip`.
@@ -150,6 +178,34 @@ pub enum Condition {
     SourcePrincipal(Values<StrMatch>),
     DestinationIp(Values<IpNet>),
     DestinationPort(Values<u16>),
+    /// `request.headers[NAME]` (the name lower-cased); several values of the header are
+    /// joined with `,` as Envoy does.
+    RequestHeader(String, Values<StrMatch>),
+    /// `request.auth.*`: attributes of a validated JWT, which never exists here.
+    RequestAuth(Values<StrMatch>),
+}
+
+/// The request attributes of one HTTP request.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRequest<'a> {
+    pub method: &'a str,
+    /// The path without the query.
+    pub path: &'a str,
+    /// The authority (`:authority` or `Host`), port included if given.
+    pub host: &'a str,
+    pub headers: &'a hyper::HeaderMap,
+}
+
+/// When the decision is taken.
+#[derive(Clone, Copy, Debug)]
+pub enum Stage<'a> {
+    /// A connection whose requests are never seen (a TCP port): request fields fail closed.
+    Connection,
+    /// A connection whose requests will each be checked: refused only if no request could be
+    /// allowed (a DENY rule with request fields waits for the request).
+    HttpConnection,
+    /// One request.
+    Request(&'a HttpRequest<'a>),
 }
 
 /// The connection being authorized.
@@ -215,11 +271,12 @@ impl fmt::Display for Denied {
 }
 
 /// Istio's decision for `conn` to `pod` under `policies` (all of the snapshot's, or at least
-/// those of the pod's and the root namespace).
+/// those of the pod's and the root namespace), at `stage`.
 pub fn authorize<'a>(
     policies: impl IntoIterator<Item = &'a AuthorizationPolicy>,
     pod: &Pod,
     conn: &Connection<'_>,
+    stage: Stage<'_>,
 ) -> Result<(), Denied> {
     let principal = conn.principal();
     let mut allow = Vec::new();
@@ -230,7 +287,7 @@ pub fn authorize<'a>(
                 let matched = p
                     .rules
                     .iter()
-                    .any(|r| rule_matches(r, conn, &principal, true));
+                    .any(|r| rule_matches(r, conn, &principal, true, stage));
                 if matched {
                     return Err(Denied::DenyPolicy(p.id.clone()));
                 }
@@ -239,7 +296,7 @@ pub fn authorize<'a>(
                 allowed = allowed
                     || p.rules
                         .iter()
-                        .any(|r| rule_matches(r, conn, &principal, false));
+                        .any(|r| rule_matches(r, conn, &principal, false, stage));
                 allow.push(p.id.clone());
             }
             Action::Audit => {}
@@ -252,18 +309,27 @@ pub fn authorize<'a>(
     }
 }
 
-/// Whether `rule` matches the connection. Request-level fields cannot: for a DENY rule they
-/// are left out (the rule applies on its other fields), an ALLOW rule with them never matches.
+/// Whether `rule` matches at `stage` (see [`Stage`] for request fields before the request).
 fn rule_matches(
     rule: &Rule,
     conn: &Connection<'_>,
     principal: &Option<String>,
     deny: bool,
+    stage: Stage<'_>,
 ) -> bool {
-    if !rule.request_fields.is_empty() && !deny {
-        return false;
-    }
+    let needs_request = !rule.request_fields.is_empty();
+    let req = match stage {
+        Stage::Request(r) => Some(r),
+        // Without the request, its fields count as matching, except where that would let
+        // something through: an ALLOW on a connection never parsed, a DENY on one whose
+        // requests will be checked (the request decides).
+        Stage::Connection if needs_request && !deny => return false,
+        Stage::HttpConnection if needs_request && deny => return false,
+        Stage::Connection | Stage::HttpConnection => None,
+    };
     let principal = principal.as_deref();
+    // No validated JWT: a request principal or claim never matches a value.
+    let no_token = |v: &Values<StrMatch>| v.matches(|_| false);
     let source = |s: &Source| {
         let peer = conn.peer;
         s.principals
@@ -275,8 +341,17 @@ fn rule_matches(
             })
             && conn.in_blocks(&s.ip_blocks, conn.source_ip)
             && conn.in_blocks(&s.remote_ip_blocks, conn.source_ip)
+            && (req.is_none() || no_token(&s.request_principals))
     };
-    let operation = |o: &Operation| o.ports.matches(|p| *p == conn.destination_port);
+    let operation = |o: &Operation| {
+        o.ports.matches(|p| *p == conn.destination_port)
+            && req.is_none_or(|r| {
+                let host = strip_port(r.host);
+                o.hosts.matches(|m| m.matches_ignore_case(host))
+                    && o.methods.matches(|m| m.matches(r.method))
+                    && o.paths.matches(|m| m.matches(r.path))
+            })
+    };
     let condition = |c: &Condition| match c {
         Condition::SourceIp(v) => conn.in_blocks(v, conn.source_ip),
         Condition::DestinationIp(v) => conn.in_blocks(v, conn.destination_ip),
@@ -285,8 +360,40 @@ fn rule_matches(
         }
         Condition::SourcePrincipal(v) => v.matches(|m| principal.is_some_and(|p| m.matches(p))),
         Condition::DestinationPort(v) => v.matches(|p| *p == conn.destination_port),
+        Condition::RequestHeader(name, v) => req.is_none_or(|r| {
+            let joined = header_value(r.headers, name);
+            v.matches(|m| joined.as_deref().is_some_and(|h| m.matches(h)))
+        }),
+        Condition::RequestAuth(v) => req.is_none() || no_token(v),
     };
     (rule.from.is_empty() || rule.from.iter().any(source))
         && (rule.to.is_empty() || rule.to.iter().any(operation))
         && rule.when.iter().all(condition)
+}
+
+/// `host[:port]` without the port; an IPv6 literal (`[::1]:80`, `[::1]`) keeps its brackets.
+fn strip_port(authority: &str) -> &str {
+    match authority.rsplit_once(':') {
+        Some((host, port))
+            if port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']')) =>
+        {
+            host
+        }
+        _ => authority,
+    }
+}
+
+/// A header's values joined with `,`, as Envoy presents a repeated header; `None` if absent.
+fn header_value(headers: &hyper::HeaderMap, name: &str) -> Option<String> {
+    let mut values = headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()));
+    let first = values.next()?;
+    Some(values.fold(first.into_owned(), |mut all, v| {
+        all.push(',');
+        all.push_str(&v);
+        all
+    }))
 }

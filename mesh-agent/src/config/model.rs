@@ -238,12 +238,19 @@ impl Snapshot {
         port_mode.filter(set).unwrap_or(own)
     }
 
-    /// Whether AuthorizationPolicy lets `conn` reach `pod` ([`super::authz`]); only the
-    /// policies of the pod's and the root namespace are looked at.
+    /// Whether any AuthorizationPolicy (valid or not) exists: without one there is nothing to
+    /// check.
+    pub fn has_authorization(&self) -> bool {
+        !self.authorization_policies.is_empty() || !self.invalid_authorization_policies.is_empty()
+    }
+
+    /// Whether AuthorizationPolicy lets `conn` reach `pod` at `stage` ([`super::authz`]);
+    /// only the policies of the pod's and the root namespace are looked at.
     pub fn authorize(
         &self,
         pod: &Pod,
         conn: &super::authz::Connection<'_>,
+        stage: super::authz::Stage<'_>,
     ) -> Result<(), super::authz::Denied> {
         let in_namespace = |ns: &str| {
             let from = ObjectRef {
@@ -266,9 +273,10 @@ impl Snapshot {
         }
         let root = in_namespace(ROOT_NAMESPACE);
         if pod.id.namespace == ROOT_NAMESPACE {
-            return super::authz::authorize(root, pod, conn);
+            return super::authz::authorize(root, pod, conn, stage);
         }
-        super::authz::authorize(root.chain(in_namespace(&pod.id.namespace)), pod, conn)
+        let policies = root.chain(in_namespace(&pod.id.namespace));
+        super::authz::authorize(policies, pod, conn, stage)
     }
 
     /// The service port a ClusterIP:port belongs to.

@@ -7,8 +7,9 @@
 //!
 //! AuthorizationPolicy is checked for every connection and stream before the app is
 //! connected: a denied HBONE stream gets 401 with the reason, a denied plaintext connection
-//! is reset. Connections from the node itself (kubelet probes) are exempt, as they are from
-//! STRICT.
+//! is reset. On ports parsed as HTTP each request is checked again with its method, path,
+//! host and headers (403 `RBAC: access denied`, as Envoy answers). Connections from the node
+//! itself (kubelet probes) are exempt, as they are from STRICT.
 //!
 //! Either way the connection is delivered to the app from inside the pod's namespace with the
 //! client's IP as its source.
@@ -35,7 +36,7 @@ use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
 use super::relay::Relayed;
 use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
 use crate::capture::netns::SocketSource;
-use crate::config::authz::{Connection, Denied};
+use crate::config::authz::{Connection, Denied, Stage};
 use crate::config::model::MtlsMode;
 use crate::config::model::ObjectRef;
 use crate::identity::Identity;
@@ -75,7 +76,7 @@ pub struct InboundStats {
 
 /// Counts a denial and logs it (every one of the first 100, then one in 1000: a client
 /// retrying in a loop must not flood the log).
-fn log_denied(
+pub(crate) fn log_denied(
     inbound: &InboundStats,
     pod: &ObjectRef,
     peer: SocketAddrV4,
@@ -165,10 +166,15 @@ async fn plaintext(
         destination_ip: pod_ip,
         destination_port: target.port(),
     };
+    let stage = if protocol.is_http() {
+        Stage::HttpConnection
+    } else {
+        Stage::Connection
+    };
     let authorized = if from_node {
         Ok(())
     } else {
-        routes.authorize(&pod_ip, &conn)
+        routes.authorize(&pod_ip, &conn, stage)
     };
     drop(routes);
     if mode == MtlsMode::Strict && from_node {
@@ -374,18 +380,23 @@ async fn stream(
         );
     }
     let routes = ctx.inputs.routes.load();
+    let protocol = routes.endpoint_protocol(&target);
     let conn = Connection {
         source_ip: *peer.ip(),
         peer: Some(&source),
         destination_ip: ctx.pod_ip,
         destination_port: target.port(),
     };
-    if let Err(denied) = routes.authorize(&ctx.pod_ip, &conn) {
+    let stage = if protocol.is_http() {
+        Stage::HttpConnection
+    } else {
+        Stage::Connection
+    };
+    if let Err(denied) = routes.authorize(&ctx.pod_ip, &conn, stage) {
         log_denied(inbound, &ctx.pod, peer, Some(&source), target, &denied);
         // As ztunnel answers a policy rejection.
         return reply(StatusCode::UNAUTHORIZED, &format!("{denied}"));
     }
-    let protocol = routes.endpoint_protocol(&target);
     let mut labels = TcpLabels {
         reporter: Reporter::Destination,
         source: routes.workload(peer.ip()).cloned(),

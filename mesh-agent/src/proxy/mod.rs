@@ -323,12 +323,13 @@ impl RouteTable {
         }
     }
 
-    /// Whether AuthorizationPolicy lets `conn` reach the pod with this IP. A pod the config
-    /// does not know is refused: fail closed.
+    /// Whether AuthorizationPolicy lets `conn` reach the pod with this IP at `stage`. A pod
+    /// the config does not know is refused: fail closed.
     pub fn authorize(
         &self,
         pod_ip: &Ipv4Addr,
         conn: &crate::config::authz::Connection<'_>,
+        stage: crate::config::authz::Stage<'_>,
     ) -> Result<(), crate::config::authz::Denied> {
         match self
             .snapshot
@@ -336,7 +337,7 @@ impl RouteTable {
             .get(pod_ip)
             .and_then(|id| self.snapshot.pods.get(id))
         {
-            Some(pod) => self.snapshot.authorize(pod, conn),
+            Some(pod) => self.snapshot.authorize(pod, conn, stage),
             None => Err(crate::config::authz::Denied::UnknownPod(*pod_ip)),
         }
     }

@@ -1,7 +1,8 @@
 //! AuthorizationPolicy (`security.istio.io/v1` and `v1beta1`, same schema), decoded into
 //! [`authz::AuthorizationPolicy`]. What cannot be enforced as written is refused with the
 //! field at fault rather than enforced differently: CUSTOM actions (external authorizers),
-//! `targetRef(s)` (policies for gateways and waypoints), unknown `when` keys.
+//! `targetRef(s)` (policies for gateways and waypoints), path templates, unknown `when` keys
+//! (`experimental.*` included).
 
 use std::collections::BTreeMap;
 
@@ -151,6 +152,16 @@ fn strings(v: &str) -> Result<StrMatch, String> {
     Ok(StrMatch::parse(v))
 }
 
+/// A path as Istio matches it; its path templates (`{*}`, `{**}`) are not supported.
+fn path(v: &str) -> Result<StrMatch, String> {
+    if v.contains('{') {
+        return Err(format!(
+            "{v:?}: path templates ({{*}}, {{**}}) are not supported; use a prefix (`/api/*`)"
+        ));
+    }
+    Ok(StrMatch::parse(v))
+}
+
 /// An IP (a /32 or /128 block) or a CIDR block.
 fn ip_block(v: &str) -> Result<IpNet, String> {
     if let Ok(net) = v.parse::<IpNet>() {
@@ -210,6 +221,12 @@ fn convert_source(
             service_account,
             p,
         ),
+        request_principals: values(
+            &f("requestPrincipals"),
+            (&s.request_principals, &s.not_request_principals),
+            strings,
+            p,
+        ),
         ip_blocks: values(
             &f("ipBlocks"),
             (&s.ip_blocks, &s.not_ip_blocks),
@@ -241,13 +258,17 @@ fn convert_operation(
             rule.request_fields.push(format!("{at}.{name}"));
         }
     }
+    let f = |name: &str| format!("{at}.{name}");
     authz::Operation {
-        ports: values(&format!("{at}.ports"), (&o.ports, &o.not_ports), port, p),
+        ports: values(&f("ports"), (&o.ports, &o.not_ports), port, p),
+        hosts: values(&f("hosts"), (&o.hosts, &o.not_hosts), strings, p),
+        methods: values(&f("methods"), (&o.methods, &o.not_methods), strings, p),
+        paths: values(&f("paths"), (&o.paths, &o.not_paths), path, p),
     }
 }
 
-/// `when[i]`: a connection-level condition, or `None` for a request-level key (recorded in
-/// the rule) or an invalid one (recorded as a problem).
+/// `when[i]`, or `None` for an invalid one (recorded as a problem). Request keys are
+/// recorded in the rule's `request_fields`.
 fn convert_when(
     w: &When,
     at: &str,
@@ -273,14 +294,28 @@ fn convert_when(
         "source.principal" => Condition::SourcePrincipal(values(&field, vals, strings, p)),
         "destination.ip" => Condition::DestinationIp(values(&field, vals, ip_block, p)),
         "destination.port" => Condition::DestinationPort(values(&field, vals, port, p)),
-        k if k.starts_with("request.") || k.starts_with("experimental.envoy.filters.") => {
+        k if k.starts_with("request.headers[") && k.ends_with(']') => {
+            let name = &k["request.headers[".len()..k.len() - 1];
+            if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p.invalid(
+                    format!("{at}.key"),
+                    format!("{name:?} is not a header name"),
+                );
+                return None;
+            }
             rule.request_fields.push(format!("{at}.key ({k})"));
-            return None;
+            let name = name.to_ascii_lowercase();
+            Condition::RequestHeader(name, values(&field, vals, strings, p))
+        }
+        k if k.starts_with("request.auth.") => {
+            rule.request_fields.push(format!("{at}.key ({k})"));
+            Condition::RequestAuth(values(&field, vals, strings, p))
         }
         other => {
             let reason = format!(
                 "{other:?} is not a supported key (source.ip, remote.ip, source.namespace, \
-                 source.principal, destination.ip, destination.port, request.*)"
+                 source.principal, destination.ip, destination.port, request.headers[NAME], \
+                 request.auth.*)"
             );
             p.invalid(format!("{at}.key"), reason);
             return None;

@@ -562,7 +562,7 @@ fn authorization_policy(action: &str, namespaces: Value) -> Value {
 
 #[tokio::test(flavor = "current_thread")]
 async fn authorization_policies_are_watched_enforced_and_invalid_ones_named() {
-    use crate::config::authz::{Connection, Denied};
+    use crate::config::authz::{Connection, Denied, Stage};
     use crate::identity::Identity;
     let server = FakeApiServer::start().expect("fake API server");
     // Served only as v1beta1 (an older Istio): discovery picks it.
@@ -587,7 +587,7 @@ async fn authorization_policies_are_watched_enforced_and_invalid_ones_named() {
             destination_ip: "10.244.1.5".parse().ok()?,
             destination_port: 80,
         };
-        Some(s.authorize(pod, &conn))
+        Some(s.authorize(pod, &conn, Stage::Connection))
     };
     let mut src = start(server, "authz").await;
     let snap = src

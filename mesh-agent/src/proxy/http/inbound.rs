@@ -9,6 +9,8 @@
 //!
 //! No routing happens here: the source agent routed already. The destination does not retry
 //! either; a failure to reach the app is answered as Envoy does (503 `UF`, 503 `UC`).
+//! AuthorizationPolicy is checked for each request with its method, path, host and headers;
+//! a refused one gets Envoy's 403 `RBAC: access denied` and never reaches the app.
 
 use std::convert::Infallible;
 use std::net::SocketAddrV4;
@@ -111,6 +113,36 @@ impl Ctx {
                 .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
     }
 
+    /// AuthorizationPolicy for one request (the connection passed its own check).
+    fn authorize(
+        &self,
+        routes: &crate::proxy::RouteTable,
+        req: &Request<Incoming>,
+    ) -> Result<(), crate::config::authz::Denied> {
+        use crate::config::authz::{Connection, HttpRequest, Stage};
+        // Nothing to check (and nothing to allocate) without policies. Kubelet probes from
+        // the node are exempt, as from STRICT.
+        if !routes.snapshot.has_authorization()
+            || self.inputs.node_addresses.contains(self.peer.ip())
+        {
+            return Ok(());
+        }
+        let conn = Connection {
+            source_ip: *self.peer.ip(),
+            peer: self.labels.source_principal.as_deref(),
+            destination_ip: *self.target.ip(),
+            destination_port: self.target.port(),
+        };
+        let host = request_authority(req).unwrap_or_default();
+        let request = HttpRequest {
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            host: &host,
+            headers: req.headers(),
+        };
+        routes.authorize(self.target.ip(), &conn, Stage::Request(&request))
+    }
+
     /// One request: sent to the app on a kept connection (or a new one), the response
     /// passed back and recorded when its body ends.
     async fn request(self: &Arc<Self>, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -118,8 +150,9 @@ impl Ctx {
         let mut labels = self.labels.clone();
         let mut grpc = self.grpc(req.headers());
         let app_protocol;
-        let (log, trace) = {
+        let (log, trace, authorized) = {
             let routes = self.inputs.routes.load();
+            let authorized = self.authorize(&routes, &req);
             // The Service port the client asked for: the one Service sending to this port,
             // or, when several do, the one the request's authority names.
             let mut service = routes.endpoint_service(&self.target);
@@ -135,7 +168,8 @@ impl Ctx {
             app_protocol = service.map_or(self.protocol, |s| s.protocol);
             let port = service.map_or(self.target.port(), |s| s.address.port());
             let trace = super::trace_hop(&routes, &mut req, port, self.peer, self.target);
-            (LogEntry::begin(&routes, self.peer, self.target), trace)
+            let log = LogEntry::begin(&routes, self.peer, self.target);
+            (log, trace, authorized)
         };
         let info = log.as_ref().map(|_| HttpInfo::of_request(&req));
         let done = Done {
@@ -146,6 +180,25 @@ impl Ctx {
             trace,
             listed: Some(self.listed.clone()),
         };
+        if let Err(denied) = authorized {
+            let source = self.labels.source_principal.as_deref();
+            let inbound = &self.inputs.inbound;
+            crate::proxy::inbound::log_denied(
+                inbound,
+                &self.pod,
+                self.peer,
+                source,
+                self.target,
+                &denied,
+            );
+            let mut reply = Reply::new(
+                StatusCode::FORBIDDEN,
+                ResponseFlags::None,
+                "RBAC: access denied",
+            );
+            reply.failure = Some(denied.to_string());
+            return super::own_reply(&self.inputs, grpc, self.target, done, reply);
+        }
         let version = req.version();
         // The app gets the protocol its port declares (the source agent may carry HTTP/1.1
         // requests as HTTP/2 on a shared connection).
