@@ -525,10 +525,10 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
         ),
         metrics,
         logging,
-        inbound,
+        inbound: inbound.clone(),
         access_log,
         spans: span_stats,
-        connections,
+        connections: connections.clone(),
         certs: certs.clone(),
         fast_path,
     };
@@ -592,7 +592,17 @@ async fn control(inputs: ControlInputs) -> anyhow::Result<()> {
                     continue;
                 }
                 let snap = snap_rx.borrow_and_update().clone();
-                routes.store(Arc::new(RouteTable::build(&snap, &routes.load(), trust_domain.as_deref())));
+                let before = routes.load_full();
+                let table = Arc::new(RouteTable::build(&snap, &before, trust_domain.as_deref()));
+                routes.store(table.clone());
+                // Policies apply to live connections too: those refused now are closed.
+                if before.has_authorization() || snap.has_authorization() {
+                    let closed = crate::proxy::inbound::recheck(&connections, &table, &inbound);
+                    if closed > 0 {
+                        info!(closed, generation = snap.generation,
+                            "closed connections the new AuthorizationPolicy refuses");
+                    }
+                }
                 enroller.reconcile(&snap);
             }
             // A certificate arrived or changed: pods waiting for theirs can be enrolled.

@@ -1,7 +1,8 @@
 //! AuthorizationPolicy at the destination's agent (root, testbed with the mesh CA): an ALLOW
 //! policy by principal lets only that identity through (HBONE streams of others get 401 with
-//! the reason, plaintext is reset), a DENY policy by port refuses one port, and an edit of the
-//! manifests changes the decision for new connections.
+//! the reason, plaintext is reset), a DENY policy by port refuses one port, an edit of the
+//! manifests changes the decision for new connections and closes the live ones it refuses, and
+//! on HTTP ports each request is checked with its method and path.
 
 mod common;
 
@@ -52,7 +53,12 @@ fn allow_by_principal_admits_only_that_identity_and_edits_apply() {
     };
     let _p1 = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7000"]);
     let _p2 = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7001"]);
+    let _echo = serve(&tb, "server", &["echo", "--listen", "0.0.0.0:7002"]);
     let client_ip = tb.pod_ip("default", "client").expect("ip").to_string();
+    let server_ip = tb.pod_ip("default", "server").expect("ip");
+    // A long-lived connection, open through every policy change below until one refuses it.
+    let mut chat = Chat::open(&tb, "client", &format!("{server_ip}:7002"));
+    assert!(chat.echo("allowed"));
     let got = reaches(&tb, "client", 7000).expect("the allowed client is refused");
     assert!(got.starts_with(&format!("{client_ip}:")), "{got}");
 
@@ -113,6 +119,32 @@ fn allow_by_principal_admits_only_that_identity_and_edits_apply() {
         server_log
             .lines()
             .any(|l| l.contains("denied by AuthorizationPolicy default/no-7001 (DENY)")),
+        "{}",
+        mesh_testbed::tail(&server_log, 30)
+    );
+    // The live connection to 7002 is still allowed under both policies: it stayed open.
+    assert!(
+        chat.echo("still allowed"),
+        "a policy change closed an allowed connection"
+    );
+
+    // A policy refusing the client everywhere closes its live connection too.
+    let deny_all = policy(
+        "no-client",
+        "  action: DENY\n  rules:\n  - from:\n    - source:\n        \
+         principals: [cluster.local/ns/default/sa/client]\n",
+    );
+    tb.apply("app.yaml", &manifests(&deny_all)).expect("apply");
+    wait_until(
+        "the live connection to be closed",
+        Duration::from_secs(20),
+        || !chat.echo("after the change"),
+    );
+    let server_log = tb.agent_log("node-2");
+    assert!(
+        server_log
+            .lines()
+            .any(|l| l.contains("closed connections the new AuthorizationPolicy refuses")),
         "{}",
         mesh_testbed::tail(&server_log, 30)
     );

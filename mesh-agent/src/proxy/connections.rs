@@ -66,6 +66,11 @@ pub struct ConnInfo {
     pub peer_identity: Option<Arc<Identity>>,
     pub started: SystemTime,
     pub progress: Progress,
+    /// Inbound connections relayed as TCP, which AuthorizationPolicy admitted as a whole:
+    /// notified when a configuration change refuses them now, to close them
+    /// ([`ConnectionTable::revocable`]). `None` for the rest (outbound; HTTP, whose requests
+    /// are each checked).
+    pub revoke: Option<tokio::sync::Notify>,
 }
 
 /// What `/connections` answers, one per open connection.
@@ -146,6 +151,16 @@ impl ConnectionTable {
             .sum()
     }
 
+    /// The connections that a policy change can close ([`ConnInfo::revoke`]).
+    pub fn revocable(&self) -> Vec<Arc<ConnInfo>> {
+        let mut out = Vec::new();
+        for s in &self.shards {
+            let shard = s.lock().unwrap_or_else(PoisonError::into_inner);
+            out.extend(shard.values().filter(|c| c.revoke.is_some()).cloned());
+        }
+        out
+    }
+
     /// How many connections are open, (outbound, inbound).
     pub fn counts(&self) -> (usize, usize) {
         let mut counts = (0, 0);
@@ -207,6 +222,7 @@ mod tests {
             peer_identity: None,
             started: SystemTime::now(),
             progress: Progress::default(),
+            revoke: None,
         }
     }
 

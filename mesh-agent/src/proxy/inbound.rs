@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::connections::{ConnInfo, Direction, Progress, Protocol};
 use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
-use super::relay::Relayed;
+use super::relay::{Relayed, relay_revocable};
 use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
 use crate::capture::netns::SocketSource;
 use crate::config::authz::{Connection, Denied, Stage};
@@ -72,6 +72,42 @@ pub struct InboundStats {
     pub node_probes: std::sync::atomic::AtomicU64,
     /// Connections and HBONE streams refused by AuthorizationPolicy.
     pub authz_denied: std::sync::atomic::AtomicU64,
+}
+
+/// After a configuration change: closes the inbound TCP connections that AuthorizationPolicy
+/// refuses now (live connections are re-checked, not only new ones). Returns how many.
+pub fn recheck(
+    connections: &super::connections::ConnectionTable,
+    routes: &super::RouteTable,
+    inbound: &InboundStats,
+) -> usize {
+    let mut closed = 0;
+    for c in connections.revocable() {
+        let (SocketAddr::V4(peer), SocketAddr::V4(target)) = (c.client, c.upstream) else {
+            continue;
+        };
+        let conn = Connection {
+            source_ip: *peer.ip(),
+            peer: c.peer_identity.as_deref(),
+            destination_ip: *target.ip(),
+            destination_port: target.port(),
+        };
+        if let Err(denied) = routes.authorize(target.ip(), &conn, Stage::Connection) {
+            log_denied(
+                inbound,
+                &c.pod,
+                peer,
+                c.peer_identity.as_deref(),
+                target,
+                &denied,
+            );
+            if let Some(revoke) = &c.revoke {
+                revoke.notify_one();
+            }
+            closed += 1;
+        }
+    }
+    closed
 }
 
 /// Counts a denial and logs it (every one of the first 100, then one in 1000: a client
@@ -229,6 +265,8 @@ async fn plaintext(
         peer_identity: None,
         started: std::time::SystemTime::now(),
         progress: Progress::default(),
+        // Node probes are exempt from policy: nothing to re-check.
+        revoke: (!protocol.is_http() && !from_node).then(tokio::sync::Notify::new),
     });
     if protocol.is_http() {
         // Each request is recorded by the HTTP layer; the connection has no TCP metrics.
@@ -251,7 +289,15 @@ async fn plaintext(
     let counters = inputs.metrics.tcp(&labels);
     counters.opened.inc();
     let size = inputs.buffer_size;
-    let r = super::relay::relay(&mut client, &mut app, size, &open.info.progress).await;
+    let info = &open.info;
+    let r = relay_revocable(
+        &mut client,
+        &mut app,
+        size,
+        &info.progress,
+        info.revoke.as_ref(),
+    )
+    .await;
     drop(open);
     counters.received.inc_by(r.a_to_b);
     counters.sent.inc_by(r.b_to_a);
@@ -446,6 +492,7 @@ async fn stream(
                 peer_identity: Some(source.clone()),
                 started: std::time::SystemTime::now(),
                 progress: Progress::default(),
+                revoke: (!protocol.is_http()).then(tokio::sync::Notify::new),
             })
         };
         if protocol.is_http() {
@@ -481,7 +528,15 @@ async fn stream(
             Ok(up) => {
                 let mut tunnel = TokioIo::new(up);
                 let open = register();
-                let r = super::relay::relay(&mut tunnel, &mut app, size, &open.info.progress).await;
+                let info = &open.info;
+                let r = relay_revocable(
+                    &mut tunnel,
+                    &mut app,
+                    size,
+                    &info.progress,
+                    info.revoke.as_ref(),
+                )
+                .await;
                 drop(open);
                 counters.received.inc_by(r.a_to_b);
                 counters.sent.inc_by(r.b_to_a);

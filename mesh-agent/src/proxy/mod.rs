@@ -323,6 +323,11 @@ impl RouteTable {
         }
     }
 
+    /// Whether any AuthorizationPolicy exists (without one there is nothing to check).
+    pub fn has_authorization(&self) -> bool {
+        self.snapshot.has_authorization()
+    }
+
     /// Whether AuthorizationPolicy lets `conn` reach the pod with this IP at `stage`. A pod
     /// the config does not know is refused: fail closed.
     pub fn authorize(

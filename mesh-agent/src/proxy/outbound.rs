@@ -305,6 +305,7 @@ impl Connection {
             peer_identity: labels.destination_principal.clone(),
             started: std::time::SystemTime::now(),
             progress: Progress::default(),
+            revoke: None,
         });
         let r = super::relay::relay(&mut client, upstream, size, &open.info.progress).await;
         drop(open);
@@ -358,6 +359,7 @@ impl Connection {
             peer_identity: None,
             started: std::time::SystemTime::now(),
             progress: Progress::default(),
+            revoke: None,
         });
         let conn = HttpConn {
             listed: open.info.clone(),

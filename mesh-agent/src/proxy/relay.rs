@@ -18,13 +18,14 @@
 //! side shuts down the write half of the other, and the reverse direction keeps flowing until
 //! its own EOF (half-close).
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 
 use super::connections::Progress;
 
@@ -49,9 +50,38 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    relay_revocable(a, b, max_buffer, progress, None).await
+}
+
+/// [`relay`] that also ends, with a `PermissionDenied` error, when `revoked` is notified
+/// (a policy change refuses the connection now).
+pub async fn relay_revocable<A, B>(
+    a: &mut A,
+    b: &mut B,
+    max_buffer: usize,
+    progress: &Progress,
+    revoked: Option<&Notify>,
+) -> Relayed
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut a_to_b = Direction::new(max_buffer);
     let mut b_to_a = Direction::new(max_buffer);
+    let mut revoked = std::pin::pin!(async {
+        match revoked {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    });
     let error = poll_fn(|cx| {
+        if revoked.as_mut().poll(cx).is_ready() {
+            let e = io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "closed: AuthorizationPolicy refuses this connection now",
+            );
+            return Poll::Ready(Some(e));
+        }
         let ab = a_to_b.poll(cx, a, b, &progress.received);
         let ba = b_to_a.poll(cx, b, a, &progress.sent);
         match (ab, ba) {
@@ -254,6 +284,27 @@ mod tests {
     /// A pattern that shows misordered or lost bytes.
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_revoked_relay_ends_with_permission_denied_and_keeps_its_counts() {
+        let (mut client, mut a) = duplex(1024);
+        let (mut b, mut server) = duplex(1024);
+        let revoke = Notify::new();
+        let progress = Progress::default();
+        let relay = relay_revocable(&mut a, &mut b, 4096, &progress, Some(&revoke));
+        let traffic = async {
+            client.write_all(b"hello").await.unwrap();
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hello");
+            // Revoked while idle: the relay ends though neither side closed.
+            revoke.notify_one();
+        };
+        let (r, ()) = tokio::join!(relay, traffic);
+        let e = r.error.expect("an error");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
+        assert_eq!(r.a_to_b, 5);
     }
 
     #[tokio::test]

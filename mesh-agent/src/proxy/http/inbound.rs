@@ -122,9 +122,7 @@ impl Ctx {
         use crate::config::authz::{Connection, HttpRequest, Stage};
         // Nothing to check (and nothing to allocate) without policies. Kubelet probes from
         // the node are exempt, as from STRICT.
-        if !routes.snapshot.has_authorization()
-            || self.inputs.node_addresses.contains(self.peer.ip())
-        {
+        if !routes.has_authorization() || self.inputs.node_addresses.contains(self.peer.ip()) {
             return Ok(());
         }
         let conn = Connection {
