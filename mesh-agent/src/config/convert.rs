@@ -534,7 +534,7 @@ fn endpoints(
     svc: &model::Service,
     port: &ServicePort,
 ) -> Vec<Endpoint> {
-    let selects = |p: &model::Pod| svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v));
+    let selects = |p: &model::Pod| p.has_labels(&svc.selector);
     let selected = pods
         .values()
         .filter(|p| p.id.namespace == svc.id.namespace && p.ready && selects(p));

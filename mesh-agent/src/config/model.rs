@@ -149,9 +149,7 @@ pub struct PeerAuthentication {
 
 impl PeerAuthentication {
     fn selects(&self, pod: &Pod) -> bool {
-        let matches =
-            |s: &BTreeMap<String, String>| s.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
-        self.selector.as_ref().is_some_and(matches)
+        self.selector.as_ref().is_some_and(|s| pod.has_labels(s))
     }
 }
 

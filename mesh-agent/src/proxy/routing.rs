@@ -325,11 +325,7 @@ impl TcpRouter {
                     .as_ref()
                     .is_none_or(|n| source.is_some_and(|p| &p.id.namespace == n))
                 && (m.source_labels.is_empty()
-                    || source.is_some_and(|p| {
-                        m.source_labels
-                            .iter()
-                            .all(|(k, v)| p.labels.get(k) == Some(v))
-                    }))
+                    || source.is_some_and(|p| p.has_labels(&m.source_labels)))
                 && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == r::MESH_GATEWAY))
         };
         let rule = self
@@ -429,11 +425,7 @@ fn matches(m: &HttpMatch, req: &RequestHead<'_>) -> bool {
             req.source.is_some_and(|p| &p.id.namespace == ns)
         })
         && (m.source_labels.is_empty()
-            || req.source.is_some_and(|p| {
-                m.source_labels
-                    .iter()
-                    .all(|(k, v)| p.labels.get(k) == Some(v))
-            }))
+            || req.source.is_some_and(|p| p.has_labels(&m.source_labels)))
         // Rules bound to gateways only never match mesh traffic.
         && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == r::MESH_GATEWAY))
 }

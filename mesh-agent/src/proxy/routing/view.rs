@@ -135,9 +135,7 @@ fn can_match(m: &HttpMatch, pod: Option<&Pod>) -> bool {
     m.source_namespace
         .as_ref()
         .is_none_or(|ns| *ns == pod.id.namespace)
-        && m.source_labels
-            .iter()
-            .all(|(k, v)| pod.labels.get(k) == Some(v))
+        && pod.has_labels(&m.source_labels)
         && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == r::MESH_GATEWAY))
 }
 
