@@ -306,6 +306,21 @@ apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: rev
     let urls: Vec<String> = (0..20).map(|_| flaky_url("/")).collect();
     let codes = statuses(&tb, &urls, &[]);
     assert_eq!(codes, vec![200; 20], "retries on the other endpoint");
+    // Requests with a body are retried too: the copy kept while the first try streamed it is
+    // sent again, whole (the app reports the bytes it got).
+    let payload = "b".repeat(5000);
+    let post = ["--data-binary", payload.as_str()];
+    let codes = statuses(&tb, &urls, &post);
+    assert_eq!(codes, vec![200; 20], "POSTs retried on the other endpoint");
+    for _ in 0..6 {
+        let (status, body, _) = get(&tb, &flaky_url("/"), &post);
+        let json: serde_json::Value = serde_json::from_str(body.trim()).expect("json");
+        assert_eq!(
+            (status, json["body_bytes"].as_u64()),
+            (200, Some(5000)),
+            "{body}"
+        );
+    }
     apply(
         &mut tb,
         "flaky.yaml",

@@ -14,6 +14,7 @@
 mod body;
 mod forward;
 pub mod inbound;
+mod replay;
 mod rules;
 mod shared;
 mod upstream;

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tracing::debug;
 
 use super::body::{self, Counted, ProxyBody};
+use super::replay::{self, Recording, Tee};
 use super::upstream::{Sender, UpBody};
 use super::{CONNECT_FAILURE, Ctx, Done, RESET, Reply};
 use crate::config::routing::{HeaderOps, Retries};
@@ -57,7 +58,7 @@ impl Drop for Active {
     }
 }
 
-/// The request head kept to send it again (only bodiless requests are retried).
+/// The request head kept to send it again.
 struct Head {
     method: Method,
     uri: Uri,
@@ -68,8 +69,8 @@ struct Head {
 /// How one try ended.
 enum Tried {
     Response(Response<Incoming>, Sender),
-    /// No upstream connection (`UF`).
-    Connect(String),
+    /// No upstream connection (`UF`); the request comes back unsent, body and all.
+    Connect(String, Option<Box<Request<UpBody>>>),
     /// The upstream connection failed before the response (`UC`).
     Reset(String),
     /// The try's timeout passed (`UT`).
@@ -97,7 +98,7 @@ impl Ctx {
             AppProtocol::Detect => self.conn.protocol == AppProtocol::Http2,
             p => p.upstream_h2(),
         };
-        let mut copy = Request::new(Counted::new(Either::Right(Empty::new())));
+        let mut copy = Request::new(Counted::new(Either::Right(Full::default())));
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();
         *copy.version_mut() = req.version();
@@ -199,14 +200,17 @@ impl Ctx {
             req.headers_mut().insert(header::CONNECTION, connection);
             req.headers_mut().insert(header::UPGRADE, proto);
         }
-        // Requests with a body are tried once: it is streamed, not kept for a second try.
+        // A body streams to the first try while a copy is kept (`replay`); a retry sends the
+        // copy, or the request itself if it was never sent (no connection).
         let retries = plan.retries.clone().unwrap_or_else(Retries::istio_default);
         let bodiless = hyper::body::Body::is_end_stream(req.body());
-        let attempts = if bodiless && client_upgrade.is_none() {
+        let attempts = if client_upgrade.is_none() {
             retries.attempts
         } else {
             0
         };
+        let recording = (!bodiless && attempts > 0)
+            .then(|| Arc::new(std::sync::Mutex::new(Recording::default())));
         let (parts, body) = req.into_parts();
         let head = Head {
             method: parts.method.clone(),
@@ -214,7 +218,7 @@ impl Ctx {
             version: parts.version,
             headers: parts.headers.clone(),
         };
-        let request_bytes = Counted::new(Either::Left(body));
+        let request_bytes = Counted::new(Either::Left(Tee::new(body, recording.clone())));
         let request_counter = request_bytes.counter();
         let mut first = Some(Request::from_parts(parts, request_bytes));
 
@@ -240,7 +244,10 @@ impl Ctx {
             let active = Active(picked.state.clone());
             tried.push(endpoint);
             let upstream_req = first.take().unwrap_or_else(|| {
-                let mut r = Request::new(Counted::new(Either::Right(Empty::new())));
+                let copy = recording.as_ref().and_then(|r| replay::lock(r).replay());
+                let mut r = Request::new(Counted::new(Either::Right(Full::new(
+                    copy.unwrap_or_default(),
+                ))));
                 *r.method_mut() = head.method.clone();
                 *r.uri_mut() = head.uri.clone();
                 *r.version_mut() = head.version;
@@ -273,7 +280,13 @@ impl Ctx {
             backend.observe(&active.0, status);
             let overall_expired = deadline.is_some_and(|d| Instant::now() >= d);
             let wanted = retriable(&result, &retries);
-            let retry = left && !overall_expired && wanted;
+            // Something to send again: no body, the unsent request, or the whole body kept.
+            let resendable = bodiless
+                || matches!(result, Tried::Connect(_, Some(_)))
+                || recording
+                    .as_ref()
+                    .is_some_and(|r| replay::lock(r).replay().is_some());
+            let retry = left && !overall_expired && wanted && resendable;
             match result {
                 // The client's body broke the upstream request: the client's fault, not the
                 // upstream's (Envoy's 400 `DPE`).
@@ -292,7 +305,7 @@ impl Ctx {
                     }
                     break Ok((resp, sender, endpoint, active));
                 }
-                Tried::Connect(e) if !retry => {
+                Tried::Connect(e, _) if !retry => {
                     c.inputs
                         .stats
                         .connect_errors
@@ -321,6 +334,7 @@ impl Ctx {
                     // Read nothing more from a response we drop; the connection is not kept.
                     drop((resp, sender));
                 }
+                Tried::Connect(_, unsent) => first = unsent.map(|r| *r),
                 _ => {}
             }
             let n = (tried.len() - 1).min(4) as u32;
@@ -402,7 +416,7 @@ impl Ctx {
                 Ok(s) => s,
                 Err(e) => {
                     debug!(pod = %c.pod, upstream = %endpoint, error = %e, "HTTP upstream connect failed");
-                    return Tried::Connect(e.to_string());
+                    return Tried::Connect(e.to_string(), Some(Box::new(req)));
                 }
             };
             match sender.send(req).await {
@@ -427,7 +441,7 @@ impl Ctx {
 fn retriable(t: &Tried, r: &Retries) -> bool {
     let on = &r.retry_on;
     match t {
-        Tried::Connect(_) => on.connect_failure || on.reset || on.gateway_error || on.server_error,
+        Tried::Connect(..) => on.connect_failure || on.reset || on.gateway_error || on.server_error,
         Tried::Reset(_) => on.reset || on.server_error || on.refused_stream,
         // Envoy retries a try that timed out when the policy has a per-try timeout.
         Tried::Timeout => r.per_try_timeout.is_some(),

@@ -211,7 +211,7 @@ impl Ctx {
             req.headers_mut().insert(header::UPGRADE, proto);
         }
         let (parts, body) = req.into_parts();
-        let body = Counted::new(Either::Left(body));
+        let body = Counted::new(Either::Left(super::replay::Tee::new(body, None)));
         let request_bytes = body.counter();
         let req = Request::from_parts(parts, body);
 

@@ -28,8 +28,10 @@ use crate::proxy::outbound::Hbone;
 /// Idle HTTP/1.1 connections kept per endpoint and client connection.
 const MAX_IDLE_H1: usize = 8;
 
-/// A request body: the client's, or none (a retried request without a body).
-pub type UpBody = Counted<http_body_util::Either<Incoming, http_body_util::Empty<bytes::Bytes>>>;
+/// A request body: the client's (recorded for a retry, maybe), or one held in memory (a
+/// retry's copy, or none).
+pub type UpBody =
+    Counted<http_body_util::Either<super::replay::Tee, http_body_util::Full<bytes::Bytes>>>;
 
 pub enum Sender {
     /// With the requests sent on it so far (`maxRequestsPerConnection`).
