@@ -356,6 +356,19 @@ apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: rev
             &[("response_code", "504"), ("response_flags", "UT")]
         ) >= 2
     );
+    // The route's timeout runs to the response's last byte, as Envoy's does: headers in time
+    // and a body still coming at the deadline end in a cut response, recorded `UT`.
+    let (status, body, secs) = get(&tb, &flaky_url("/slow?drip_ms=5000"), &[]);
+    assert_eq!((status, body.as_str()), (200, "first\n"), "a dripping body");
+    assert!(secs < 4.0, "the dripping body was cut after {secs} s");
+    assert_eq!(
+        metric(
+            &node_metrics(&tb, "node-1"),
+            "istio_requests_total",
+            &[("response_code", "200"), ("response_flags", "UT")]
+        ),
+        1
+    );
 
     // Faults: a 50% abort over 1000 requests, and a delay.
     apply(

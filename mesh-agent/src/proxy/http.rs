@@ -198,6 +198,7 @@ impl Ctx {
             info,
             trace,
             listed: Some(c.listed.clone()),
+            deadline: None,
         };
         // The Service went away while the client kept its connection.
         let Target::Service(service) = routes.target(c.dst) else {
@@ -395,6 +396,7 @@ pub(crate) fn upstream_reply(
         rules::apply(ops, &mut parts.headers);
     }
     parts.version = version;
+    let deadline = done.deadline;
     let on_end = done.on_end(
         inputs,
         HttpOutcome {
@@ -407,7 +409,7 @@ pub(crate) fn upstream_reply(
         endpoint,
         None,
     );
-    Response::from_parts(parts, body::response(body, on_end))
+    Response::from_parts(parts, body::response_until(body, on_end, deadline))
 }
 
 /// After a 101, joins the client's upgraded connection to the upstream's, byte for byte.
@@ -493,6 +495,8 @@ pub(crate) struct Done {
     trace: Option<Box<trace::Started>>,
     /// The connection's `/connections` entry, for its byte counts.
     listed: Option<Arc<super::connections::ConnInfo>>,
+    /// The route's `timeout`: the whole response, last byte included, must arrive by then.
+    deadline: Option<Instant>,
 }
 
 /// How a request was answered, for its record.
@@ -522,6 +526,7 @@ impl Done {
             info,
             trace,
             listed,
+            deadline: _,
         } = self;
         if outcome.flag != ResponseFlags::None {
             labels.flags = outcome.flag;

@@ -153,7 +153,15 @@ struct Recorded<B> {
     bytes: u64,
     grpc_status: Option<u16>,
     on_end: Option<OnEnd>,
+    /// The route's timeout, when it has one: past it the body fails (`UT`), as Envoy resets a
+    /// response still streaming when the route's timeout expires.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// The error a response body ends with when the route's timeout expires during it.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response timeout (the route's timeout expired before the last byte)")]
+pub struct ResponseTimeout;
 
 impl<B> Recorded<B> {
     fn end(&mut self, complete: bool) {
@@ -181,6 +189,16 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(deadline) = self.deadline.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            self.deadline = None;
+            if let Some(on_end) = self.on_end.as_mut() {
+                on_end.labels.conn.flags = ResponseFlags::UpstreamRequestTimeout;
+            }
+            self.end(false);
+            return Poll::Ready(Some(Err(Box::new(ResponseTimeout))));
+        }
         let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
@@ -216,11 +234,22 @@ where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    response_until(body, on_end, None)
+}
+
+/// [`response`] that fails with [`ResponseTimeout`] (flag `UT`) if the body has not ended by
+/// `deadline`.
+pub fn response_until<B>(body: B, on_end: OnEnd, deadline: Option<Instant>) -> ProxyBody
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let mut recorded = Recorded {
         inner: body,
         bytes: 0,
         grpc_status: None,
         on_end: Some(on_end),
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
     };
     // An empty body (a 204, or a HEAD) may never be polled: record it now.
     if recorded.inner.is_end_stream() {

@@ -364,6 +364,8 @@ impl Ctx {
             self.upstreams.put_back(endpoint, sender, max);
         }
         drop(active);
+        // The route's timeout covers the response to its last byte, as Envoy's does.
+        done.deadline = deadline;
         let grpc = c.protocol == AppProtocol::Grpc || backend.protocol == AppProtocol::Grpc;
         super::upstream_reply(
             &c.inputs,

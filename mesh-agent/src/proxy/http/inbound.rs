@@ -177,6 +177,7 @@ impl Ctx {
             info,
             trace,
             listed: Some(self.listed.clone()),
+            deadline: None,
         };
         if let Err(denied) = authorized {
             let source = self.labels.source_principal.as_deref();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HOST, HeaderName, HeaderValue};
 use hyper::service::service_fn;
@@ -105,7 +105,21 @@ pub async fn serve(args: HttpArgs) -> Result<()> {
             .context("local address of a connection")?;
         let cfg = cfg.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, cfg.clone(), local, peer));
+            let svc = service_fn(move |req| {
+                let cfg = cfg.clone();
+                async move {
+                    // `?drip_ms=N`: the headers and a first line now, the rest N ms later (a
+                    // slow response body).
+                    let drip =
+                        query_param(req.uri().query(), "drip_ms").and_then(|v| v.parse().ok());
+                    match drip {
+                        Some(ms) => Ok::<_, Infallible>(drip_response(ms).map(Either::Right)),
+                        None => handle(req, cfg, local, peer)
+                            .await
+                            .map(|r| r.map(Either::Left)),
+                    }
+                }
+            });
             // HTTP/1.1 or h2c (prior knowledge), as the first bytes say.
             let mut builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -122,6 +136,31 @@ pub async fn serve(args: HttpArgs) -> Result<()> {
             }
         });
     }
+}
+
+type Drip = http_body_util::StreamBody<
+    futures::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, Infallible>>,
+>;
+
+/// A 200 whose body comes in two parts, `ms` apart.
+fn drip_response(ms: u64) -> Response<Drip> {
+    let parts = futures::stream::unfold(0u8, move |i| async move {
+        match i {
+            0 => Some((Bytes::from_static(b"first\n"), 1)),
+            1 => {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Some((Bytes::from_static(b"last\n"), 2))
+            }
+            _ => None,
+        }
+    });
+    let frames = futures::StreamExt::map(parts, |b| Ok(hyper::body::Frame::data(b)));
+    let mut resp = Response::new(http_body_util::StreamBody::new(futures::StreamExt::boxed(
+        frames,
+    )));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
 }
 
 fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
