@@ -243,21 +243,80 @@ struct ConfigDump<'a> {
     resources: &'a [ResourceStatus],
     workloads: &'a [WorkloadView],
     certificates: Vec<crate::identity::CertView>,
+    #[serde(flatten)]
+    objects: ConfigObjects<'a>,
+}
+
+/// The configuration objects in force, as `/config_dump` shows them.
+#[derive(Serialize)]
+struct ConfigObjects<'a> {
     namespaces: Vec<&'a crate::config::model::Namespace>,
     services: Vec<&'a crate::config::model::Service>,
     pods: Vec<&'a crate::config::model::Pod>,
     peer_authentications: Vec<&'a crate::config::model::PeerAuthentication>,
     authorization_policies: Vec<&'a crate::config::authz::AuthorizationPolicy>,
     /// Invalid ones, with why: each closes its namespace (fail closed).
-    invalid_authorization_policies:
-        &'a std::collections::BTreeMap<crate::config::model::ObjectRef, String>,
+    invalid_authorization_policies: Vec<Named<'a, Reason<'a>>>,
     virtual_services: Vec<&'a crate::config::routing::VirtualService>,
     destination_rules: Vec<&'a crate::config::routing::DestinationRule>,
+    gateways: Vec<&'a crate::config::gateway::Gateway>,
+    /// The Secrets the Gateways name, and what each holds (never a key).
+    gateway_credentials: Vec<Named<'a, &'a crate::config::gateway::CredentialState>>,
     /// What is taken from MeshConfig (access log), and from where.
     mesh: &'a crate::config::model::MeshSettings,
     /// The mTLS mode PeerAuthentication gives each meshed pod of this node (pod level, before
     /// port-level overrides): what the policies above add up to.
     effective_mtls: std::collections::BTreeMap<String, crate::config::model::MtlsMode>,
+}
+
+/// What is said of an object, as `{"object": {...}, ...}`: a map keyed by object would not
+/// be JSON (keys must be strings).
+#[derive(Serialize)]
+struct Named<'a, T: Serialize> {
+    object: &'a crate::config::model::ObjectRef,
+    #[serde(flatten)]
+    value: T,
+}
+
+#[derive(Serialize)]
+struct Reason<'a> {
+    reason: &'a str,
+}
+
+impl<'a> ConfigObjects<'a> {
+    fn of(snap: &'a crate::config::model::Snapshot, node: &str) -> Self {
+        ConfigObjects {
+            namespaces: snap.namespaces.values().collect(),
+            services: snap.services.values().collect(),
+            pods: snap.pods.values().collect(),
+            peer_authentications: snap.peer_authentications.values().collect(),
+            authorization_policies: snap.authorization_policies.values().collect(),
+            invalid_authorization_policies: snap
+                .invalid_authorization_policies
+                .iter()
+                .map(|(object, reason)| Named {
+                    object,
+                    value: Reason { reason },
+                })
+                .collect(),
+            virtual_services: snap.virtual_services.values().map(|v| &**v).collect(),
+            destination_rules: snap.destination_rules.values().map(|d| &**d).collect(),
+            gateways: snap.gateways.values().collect(),
+            gateway_credentials: snap
+                .gateway_credentials
+                .iter()
+                .map(|(object, state)| Named {
+                    object,
+                    value: state,
+                })
+                .collect(),
+            mesh: &snap.mesh,
+            effective_mtls: snap
+                .enrolled_pods(node)
+                .map(|p| (p.id.to_string(), snap.inbound_mode(p, 0)))
+                .collect(),
+        }
+    }
 }
 
 fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
@@ -451,19 +510,7 @@ pub fn handle(
                 resources: &view.resources,
                 workloads: &workloads,
                 certificates: certs(state),
-                namespaces: snap.namespaces.values().collect(),
-                services: snap.services.values().collect(),
-                pods: snap.pods.values().collect(),
-                peer_authentications: snap.peer_authentications.values().collect(),
-                authorization_policies: snap.authorization_policies.values().collect(),
-                invalid_authorization_policies: &snap.invalid_authorization_policies,
-                virtual_services: snap.virtual_services.values().map(|v| &**v).collect(),
-                destination_rules: snap.destination_rules.values().map(|d| &**d).collect(),
-                mesh: &snap.mesh,
-                effective_mtls: snap
-                    .enrolled_pods(&view.node)
-                    .map(|p| (p.id.to_string(), snap.inbound_mode(p, 0)))
-                    .collect(),
+                objects: ConfigObjects::of(&snap, &view.node),
             };
             json(StatusCode::OK, &doc)
         }
@@ -549,7 +596,34 @@ pub async fn serve_tcp(
 
 #[cfg(test)]
 mod tests {
-    use super::query_level;
+    use super::{ConfigObjects, query_level};
+    use crate::config::gateway::CredentialState;
+    use crate::config::model::{ObjectRef, Snapshot};
+
+    /// Objects keyed by name (invalid policies, credentials) are JSON lists naming them.
+    #[test]
+    fn config_dump_names_invalid_policies_and_credentials() {
+        let id = |ns: &str, name: &str| ObjectRef {
+            namespace: ns.into(),
+            name: name.into(),
+        };
+        let mut snap = Snapshot::default();
+        snap.invalid_authorization_policies
+            .insert(id("shop", "web"), "field spec.action: CUSTOM".into());
+        snap.gateway_credentials
+            .insert(id("istio-system", "cert"), CredentialState::Missing);
+        let doc = serde_json::to_value(ConfigObjects::of(&snap, "node-1")).expect("JSON");
+        assert_eq!(
+            doc["invalid_authorization_policies"],
+            serde_json::json!([{"object": {"namespace": "shop", "name": "web"},
+                                "reason": "field spec.action: CUSTOM"}])
+        );
+        assert_eq!(
+            doc["gateway_credentials"],
+            serde_json::json!([{"object": {"namespace": "istio-system", "name": "cert"},
+                                "state": "missing"}])
+        );
+    }
 
     #[test]
     fn level_from_query() {

@@ -25,6 +25,7 @@ use super::model::{self, ContainerPort, Endpoint, NETNS_ANNOTATION, ObjectRef};
 use super::model::{ServicePort, Snapshot, TargetPort};
 
 pub mod authz;
+pub mod gateway;
 pub mod istio;
 pub mod mesh_config;
 pub mod routing;
@@ -63,6 +64,13 @@ pub enum Input<'a> {
     AuthorizationPolicy(&'a authz::AuthorizationPolicy),
     VirtualService(&'a routing::VirtualService),
     DestinationRule(&'a routing::DestinationRule),
+    Gateway(&'a gateway::Gateway),
+    /// A Secret of the manifests (local mode): inspected as a gateway credential, kept only
+    /// if a Gateway names it.
+    Secret(&'a k8s::Secret),
+    /// A credential Secret already inspected (Kubernetes mode reads only the Secrets Gateways
+    /// name, and keeps only what they say).
+    Credential(&'a crate::config::gateway::Credential),
     /// Only the `istio` ConfigMap of the root namespace matters (MeshConfig).
     ConfigMap(&'a k8s::ConfigMap),
     IstioOperator(&'a mesh_config::IstioOperator),
@@ -349,6 +357,8 @@ enum Object {
     AuthorizationPolicy(crate::config::authz::AuthorizationPolicy),
     VirtualService(crate::config::routing::VirtualService),
     DestinationRule(crate::config::routing::DestinationRule),
+    Gateway(crate::config::gateway::Gateway),
+    Credential(crate::config::gateway::Credential),
     Mesh(mesh_config::Found),
 }
 
@@ -363,6 +373,8 @@ impl Object {
             Object::AuthorizationPolicy(p) => ("AuthorizationPolicy", p.id.to_string()),
             Object::VirtualService(v) => ("VirtualService", v.id.to_string()),
             Object::DestinationRule(d) => ("DestinationRule", d.id.to_string()),
+            Object::Gateway(g) => ("Gateway", g.id.to_string()),
+            Object::Credential(c) => ("Secret", c.id.to_string()),
             Object::Mesh(m) => ("MeshConfig", m.source.clone()),
         }
     }
@@ -389,6 +401,9 @@ fn convert(input: Input<'_>, mode: Mode) -> Result<Option<Object>, Vec<Problem>>
         }
         Input::VirtualService(v) => Object::VirtualService(routing::convert_virtual_service(v)?),
         Input::DestinationRule(d) => Object::DestinationRule(routing::convert_destination_rule(d)?),
+        Input::Gateway(g) => Object::Gateway(gateway::convert_gateway(g)?),
+        Input::Secret(s) => Object::Credential(gateway::convert_secret(s)?),
+        Input::Credential(c) => Object::Credential(c.clone()),
         Input::ConfigMap(cm) if mesh_config::is_mesh_config(cm) => {
             Object::Mesh(mesh_config::convert_config_map(cm)?)
         }
@@ -422,6 +437,7 @@ pub fn build<'a, O: Clone + fmt::Display>(
     let (mut pod_origin, mut pod_ips, mut cluster_ips) =
         (HashMap::new(), HashMap::new(), HashMap::new());
     let mut slices = Vec::new();
+    let mut credentials = HashMap::new();
     for (origin, input) in inputs {
         let obj = match convert(input, mode) {
             Ok(Some(obj)) => obj,
@@ -483,6 +499,12 @@ pub fn build<'a, O: Clone + fmt::Display>(
                 snap.destination_rules
                     .insert(d.id.clone(), std::sync::Arc::new(d));
             }
+            Object::Gateway(g) => {
+                snap.gateways.insert(g.id.clone(), g);
+            }
+            Object::Credential(c) => {
+                credentials.insert(c.id, c.state);
+            }
             Object::Mesh(m) => match &snap.mesh.source {
                 Some(first) => {
                     let reason =
@@ -516,6 +538,17 @@ pub fn build<'a, O: Clone + fmt::Display>(
             }
         }
     }
+    // Only the Secrets a Gateway names are kept; a named one not given is missing.
+    snap.gateway_credentials = snap
+        .wanted_credentials()
+        .into_iter()
+        .map(|id| {
+            let state = credentials
+                .remove(&id)
+                .unwrap_or(crate::config::gateway::CredentialState::Missing);
+            (id, state)
+        })
+        .collect();
     match mode {
         Mode::Local => {
             for svc in snap.services.values_mut() {

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1 as k8s;
 use serde::Deserialize;
 use tracing::debug;
 
-use super::convert::{self, Input, Mode, Problems, authz, istio, mesh_config, routing};
+use super::convert::{self, Input, Mode, Problems, authz, gateway, istio, mesh_config, routing};
 use super::model::ROOT_NAMESPACE;
 use super::model::Snapshot;
 
@@ -233,6 +233,8 @@ pub enum Typed {
     AuthorizationPolicy(Box<authz::AuthorizationPolicy>),
     VirtualService(Box<routing::VirtualService>),
     DestinationRule(Box<routing::DestinationRule>),
+    Gateway(Box<gateway::Gateway>),
+    Secret(Box<k8s::Secret>),
     ConfigMap(Box<k8s::ConfigMap>),
     IstioOperator(Box<mesh_config::IstioOperator>),
 }
@@ -247,6 +249,8 @@ impl Typed {
             Typed::AuthorizationPolicy(p) => Input::AuthorizationPolicy(p),
             Typed::VirtualService(v) => Input::VirtualService(v),
             Typed::DestinationRule(d) => Input::DestinationRule(d),
+            Typed::Gateway(g) => Input::Gateway(g),
+            Typed::Secret(s) => Input::Secret(s),
             Typed::ConfigMap(c) => Input::ConfigMap(c),
             Typed::IstioOperator(o) => Input::IstioOperator(o),
         }
@@ -257,7 +261,7 @@ impl Typed {
 pub struct Parsed {
     /// Documents of the kinds local mode handles, in file and document order.
     pub objects: Vec<(Origin, Typed)>,
-    /// Documents of other kinds (Deployment, Gateway, ...), as YAML: local mode ignores
+    /// Documents of other kinds (Deployment, ServiceEntry, ...), as YAML: local mode ignores
     /// them, `mesh-agent analyze` looks at some.
     pub ignored: Vec<(Origin, serde_yaml::Value)>,
     /// Unreadable files, syntax errors and documents that do not decode.
@@ -416,10 +420,12 @@ fn parse_document(
     let authorization_policy = security && kind == "AuthorizationPolicy";
     let networking = routing::NETWORKING_API_VERSIONS.contains(&api_version.as_str());
     let routing_kind = networking && matches!(kind.as_str(), "VirtualService" | "DestinationRule");
+    let gateway = networking && kind == "Gateway";
     if peer_authentication
         || authorization_policy
         || routing_kind
-        || api_version == "v1" && matches!(kind.as_str(), "Pod" | "Service")
+        || gateway
+        || api_version == "v1" && matches!(kind.as_str(), "Pod" | "Service" | "Secret")
     {
         doc.namespace
             .get_or_insert_with(|| DEFAULT_NAMESPACE.to_owned());
@@ -443,6 +449,8 @@ fn parse_document(
         _ if routing_kind => map(decode(typed, "DestinationRule")?, |d| {
             Typed::DestinationRule(Box::new(d))
         }),
+        _ if gateway => map(decode(typed, "Gateway")?, |g| Typed::Gateway(Box::new(g))),
+        ("v1", "Secret") => map(decode(typed, "Secret")?, |s| Typed::Secret(Box::new(s))),
         // MeshConfig: the `istio` ConfigMap of the root namespace, or an IstioOperator.
         ("v1", "ConfigMap")
             if doc.name.as_deref() == Some(mesh_config::CONFIG_MAP)
@@ -473,6 +481,8 @@ pub(crate) use decode::decode;
 mod tests;
 #[cfg(test)]
 mod tests_authz;
+#[cfg(test)]
+mod tests_gateway;
 #[cfg(test)]
 mod tests_istio;
 #[cfg(test)]

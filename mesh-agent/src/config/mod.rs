@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod convert;
+pub mod gateway;
 pub mod kube;
 pub mod manifests;
 pub mod model;

@@ -181,6 +181,9 @@ pub struct Snapshot {
     pub invalid_authorization_policies: BTreeMap<ObjectRef, String>,
     pub virtual_services: BTreeMap<ObjectRef, std::sync::Arc<super::routing::VirtualService>>,
     pub destination_rules: BTreeMap<ObjectRef, std::sync::Arc<super::routing::DestinationRule>>,
+    pub gateways: BTreeMap<ObjectRef, super::gateway::Gateway>,
+    /// The Secrets the Gateways name ([`Snapshot::wanted_credentials`]) and what they hold.
+    pub gateway_credentials: BTreeMap<ObjectRef, super::gateway::CredentialState>,
     pub mesh: MeshSettings,
     /// (cluster IP, port) -> (service, index into `ports`).
     #[serde(skip)]

@@ -118,6 +118,10 @@ impl Input {
                 labels: pod.labels.clone(),
             });
         }
+        for gw in input.snapshot.gateways.values() {
+            let hosts = gw.servers.iter().flat_map(|s| s.hosts.iter().cloned());
+            input.gateways.insert(gw.id.clone(), hosts.collect());
+        }
         for (origin, value) in parsed.ignored {
             input.other_kind(origin, value);
         }
@@ -191,17 +195,6 @@ impl Input {
             ("batch/v1", "CronJob") => self.decoded(o, value, "CronJob", |d: batch::CronJob| {
                 d.spec.job_template.spec.map(|s| s.template)
             }),
-            (_, "Gateway") if networking => {
-                if let Some(name) = origin.doc.name.clone() {
-                    let hosts = server_hosts(&value);
-                    let id = ObjectRef {
-                        namespace: namespace.clone(),
-                        name,
-                    };
-                    self.gateways.insert(id, hosts);
-                }
-                None
-            }
             (_, "ServiceEntry") if networking => {
                 let hosts = value.get("spec").and_then(|s| s.get("hosts"));
                 let hosts = hosts.and_then(Value::as_sequence).into_iter().flatten();
@@ -241,14 +234,6 @@ impl Input {
 }
 
 /// `spec.servers[].hosts[]` of an Istio Gateway.
-fn server_hosts(gateway: &Value) -> Vec<String> {
-    let servers = gateway.get("spec").and_then(|s| s.get("servers"));
-    let servers = servers.and_then(Value::as_sequence).into_iter().flatten();
-    let hosts = servers.filter_map(|s| s.get("hosts").and_then(Value::as_sequence));
-    let hosts = hosts.flatten().filter_map(Value::as_str);
-    hosts.map(str::to_owned).collect()
-}
-
 /// Reads the paths given: `-` is standard input, files are read as they are (any name),
 /// directories as local mode reads them (`*.yaml`/`*.yml`, not recursive), less kustomize's
 /// `kustomization.yaml` (not an object). A path given twice is read once.

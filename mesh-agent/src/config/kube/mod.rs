@@ -17,6 +17,7 @@
 //! a cluster must not freeze every other change.
 
 mod access;
+mod credentials;
 mod rebuild;
 mod watchers;
 
@@ -86,6 +87,7 @@ pub fn spawn(
     snapshots: watch::Sender<Arc<Snapshot>>,
 ) -> watch::Receiver<ConfigStatus> {
     let (notes_tx, notes_rx) = mpsc::channel(1024);
+    let credentials = credentials::CredentialWatches::new(client.clone(), notes_tx.clone());
     let stores = watchers::start(client, &node, notes_tx);
     let resources = stores.initial_status(&node);
     let status = ConfigStatus {
@@ -95,7 +97,7 @@ pub fn spawn(
         ..ConfigStatus::default()
     };
     let (status_tx, status_rx) = watch::channel(status);
-    let task = rebuild::Rebuild::new(node, stores, snapshots, status_tx);
+    let task = rebuild::Rebuild::new(node, stores, credentials, snapshots, status_tx);
     tokio::spawn(task.run(notes_rx));
     status_rx
 }

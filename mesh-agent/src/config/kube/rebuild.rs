@@ -15,8 +15,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::ResourceStatus;
+use super::credentials::CredentialWatches;
 use super::watchers::{KINDS, Kind, Note, Stores};
-use crate::config::convert::{self, Input, Mode, Problem, authz, istio, routing};
+use crate::config::convert::{self, Input, Mode, Problem, authz, gateway, istio, routing};
 use crate::config::manifests::LoadStats;
 use crate::config::model::{MeshSettings, ObjectRef, Snapshot};
 use crate::config::watch::ConfigStatus;
@@ -64,6 +65,7 @@ pub struct InvalidObject {
 pub struct Rebuild {
     node: String,
     stores: Stores,
+    credentials: CredentialWatches,
     snapshots: watch::Sender<Arc<Snapshot>>,
     status: watch::Sender<ConfigStatus>,
     resources: BTreeMap<Kind, ResourceStatus>,
@@ -81,6 +83,7 @@ impl Rebuild {
     pub fn new(
         node: String,
         stores: Stores,
+        credentials: CredentialWatches,
         snapshots: watch::Sender<Arc<Snapshot>>,
         status: watch::Sender<ConfigStatus>,
     ) -> Self {
@@ -89,6 +92,7 @@ impl Rebuild {
         Rebuild {
             node,
             stores,
+            credentials,
             snapshots,
             status,
             resources,
@@ -186,6 +190,8 @@ impl Rebuild {
         let dynamic_ap = self.stores.istio(Kind::AuthorizationPolicy);
         let dynamic_vs = self.stores.istio(Kind::VirtualService);
         let dynamic_dr = self.stores.istio(Kind::DestinationRule);
+        let dynamic_gw = self.stores.istio(Kind::Gateway);
+        let credentials = self.credentials.states();
         let mut invalid: Vec<InvalidObject> = Vec::new();
         let peer_auths: Vec<(ObjectKey, istio::PeerAuthentication)> =
             decode_all(Kind::PeerAuthentication, &dynamic, &mut invalid);
@@ -195,6 +201,8 @@ impl Rebuild {
             decode_all(Kind::VirtualService, &dynamic_vs, &mut invalid);
         let destination_rules: Vec<(ObjectKey, routing::DestinationRule)> =
             decode_all(Kind::DestinationRule, &dynamic_dr, &mut invalid);
+        let gateways: Vec<(ObjectKey, gateway::Gateway)> =
+            decode_all(Kind::Gateway, &dynamic_gw, &mut invalid);
         // This node's pods come only from the node's own watch (see `watchers`).
         let node = self.node.as_str();
         let elsewhere = |p: &&Arc<k8s_openapi::api::core::v1::Pod>| {
@@ -249,6 +257,18 @@ impl Rebuild {
                     .iter()
                     .map(|(k, dr)| (k.clone(), Input::DestinationRule(dr))),
             )
+            .chain(
+                gateways
+                    .iter()
+                    .map(|(k, gw)| (k.clone(), Input::Gateway(gw))),
+            )
+            .chain(credentials.iter().map(|c| {
+                let key = ObjectKey {
+                    kind: Kind::Secret.name(),
+                    object: c.id.to_string(),
+                };
+                (key, Input::Credential(c))
+            }))
             .chain(mesh_config.iter().map(|o| {
                 (
                     ObjectKey::of(Kind::MeshConfig, &o.metadata),
@@ -276,6 +296,9 @@ impl Rebuild {
             }
         }
         self.report(&invalid);
+        // Watch the Secrets the Gateways name now; a new watch's first list brings another
+        // rebuild, which puts its state in.
+        self.credentials.want(&snapshot.wanted_credentials());
 
         let counts = [
             (Kind::Namespace, namespaces.len()),
@@ -287,7 +310,9 @@ impl Rebuild {
             (Kind::AuthorizationPolicy, dynamic_ap.len()),
             (Kind::VirtualService, dynamic_vs.len()),
             (Kind::DestinationRule, dynamic_dr.len()),
+            (Kind::Gateway, dynamic_gw.len()),
             (Kind::MeshConfig, mesh_config.len()),
+            (Kind::Secret, self.credentials.watched()),
         ];
         for (kind, n) in counts {
             let bad: HashSet<&str> = invalid
@@ -394,6 +419,8 @@ fn same_config(a: &Snapshot, b: &Snapshot) -> bool {
         && a.invalid_authorization_policies == b.invalid_authorization_policies
         && a.virtual_services == b.virtual_services
         && a.destination_rules == b.destination_rules
+        && a.gateways == b.gateways
+        && a.gateway_credentials == b.gateway_credentials
         && same_mesh(&a.mesh, &b.mesh)
 }
 

@@ -645,3 +645,135 @@ async fn authorization_policies_are_watched_enforced_and_invalid_ones_named() {
     src.snapshot("the fixed policy", |s| decide(s, "other") == Some(Ok(())))
         .await;
 }
+
+/// The guide's Gateway (`default/bookinfo-gateway`, credential `bookinfo-tls-cert`), its
+/// workload (a pod labelled `istio: ingressgateway` in `istio-system`), the Secret it names and
+/// one it does not.
+pub(super) fn gateway_objects() -> Vec<Value> {
+    use crate::config::gateway::testing::{cert, secret};
+    let gateway = json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+        "metadata": {"name": "bookinfo-gateway", "namespace": "default"},
+        "spec": {"selector": {"istio": "ingressgateway"},
+                 "servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"},
+                              "hosts": ["bookinfo.example.com"],
+                              "tls": {"mode": "SIMPLE", "credentialName": "bookinfo-tls-cert"}}]}});
+    let ingress = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ingress", "namespace": "istio-system",
+                     "labels": {"istio": "ingressgateway"}},
+        "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "c"}]},
+        "status": {"phase": "Running", "podIP": "10.244.2.20"}});
+    let (crt, key) = cert("bookinfo.example.com", false);
+    let typed = |ns: &str, name: &str| {
+        let mut v = serde_json::to_value(secret(ns, name, &[("tls.crt", &crt), ("tls.key", &key)]))
+            .expect("secret json");
+        v["apiVersion"] = json!("v1");
+        v["kind"] = json!("Secret");
+        v
+    };
+    vec![
+        gateway,
+        ingress,
+        typed("istio-system", "bookinfo-tls-cert"),
+        typed("istio-system", "unrelated"),
+    ]
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn gateway_credentials_are_watched_by_name_and_followed() {
+    use crate::config::gateway::CredentialState;
+    use crate::config::gateway::testing::{cert, secret};
+    let server = FakeApiServer::start().expect("fake API server");
+    for obj in gateway_objects() {
+        server.apply(obj).expect("apply");
+    }
+    let state = |s: &Snapshot| {
+        s.gateway_credentials
+            .get(&id("istio-system", "bookinfo-tls-cert"))
+            .cloned()
+    };
+    let mut src = start(server, "gateway").await;
+    let snap = src
+        .snapshot("the credential's first list", |s| {
+            matches!(state(s), Some(CredentialState::Valid { .. }))
+        })
+        .await;
+    assert!(
+        snap.gateways
+            .contains_key(&id("default", "bookinfo-gateway"))
+    );
+    assert_eq!(
+        snap.gateway_credentials.len(),
+        1,
+        "{:?}",
+        snap.gateway_credentials
+    );
+    let st = src.status.borrow().clone();
+    assert_eq!(resource(&st, "Secret").objects, 1, "{st:?}");
+    assert_eq!(
+        resource(&st, "Gateway").api_version.as_deref(),
+        Some("networking.istio.io/v1")
+    );
+    // Only that Secret was ever asked for: by name, in the workload's namespace.
+    let secret_requests: Vec<String> = src
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains("/secrets"))
+        .collect();
+    assert!(!secret_requests.is_empty());
+    for r in &secret_requests {
+        assert!(
+            r.contains("/api/v1/namespaces/istio-system/secrets?")
+                && r.contains("fieldSelector=metadata.name=bookinfo-tls-cert"),
+            "a request for other Secrets: {r}"
+        );
+    }
+
+    // The Secret changes to a key of another certificate: unusable, named.
+    let (crt, _) = cert("bookinfo.example.com", false);
+    let (_, other_key) = cert("bookinfo.example.com", false);
+    let mut bad = serde_json::to_value(secret(
+        "istio-system",
+        "bookinfo-tls-cert",
+        &[("tls.crt", &crt), ("tls.key", &other_key)],
+    ))
+    .expect("json");
+    bad["apiVersion"] = json!("v1");
+    bad["kind"] = json!("Secret");
+    src.apply(bad);
+    let snap = src
+        .snapshot("the mismatched key", |s| {
+            matches!(state(s), Some(CredentialState::Invalid { .. }))
+        })
+        .await;
+    let Some(CredentialState::Invalid { reason }) = state(&snap) else {
+        unreachable!()
+    };
+    assert!(reason.contains("tls.key"), "{reason}");
+
+    // Deleted: missing. The Gateway deleted: the watch stops and nothing is kept.
+    assert!(
+        src.server
+            .delete("v1", "Secret", "istio-system", "bookinfo-tls-cert")
+    );
+    src.snapshot("the deleted Secret", |s| {
+        state(s) == Some(CredentialState::Missing)
+    })
+    .await;
+    assert!(src.server.delete(
+        "networking.istio.io/v1",
+        "Gateway",
+        "default",
+        "bookinfo-gateway"
+    ));
+    src.snapshot("no Gateway", |s| {
+        s.gateways.is_empty() && s.gateway_credentials.is_empty()
+    })
+    .await;
+    let st = src
+        .status("the Secret watch stopped", |s| {
+            resource(s, "Secret").objects == 0
+        })
+        .await;
+    assert_eq!(resource(&st, "Secret").objects, 0);
+}

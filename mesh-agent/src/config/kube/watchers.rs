@@ -58,11 +58,15 @@ pub enum Kind {
     AuthorizationPolicy,
     VirtualService,
     DestinationRule,
+    Gateway,
     /// MeshConfig: the ConfigMap `istio` of the root namespace (field selector on the name).
     MeshConfig,
+    /// The Secrets Gateways name, one watch each ([`super::credentials`]). Never gates
+    /// readiness: a Gateway's credential concerns ingress, not mesh traffic.
+    Secret,
 }
 
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 12] = [
     Kind::Namespace,
     Kind::NodePod,
     Kind::Pod,
@@ -72,7 +76,9 @@ pub const KINDS: [Kind; 10] = [
     Kind::AuthorizationPolicy,
     Kind::VirtualService,
     Kind::DestinationRule,
+    Kind::Gateway,
     Kind::MeshConfig,
+    Kind::Secret,
 ];
 
 /// An Istio kind: served only where Istio's CRDs are installed, in one of several versions,
@@ -87,11 +93,12 @@ pub struct IstioKind {
 }
 
 /// The Istio kinds the agent watches.
-pub const ISTIO_KINDS: [Kind; 4] = [
+pub const ISTIO_KINDS: [Kind; 5] = [
     Kind::PeerAuthentication,
     Kind::AuthorizationPolicy,
     Kind::VirtualService,
     Kind::DestinationRule,
+    Kind::Gateway,
 ];
 
 impl Kind {
@@ -105,7 +112,9 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
+            Kind::Gateway => "Gateway",
             Kind::MeshConfig => "ConfigMap",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -129,6 +138,7 @@ impl Kind {
             }),
             Kind::VirtualService => Some(networking("virtualservices")),
             Kind::DestinationRule => Some(networking("destinationrules")),
+            Kind::Gateway => Some(networking("gateways")),
             _ => None,
         }
     }
@@ -184,13 +194,12 @@ impl Stores {
                 kind: k.name(),
                 api_version: match k {
                     Kind::EndpointSlice => Some("discovery.k8s.io/v1".into()),
-                    Kind::PeerAuthentication
-                    | Kind::AuthorizationPolicy
-                    | Kind::VirtualService
-                    | Kind::DestinationRule => None,
+                    k if k.istio().is_some() => None,
                     _ => Some("v1".into()),
                 },
                 selector: selector(k, node),
+                // Watched on demand; nothing to wait for.
+                synced: k == Kind::Secret,
                 ..ResourceStatus::default()
             })
             .collect()
@@ -213,6 +222,9 @@ fn selector(kind: Kind, node: &str) -> Option<String> {
         // Only slices a Service owns; the others (custom controllers) mean nothing to us.
         Kind::EndpointSlice => Some(SERVICE_NAME_LABEL.into()),
         Kind::MeshConfig => Some(format!("metadata.name={CONFIG_MAP}")),
+        Kind::Secret => Some(super::credentials::selector(
+            "<each Gateway credentialName>",
+        )),
         _ => None,
     }
 }

@@ -271,7 +271,7 @@ fn netns_annotation_and_pod_ip_values() {
 fn other_kinds_and_empty_documents_ignored() {
     let yaml = "---\n# comment only\n---\n\
         apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {x: 1}\n---\n\
-        apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: v}\n---\n\
+        apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: v}\n---\n\
         apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: sa}\n---\n";
     let loaded = load(&[("a.yaml", yaml)]).expect("loads");
     assert_eq!((loaded.stats.documents, loaded.stats.ignored), (3, 3));
