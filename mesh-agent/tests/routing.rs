@@ -577,3 +577,162 @@ allowHeaders: [x-custom]\n      maxAge: 1h\n      allowCredentials: true\n    ro
     assert_eq!(codes, vec![200; 10], "every connection to the ok subset");
     tb.down().expect("down");
 }
+
+/// DestinationRules shaping connections: on a TCP Service port (no VirtualService) the load
+/// balancer, the connection pool's `maxConnections` (`UO`) and `tcp.idleTimeout`, per
+/// connection; on an HTTP port `http.idleTimeout` of the upstream connections.
+#[test]
+fn destination_rules_shape_connections() {
+    let tcp_service = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews-tcp, namespace: default}\n\
+         spec:\n  selector: {app: reviews}\n  ports:\n  - {name: tcp, port: 7000, targetPort: http}\n";
+    let app = format!("{}---\n{tcp_service}", manifests());
+    let Some(mut tb) = up("routing_tcp", 2, &[("app.yaml", &app)]) else {
+        return;
+    };
+    let _servers: Vec<_> = ["v1", "v2", "v3"]
+        .iter()
+        .map(|v| {
+            let args = [
+                "http",
+                "--listen",
+                "0.0.0.0:9080",
+                "--service",
+                "reviews",
+                "--version",
+                v,
+            ];
+            serve(&tb, &format!("reviews-{v}"), &args)
+        })
+        .collect();
+    let ip = tb
+        .service_ip("default", "reviews-tcp")
+        .expect("reviews-tcp");
+    let url = |path: &str| format!("http://{ip}:7000{path}");
+    let dr = |policy: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews-tcp}}\n\
+             spec:\n  host: reviews-tcp\n  trafficPolicy: {policy}\n"
+        )
+    };
+    // A connection per request: TCP ports balance per connection.
+    let close = ["-H", "Connection: close"];
+
+    // Without a DestinationRule: round robin over all three.
+    let spread = versions(&tb, &url("/"), 12, &close);
+    assert_eq!(
+        spread.len(),
+        3,
+        "round robin reaches every version: {spread:?}"
+    );
+
+    // consistentHash on the source IP: every connection of the client to one endpoint.
+    apply(
+        &mut tb,
+        "dr.yaml",
+        &dr("{loadBalancer: {consistentHash: {useSourceIp: true}}}"),
+    );
+    let hashed = versions(&tb, &url("/"), 12, &close);
+    assert_eq!(
+        hashed.len(),
+        1,
+        "one endpoint for one source IP: {hashed:?}"
+    );
+
+    // maxConnections: 1. While one connection is open, another is refused (`UO`).
+    apply(
+        &mut tb,
+        "dr.yaml",
+        &dr("{connectionPool: {tcp: {maxConnections: 1}}}"),
+    );
+    let mut held = tb.pod_command("client", "curl").expect("pod command");
+    held.args(["-sS", "-m", "20", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(url("/?delay_ms=3000"));
+    let held = std::thread::spawn(move || run_bounded(held, Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(800));
+    let (status, _, _) = get(&tb, &url("/"), &[]);
+    assert_eq!(
+        status, 0,
+        "a second connection over maxConnections is refused"
+    );
+    let out = held.join().expect("thread").expect("the held request");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "the held connection is served"
+    );
+    assert_eq!(get(&tb, &url("/"), &[]).0, 200, "room again once it closed");
+    assert_eq!(
+        metric(
+            &node_metrics(&tb, "node-1"),
+            "istio_tcp_connections_opened_total",
+            &[
+                ("response_flags", "UO"),
+                ("destination_service_name", "reviews-tcp")
+            ]
+        ),
+        1
+    );
+
+    // tcp.idleTimeout: a connection silent that long is closed, mid-response; `0s` turns
+    // the timeout off.
+    apply(
+        &mut tb,
+        "dr.yaml",
+        &dr("{connectionPool: {tcp: {idleTimeout: 1s}}}"),
+    );
+    let (status, body, secs) = get(&tb, &url("/?drip_ms=4000"), &[]);
+    assert_eq!((status, body.as_str()), (200, "first\n"), "cut while idle");
+    assert!(secs < 3.5, "closed after {secs} s, not by the idle timeout");
+    apply(
+        &mut tb,
+        "dr.yaml",
+        &dr("{connectionPool: {tcp: {idleTimeout: 0s}}}"),
+    );
+    let (status, body, _) = get(&tb, &url("/?drip_ms=1500"), &[]);
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "first\nlast\n"),
+        "no idle timeout"
+    );
+
+    // http.idleTimeout: requests to a meshed pod share one upstream connection (the app
+    // sees one client port through the destination agent) until it has been unused that long.
+    // (productpage: no TCP Service port sends to its pod, so its connections are shared; the
+    // agent's one data-path thread, on 2 CPUs, keeps one per pod pair.)
+    let _productpage = serve(
+        &tb,
+        "productpage-v1",
+        &[
+            "http",
+            "--listen",
+            "0.0.0.0:9080",
+            "--service",
+            "productpage",
+            "--version",
+            "v1",
+        ],
+    );
+    let pp = tb
+        .service_ip("default", "productpage")
+        .expect("productpage");
+    let seen_from = |tb: &Testbed| {
+        let (status, body, _) = get(tb, &format!("http://{pp}:9080/"), &[]);
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON answer");
+        v["client"].as_str().expect("client").to_owned()
+    };
+    let first = seen_from(&tb);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(seen_from(&tb), first, "kept without an idle timeout");
+    apply(
+        &mut tb,
+        "pp-dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage}\n\
+         spec:\n  host: productpage\n  trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}\n",
+    );
+    let first = seen_from(&tb);
+    assert_eq!(seen_from(&tb), first, "reused while in use");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_ne!(seen_from(&tb), first, "a new connection after 1 s unused");
+    tb.down().expect("down");
+}

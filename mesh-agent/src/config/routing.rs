@@ -446,7 +446,10 @@ pub struct ConnectionPool {
     pub http2_max_requests: Option<u32>,
     pub max_requests_per_connection: Option<u32>,
     pub max_retries: Option<u32>,
+    /// `http.idleTimeout`: upstream HTTP connections without a request for this long close.
     pub idle_timeout: Option<Duration>,
+    /// `tcp.idleTimeout`: TCP connections with no byte either way for this long close.
+    pub tcp_idle_timeout: Option<Duration>,
 }
 
 /// `trafficPolicy.outlierDetection`.

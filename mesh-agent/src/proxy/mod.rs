@@ -16,14 +16,14 @@ pub mod routing;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::config::model::MtlsMode;
-use crate::config::model::{Endpoint, ObjectRef, Snapshot};
+use crate::config::model::{ObjectRef, Snapshot};
 use crate::identity::Identity;
 use crate::telemetry::access_log::{AccessLog, AccessLogConfig, TcpRecord};
 use crate::telemetry::metrics::{Metrics, ServiceMeta, TcpLabels, WorkloadMeta};
@@ -43,24 +43,14 @@ pub struct ServiceRoute {
     /// How the port's traffic is proxied: per request (HTTP) or per connection.
     pub protocol: protocol::AppProtocol,
     pub meta: Arc<ServiceMeta>,
-    pub endpoints: Vec<Endpoint>,
-    next: AtomicUsize,
     pub stats: Arc<ServiceStats>,
     /// HTTP ports: the VirtualService rules and DestinationRule policies in force.
     pub http: Option<routing::HttpRouter>,
     /// TCP ports: a VirtualService's `tcp[]` routes, if any.
     pub tcp: Option<routing::TcpRouter>,
-}
-
-impl ServiceRoute {
-    /// Round-robin over the ready endpoints.
-    pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        self.endpoints.get(i)
-    }
+    /// TCP ports: the Service's endpoints with its DestinationRule's policy, for connections
+    /// no `tcp[]` route takes.
+    pub tcp_backend: Option<Arc<routing::Backend>>,
 }
 
 /// Where a connection to an original destination goes.
@@ -113,9 +103,9 @@ impl RouteTable {
                 .map(|s| Arc::clone(s))
                 .unwrap_or_default();
             for (i, port) in svc.ports.iter().enumerate() {
-                let endpoints = svc.endpoints.get(i).cloned().unwrap_or_default();
+                let endpoints = svc.endpoints.get(i).map(Vec::as_slice).unwrap_or_default();
                 let protocol = protocol::AppProtocol::of(port);
-                for ep in &endpoints {
+                for ep in endpoints {
                     endpoint_services
                         .entry(ep.addr)
                         .or_default()
@@ -128,10 +118,13 @@ impl RouteTable {
                 // Undeclared ports get both: each connection's first bytes choose.
                 let http = (protocol != protocol::AppProtocol::Tcp)
                     .then(|| compiler.router(svc, port.port));
-                let tcp = if protocol.is_http() {
-                    None
+                let (tcp, tcp_backend) = if protocol.is_http() {
+                    (None, None)
                 } else {
-                    compiler.tcp_router(svc, port.port)
+                    (
+                        compiler.tcp_router(svc, port.port),
+                        compiler.tcp_backend(svc, port.port),
+                    )
                 };
                 services.insert(
                     SocketAddrV4::new(ip, port.port),
@@ -140,9 +133,8 @@ impl RouteTable {
                         protocol,
                         http,
                         tcp,
+                        tcp_backend,
                         meta: meta.clone(),
-                        endpoints,
-                        next: AtomicUsize::new(0),
                         stats: stats.clone(),
                     }),
                 );
@@ -499,7 +491,9 @@ impl LogEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::model::{Service, ServicePort, TargetPort};
+    use std::sync::atomic::Ordering;
+
+    use crate::config::model::{Endpoint, Service, ServicePort, TargetPort};
 
     fn id(name: &str) -> ObjectRef {
         ObjectRef {
@@ -538,15 +532,29 @@ mod tests {
         snap
     }
 
+    /// `snapshot(n)` with its port declared TCP.
+    fn tcp_snapshot(endpoints: usize) -> Snapshot {
+        let mut snap = snapshot(endpoints);
+        for svc in snap.services.values_mut() {
+            svc.ports[0].name = Some("tcp-web".into());
+        }
+        snap
+    }
+
+    fn tcp_pick(route: &ServiceRoute) -> Option<SocketAddrV4> {
+        let backend = route.tcp_backend.as_ref().expect("a TCP port's backend");
+        backend.pick(None, &[]).map(|p| p.endpoint.addr)
+    }
+
     #[test]
     fn round_robin_visits_every_endpoint_in_turn() {
-        let table = RouteTable::build(&Arc::new(snapshot(3)), &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(tcp_snapshot(3)), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         let Target::Service(route) = table.target(dst) else {
             panic!("ClusterIP:port must route to the service");
         };
         let picks: Vec<u8> = (0..6)
-            .map(|_| route.pick().expect("endpoint").addr.ip().octets()[3])
+            .map(|_| tcp_pick(route).expect("endpoint").ip().octets()[3])
             .collect();
         assert_eq!(picks, [10, 11, 12, 10, 11, 12]);
         assert_eq!(table.generation, 7);
@@ -554,12 +562,12 @@ mod tests {
 
     #[test]
     fn service_without_endpoints_picks_none() {
-        let table = RouteTable::build(&Arc::new(snapshot(0)), &RouteTable::default(), None);
+        let table = RouteTable::build(&Arc::new(tcp_snapshot(0)), &RouteTable::default(), None);
         let dst = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
         let Target::Service(route) = table.target(dst) else {
             panic!("still a service");
         };
-        assert!(route.pick().is_none());
+        assert!(tcp_pick(route).is_none());
     }
 
     #[test]

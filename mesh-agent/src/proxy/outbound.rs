@@ -6,6 +6,8 @@ use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
+
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
@@ -151,7 +153,7 @@ impl Connection {
         let log = LogEntry::begin(&routes, downstream, self.dst);
         let mut labels = TcpLabels::source();
         labels.source = routes.workload(&self.src).cloned();
-        let (upstream_addr, service) = match routes.target(self.dst) {
+        let (upstream_addr, service, pooled) = match routes.target(self.dst) {
             Target::Service(route) if route.protocol.is_http() => {
                 route.stats.connections.fetch_add(1, Ordering::Relaxed);
                 let protocol = route.protocol;
@@ -175,26 +177,39 @@ impl Connection {
             Target::Service(route) => {
                 route.stats.connections.fetch_add(1, Ordering::Relaxed);
                 labels.service = Some(route.meta.clone());
-                // A VirtualService's `tcp[]` route, else the Service's own endpoints.
+                // A VirtualService's `tcp[]` route, else the Service's own endpoints; either
+                // with its DestinationRule's policy.
                 let routed = route
                     .tcp
                     .as_ref()
                     .and_then(|t| t.route(self.dst.port(), routes.pod(&self.src)));
-                let picked = match routed.map(|t| &t.backend) {
-                    Some(Ok(backend)) => {
-                        labels.service = Some(backend.meta.clone());
-                        let hash = routing::source_ip_hash(&backend.policy, self.src);
-                        backend.pick(hash, &[]).map(|p| p.endpoint)
-                    }
+                let backend = match routed.map(|t| &t.backend) {
+                    Some(Ok(backend)) => Some(backend),
                     Some(Err(e)) => {
                         warn!(pod = %self.pod, dst = %self.dst, service = %route.service, reason = %e,
                             "the VirtualService's TCP route has no backend");
                         None
                     }
-                    None => route.pick(),
+                    None => route.tcp_backend.as_ref(),
+                };
+                if let Some(b) = backend {
+                    labels.service = Some(b.meta.clone());
+                }
+                let picked = match backend.map(|b| Pooled::take(b, self.src)) {
+                    Some(Err(Overflow { max })) => {
+                        route.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(pod = %self.pod, src = %self.src, dst = %self.dst, service = %route.service,
+                            max_connections = max,
+                            "DestinationRule connectionPool.tcp.maxConnections reached, resetting the client");
+                        labels.flags = ResponseFlags::UpstreamOverflow;
+                        self.finish_error(client, &labels, log, None, None);
+                        return;
+                    }
+                    Some(Ok(pooled)) => pooled,
+                    None => None,
                 };
                 match picked {
-                    Some(ep) => (ep.addr, Some(route.stats.clone())),
+                    Some(pooled) => (pooled.addr, Some(route.stats.clone()), Some(pooled)),
                     None => {
                         route.stats.no_endpoints.fetch_add(1, Ordering::Relaxed);
                         warn!(pod = %self.pod, src = %self.src, dst = %self.dst, service = %route.service,
@@ -205,8 +220,14 @@ impl Connection {
                     }
                 }
             }
-            Target::Passthrough => (self.dst, None),
+            Target::Passthrough => (self.dst, None, None),
         };
+        // The DestinationRule's connectTimeout, else the agent's.
+        let connect_timeout = pooled
+            .as_ref()
+            .and_then(|p| p.backend.policy.connection_pool.connect_timeout)
+            .unwrap_or(self.inputs.connect_timeout);
+        let idle_timeout = pooled.as_ref().and_then(Pooled::idle_timeout);
         labels.destination = routes.workload(upstream_addr.ip()).cloned();
         // A meshed destination is reached through its agent, over mutual TLS.
         let tunnel_to = match &self.hbone {
@@ -225,14 +246,30 @@ impl Connection {
             // The TCP paths' futures are boxed (here and below): inline they would make every
             // connection's task, HTTP ones included, as large as the largest of them (about
             // 7 KiB against the HTTP path's 2), kept for as long as a keep-alive client idles.
-            match Box::pin(pool.connect(&identity, upstream_addr)).await {
+            let connected = tokio::time::timeout(
+                connect_timeout,
+                Box::pin(pool.connect(&identity, upstream_addr)),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(super::hbone::pool::HboneError::Timeout {
+                    addr: upstream_addr,
+                    after: connect_timeout,
+                })
+            });
+            if let Some(p) = &pooled {
+                p.observe(connected.is_ok());
+            }
+            match connected {
                 Ok(mut tunnel) => {
                     self.stats.outbound_hbone.fetch_add(1, Ordering::Relaxed);
                     let upstream = Upstream {
                         host: upstream_addr,
                         local: None,
                     };
-                    Box::pin(self.relay(client, &mut tunnel.io, &labels, upstream, log)).await;
+                    let relay =
+                        self.relay(client, &mut tunnel.io, &labels, upstream, log, idle_timeout);
+                    Box::pin(relay).await;
                 }
                 Err(e) => {
                     if let Some(s) = &service {
@@ -249,7 +286,11 @@ impl Connection {
             return;
         }
 
-        let mut upstream = match Box::pin(self.connect(upstream_addr)).await {
+        let connected = Box::pin(self.connect(upstream_addr, connect_timeout)).await;
+        if let Some(p) = &pooled {
+            p.observe(connected.is_ok());
+        }
+        let mut upstream = match connected {
             Ok(s) => s,
             Err(e) => {
                 if let Some(s) = &service {
@@ -268,7 +309,8 @@ impl Connection {
             host: upstream_addr,
             local: upstream.local_addr().ok(),
         };
-        Box::pin(self.relay(client, &mut upstream, &labels, target, log)).await;
+        Box::pin(self.relay(client, &mut upstream, &labels, target, log, idle_timeout)).await;
+        drop(pooled);
     }
 
     /// Moves bytes both ways until both directions are done, then counts the connection.
@@ -279,6 +321,7 @@ impl Connection {
         labels: &TcpLabels,
         target: Upstream,
         log: Option<LogEntry>,
+        idle_timeout: Option<std::time::Duration>,
     ) where
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     {
@@ -307,7 +350,20 @@ impl Connection {
             progress: Progress::default(),
             revoke: None,
         });
-        let r = super::relay::relay(&mut client, upstream, size, &open.info.progress).await;
+        let ends = super::relay::Ends {
+            revoked: None,
+            idle_timeout,
+        };
+        let r =
+            super::relay::relay_until(&mut client, upstream, size, &open.info.progress, ends).await;
+        if let Some(e) = r
+            .error
+            .as_ref()
+            .filter(|e| e.kind() == io::ErrorKind::TimedOut)
+        {
+            info!(pod = %self.pod, client = %self.peer, dst = %self.dst, upstream = %upstream_addr, reason = %e,
+                "closing an idle connection");
+        }
         drop(open);
         let (to_upstream, to_client) = (r.a_to_b, r.b_to_a);
         proxy_stats
@@ -379,14 +435,11 @@ impl Connection {
         self.done();
     }
 
-    async fn connect(&self, addr: SocketAddrV4) -> io::Result<TcpStream> {
+    async fn connect(&self, addr: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
         let socket = self.sockets.socket().await?;
-        match tokio::time::timeout(self.inputs.connect_timeout, socket.connect(addr.into())).await {
+        match tokio::time::timeout(timeout, socket.connect(addr.into())).await {
             Ok(r) => r,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {:?}", self.inputs.connect_timeout),
-            )),
+            Err(_) => Err(timed_out(timeout)),
         }
     }
 
@@ -433,4 +486,79 @@ fn reset(client: TcpStream) {
         info!(error = %e, "cannot set SO_LINGER 0, closing normally");
     }
     drop(client);
+}
+
+fn timed_out(after: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("connect timed out after {after:?}"),
+    )
+}
+
+/// A TCP connection's place in its backend's connection pool: counted against
+/// `connectionPool.tcp.maxConnections` and as its endpoint's load (LEAST_REQUEST balances
+/// connections on TCP ports) until dropped.
+struct Pooled {
+    backend: Arc<routing::Backend>,
+    endpoint: Arc<routing::EndpointState>,
+    addr: SocketAddrV4,
+}
+
+/// `maxConnections` connections are open to the backend already.
+struct Overflow {
+    max: u32,
+}
+
+impl Pooled {
+    /// An endpoint by the backend's load balancer (source-IP hashing included); `Ok(None)`
+    /// when no endpoint is usable.
+    fn take(
+        backend: &Arc<routing::Backend>,
+        src: std::net::Ipv4Addr,
+    ) -> Result<Option<Pooled>, Overflow> {
+        let state = &backend.state;
+        let open = state.in_flight.fetch_add(1, Ordering::Relaxed);
+        let release = || state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(max) = backend.policy.connection_pool.max_connections
+            && open >= max
+        {
+            release();
+            state.overflows.fetch_add(1, Ordering::Relaxed);
+            return Err(Overflow { max });
+        }
+        let hash = routing::source_ip_hash(&backend.policy, src);
+        let Some(picked) = backend.pick(hash, &[]) else {
+            release();
+            return Ok(None);
+        };
+        picked.state.active.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(Pooled {
+            backend: backend.clone(),
+            endpoint: picked.state.clone(),
+            addr: picked.endpoint.addr,
+        }))
+    }
+
+    /// `connectionPool.tcp.idleTimeout`; `0s` turns it off, as in Istio.
+    fn idle_timeout(&self) -> Option<Duration> {
+        self.backend
+            .policy
+            .connection_pool
+            .tcp_idle_timeout
+            .filter(|t| !t.is_zero())
+    }
+
+    /// Outlier detection: a failed connect counts as a gateway error, a connect resets the
+    /// endpoint's run of errors (Envoy's TCP rule).
+    fn observe(&self, connected: bool) {
+        let status = connected.then_some(200);
+        self.backend.observe(&self.endpoint, status);
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.endpoint.active.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -23,6 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -66,14 +67,48 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let ends = Ends {
+        revoked,
+        idle_timeout: None,
+    };
+    relay_until(a, b, max_buffer, progress, ends).await
+}
+
+/// What ends a relay before both sides close.
+#[derive(Clone, Copy, Default)]
+pub struct Ends<'a> {
+    /// Notified when a policy change refuses the connection now: `PermissionDenied`.
+    pub revoked: Option<&'a Notify>,
+    /// No byte moved either way for this long (DestinationRule
+    /// `connectionPool.tcp.idleTimeout`): `TimedOut`.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// [`relay`] with the ends of [`Ends`]. The idle timer is one sleep per connection, re-armed
+/// only when it fires after bytes moved: no timer work per read.
+pub async fn relay_until<A, B>(
+    a: &mut A,
+    b: &mut B,
+    max_buffer: usize,
+    progress: &Progress,
+    ends: Ends<'_>,
+) -> Relayed
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let mut a_to_b = Direction::new(max_buffer);
     let mut b_to_a = Direction::new(max_buffer);
     let mut revoked = std::pin::pin!(async {
-        match revoked {
+        match ends.revoked {
             Some(n) => n.notified().await,
             None => std::future::pending().await,
         }
     });
+    // (the timer, bytes moved when it was armed)
+    let mut idle = ends
+        .idle_timeout
+        .map(|t| (Box::pin(tokio::time::sleep(t)), 0u64));
     let error = poll_fn(|cx| {
         if revoked.as_mut().poll(cx).is_ready() {
             let e = io::Error::new(
@@ -85,10 +120,25 @@ where
         let ab = a_to_b.poll(cx, a, b, &progress.received);
         let ba = b_to_a.poll(cx, b, a, &progress.sent);
         match (ab, ba) {
-            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => Poll::Ready(Some(e)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(None),
-            _ => Poll::Pending,
+            (Poll::Ready(Err(e)), _) | (_, Poll::Ready(Err(e))) => return Poll::Ready(Some(e)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => return Poll::Ready(None),
+            _ => {}
         }
+        if let (Some((timer, armed_at)), Some(timeout)) = (idle.as_mut(), ends.idle_timeout) {
+            while timer.as_mut().poll(cx).is_ready() {
+                let moved = a_to_b.moved + b_to_a.moved;
+                if moved == *armed_at {
+                    let e = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("closed: idle for {timeout:?} (connectionPool.tcp.idleTimeout)"),
+                    );
+                    return Poll::Ready(Some(e));
+                }
+                *armed_at = moved;
+                timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+        }
+        Poll::Pending
     })
     .await;
     Relayed {
@@ -305,6 +355,39 @@ mod tests {
         let e = r.error.expect("an error");
         assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
         assert_eq!(r.a_to_b, 5);
+    }
+
+    /// An idle timeout ends a connection where nothing moves, and only such a connection.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_ends_only_a_silent_connection() {
+        let (mut client, mut a) = duplex(1024);
+        let (mut b, mut server) = duplex(1024);
+        let progress = Progress::default();
+        let ends = Ends {
+            revoked: None,
+            idle_timeout: Some(Duration::from_secs(1)),
+        };
+        let started = tokio::time::Instant::now();
+        let relay = relay_until(&mut a, &mut b, 4096, &progress, ends);
+        // A byte every 600 ms for 3 s keeps it open (each timer period saw bytes move), then
+        // silence ends it one to two periods later.
+        let traffic = async {
+            for _ in 0..5 {
+                client.write_all(b"x").await.unwrap();
+                let mut got = [0u8; 1];
+                server.read_exact(&mut got).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+        };
+        let (r, ()) = tokio::join!(relay, traffic);
+        let e = r.error.expect("ended by the idle timeout");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert_eq!(r.a_to_b, 5);
+        let lived = started.elapsed();
+        assert!(
+            lived >= Duration::from_millis(3000) && lived <= Duration::from_millis(5000),
+            "ended after {lived:?}"
+        );
     }
 
     #[tokio::test]

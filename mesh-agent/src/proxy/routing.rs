@@ -576,6 +576,14 @@ impl<'a> Compiler<'a> {
         }
     }
 
+    /// A TCP Service port's own endpoints with its DestinationRule's policy (load balancer,
+    /// connection pool, outlier detection): where connections go when no `tcp[]` route
+    /// applies.
+    pub fn tcp_backend(&mut self, svc: &Service, port: u16) -> Option<Arc<Backend>> {
+        let fqdn = service_fqdn(&svc.id);
+        self.backend(svc, Some(port), None, &fqdn).ok()
+    }
+
     /// The `tcp[]` routes of a TCP Service port, if a VirtualService for its host has any.
     pub fn tcp_router(&mut self, svc: &Service, port: u16) -> Option<TcpRouter> {
         let fqdn = service_fqdn(&svc.id);

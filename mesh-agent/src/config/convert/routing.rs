@@ -1243,7 +1243,9 @@ impl At<'_> {
                     "maxConnectionDuration",
                 );
             }
-            let _ = (&t.tcp_keepalive, &t.idle_timeout); // keepalive is the kernel's; TCP idle below
+            let _ = &t.tcp_keepalive; // the kernel's keepalive settings stay as they are
+            out.tcp_idle_timeout =
+                self.duration(t.idle_timeout.as_deref(), &format!("{f}.idleTimeout"));
         }
         if let Some(h) = &p.http {
             let f = format!("{field}.http");

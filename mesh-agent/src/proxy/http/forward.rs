@@ -15,7 +15,7 @@ use tracing::debug;
 
 use super::body::{self, Counted, ProxyBody};
 use super::replay::{self, Recording, Tee};
-use super::upstream::{Sender, UpBody};
+use super::upstream::{PoolSettings, Sender, UpBody};
 use super::{CONNECT_FAILURE, Ctx, Done, RESET, Reply};
 use crate::config::routing::{HeaderOps, Retries};
 use crate::proxy::RouteTable;
@@ -130,6 +130,7 @@ impl Ctx {
             .and_then(|_| routes.identity(endpoint.ip()).cloned());
         // Only to a destination agent that parses HTTP on that port (see `try_once`).
         let shareable = routes.endpoint_protocol(&endpoint).is_http();
+        let settings = PoolSettings::of(&backend.policy.connection_pool);
         let ctx = self.clone();
         let deadline = self.conn.inputs.connect_timeout * 2;
         tokio::spawn(async move {
@@ -137,7 +138,7 @@ impl Ctx {
             let sent = tokio::time::timeout(deadline, async {
                 let mut sender = ctx
                     .upstreams
-                    .get(&c.pod, endpoint, identity.as_ref(), h2, shareable)
+                    .get(&c.pod, endpoint, identity.as_ref(), h2, shareable, settings)
                     .await
                     .map_err(|e| e.to_string())?;
                 let mut copy = copy;
@@ -406,9 +407,10 @@ impl Ctx {
             .and_then(|_| plan.routes.identity(endpoint.ip()).cloned());
         done.labels.destination_principal.clone_from(&identity);
         let attempt = async {
+            let settings = PoolSettings::of(&plan.backend.policy.connection_pool);
             let mut sender = match self
                 .upstreams
-                .get(&c.pod, endpoint, identity.as_ref(), h2, shareable)
+                .get(&c.pod, endpoint, identity.as_ref(), h2, shareable, settings)
                 .await
             {
                 Ok(s) if s.h2() != h2 => {

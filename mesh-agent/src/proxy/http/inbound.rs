@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::body::{self, Counted, ProxyBody};
-use super::upstream::{Connector, Upstreams};
+use super::upstream::{Connector, PoolSettings, Upstreams};
 use super::{CONNECT_FAILURE, Done, RESET, Reply};
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
@@ -218,7 +218,14 @@ impl Ctx {
 
         let mut sender = match self
             .upstreams
-            .get(&self.pod, self.target, None, h2, false)
+            .get(
+                &self.pod,
+                self.target,
+                None,
+                h2,
+                false,
+                PoolSettings::default(),
+            )
             .await
         {
             Ok(s) => s,

@@ -6,8 +6,9 @@
 //!
 //! The connections are kept per data-path worker thread (a thread-local map), so finding one
 //! takes no lock: each worker opens its own, at most one per (source pod, destination pod,
-//! port, identities) and thread. A connection unused for [`IDLE`] is let go (closed once its
-//! last stream ends).
+//! port, identities) and thread. A connection unused for [`IDLE`] (or the DestinationRule's
+//! `connectionPool.http.idleTimeout`) is let go (closed once its last stream ends): when a
+//! later request looks for it, or when the thread's next lookup sweeps the map.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,7 +20,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::TokioExecutor;
 use tracing::debug;
 
-use super::upstream::{UpBody, UpstreamError, UpstreamIo};
+use super::upstream::{PoolSettings, UpBody, UpstreamError, UpstreamIo};
 use crate::identity::Identity;
 use crate::proxy::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::proxy::outbound::Hbone;
@@ -41,6 +42,14 @@ struct Key {
 struct Entry {
     sender: http2::SendRequest<UpBody>,
     used: Instant,
+    /// Unused this long, it is let go.
+    idle: Duration,
+}
+
+impl Entry {
+    fn usable(&self, now: Instant) -> bool {
+        !self.sender.is_closed() && now.duration_since(self.used) < self.idle
+    }
 }
 
 #[derive(Default)]
@@ -60,24 +69,21 @@ pub async fn get(
     source: Ipv4Addr,
     destination: SocketAddrV4,
     identity: &Arc<Identity>,
+    settings: PoolSettings,
+    connect_timeout: Duration,
 ) -> Result<http2::SendRequest<UpBody>, UpstreamError> {
+    let idle = settings.idle_timeout.unwrap_or(IDLE);
     let key = Key {
         source,
         source_identity: hbone.identity.clone(),
         destination,
         destination_identity: identity.clone(),
     };
-    if let Some(s) = SHARED.with(|s| s.borrow_mut().find(&key)) {
+    if let Some(s) = SHARED.with(|s| s.borrow_mut().find(&key, idle)) {
         return Ok(s);
     }
-    let tunnel = hbone
-        .pool
-        .connect(identity, destination)
-        .await
-        .map_err(|source| UpstreamError::Hbone {
-            addr: destination,
-            source,
-        })?;
+    let tunnel =
+        super::upstream::hbone_connect(hbone, identity, destination, connect_timeout).await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -100,6 +106,7 @@ pub async fn get(
             Entry {
                 sender: sender.clone(),
                 used: Instant::now(),
+                idle,
             },
         )
     });
@@ -107,18 +114,20 @@ pub async fn get(
 }
 
 impl Shared {
-    fn find(&mut self, key: &Key) -> Option<http2::SendRequest<UpBody>> {
+    /// The connection for `key` if it is still usable; `idle` is the idle timeout in force
+    /// for it now (the DestinationRule may have changed).
+    fn find(&mut self, key: &Key, idle: Duration) -> Option<http2::SendRequest<UpBody>> {
         let now = Instant::now();
         if self
             .swept
             .is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY)
         {
             self.swept = Some(now);
-            self.conns
-                .retain(|_, e| !e.sender.is_closed() && now.duration_since(e.used) < IDLE);
+            self.conns.retain(|_, e| e.usable(now));
         }
         let entry = self.conns.get_mut(key)?;
-        if entry.sender.is_closed() {
+        entry.idle = idle;
+        if !entry.usable(now) {
             self.conns.remove(key);
             return None;
         }

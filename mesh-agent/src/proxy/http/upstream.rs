@@ -8,7 +8,7 @@ use std::net::SocketAddrV4;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -114,9 +114,31 @@ pub struct Upstreams {
     connector: Connector,
     connect_timeout: Duration,
     /// This client connection's upstream connections, by endpoint and protocol (HTTP/2 or
-    /// not). Only its own requests take the lock (several at once only for an HTTP/2
-    /// client), never another connection's.
-    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Sender>>>,
+    /// not), with when each was last used. Only its own requests take the lock (several at
+    /// once only for an HTTP/2 client), never another connection's.
+    idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Kept>>>,
+}
+
+/// A kept upstream connection and when it was last used.
+type Kept = (Sender, Instant);
+
+/// The DestinationRule's `connectionPool` settings that shape upstream connections.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PoolSettings {
+    /// `http.idleTimeout`: a connection without a request for this long is not used again
+    /// (and closes).
+    pub idle_timeout: Option<Duration>,
+    /// `tcp.connectTimeout`, instead of the agent's `--connect-timeout`.
+    pub connect_timeout: Option<Duration>,
+}
+
+impl PoolSettings {
+    pub fn of(pool: &crate::config::routing::ConnectionPool) -> Self {
+        PoolSettings {
+            idle_timeout: pool.idle_timeout.filter(|t| !t.is_zero()),
+            connect_timeout: pool.connect_timeout,
+        }
+    }
 }
 
 impl Upstreams {
@@ -138,7 +160,9 @@ impl Upstreams {
         identity: Option<&Arc<Identity>>,
         h2: bool,
         shareable: bool,
+        settings: PoolSettings,
     ) -> Result<Sender, UpstreamError> {
+        let connect_timeout = settings.connect_timeout.unwrap_or(self.connect_timeout);
         if shareable
             && let (
                 Connector::Source {
@@ -149,14 +173,14 @@ impl Upstreams {
                 Some(id),
             ) = (&self.connector, identity)
         {
-            return super::shared::get(hbone, *source, addr, id)
+            return super::shared::get(hbone, *source, addr, id, settings, connect_timeout)
                 .await
                 .map(Sender::Shared);
         }
-        if let Some(s) = self.take(addr, h2) {
+        if let Some(s) = self.take(addr, h2, settings.idle_timeout) {
             return Ok(s);
         }
-        let io = self.connect(addr, identity).await?;
+        let io = self.connect(addr, identity, connect_timeout).await?;
         let handshake = |source| UpstreamError::Handshake { addr, source };
         let pod = pod.to_string();
         if h2 {
@@ -181,15 +205,22 @@ impl Upstreams {
         }
     }
 
-    fn take(&self, addr: SocketAddrV4, h2: bool) -> Option<Sender> {
+    /// A kept connection ready now; those unused for `idle_timeout` are dropped (which
+    /// closes them) on the way.
+    fn take(&self, addr: SocketAddrV4, h2: bool, idle_timeout: Option<Duration>) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(&(addr, h2))?;
-        list.retain(|s| !s.is_closed());
-        match list.iter().position(ready_now) {
+        let now = Instant::now();
+        let fresh = |used: &Instant| idle_timeout.is_none_or(|t| now.duration_since(*used) < t);
+        list.retain(|(s, used)| !s.is_closed() && fresh(used));
+        match list.iter().position(|(s, _)| ready_now(s)) {
             // HTTP/2 multiplexes: share the connection.
-            Some(i) => match &list[i] {
-                Sender::H2(s) => Some(Sender::H2(s.clone())),
-                Sender::H1(..) | Sender::Shared(_) => Some(list.swap_remove(i)),
+            Some(i) => match &mut list[i] {
+                (Sender::H2(s), used) => {
+                    *used = now;
+                    Some(Sender::H2(s.clone()))
+                }
+                (Sender::H1(..) | Sender::Shared(_), _) => Some(list.swap_remove(i).0),
             },
             None => None,
         }
@@ -211,11 +242,11 @@ impl Upstreams {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry((addr, sender.h2())).or_default();
         match sender {
-            Sender::H2(_) if list.iter().any(|s| !s.is_closed()) => {}
+            Sender::H2(_) if list.iter().any(|(s, _)| !s.is_closed()) => {}
             s => {
-                list.retain(|s| !s.is_closed());
+                list.retain(|(s, _)| !s.is_closed());
                 if list.len() < MAX_IDLE_H1 {
-                    list.push(s);
+                    list.push((s, Instant::now()));
                 }
             }
         }
@@ -225,16 +256,13 @@ impl Upstreams {
         &self,
         addr: SocketAddrV4,
         identity: Option<&Arc<Identity>>,
+        connect_timeout: Duration,
     ) -> Result<UpstreamIo, UpstreamError> {
         let tcp = |source| UpstreamError::Tcp { addr, source };
         let sockets = match &self.connector {
             Connector::Source { sockets, hbone, .. } => {
                 if let (Some(h), Some(id)) = (hbone, identity) {
-                    let tunnel = h
-                        .pool
-                        .connect(id, addr)
-                        .await
-                        .map_err(|source| UpstreamError::Hbone { addr, source })?;
+                    let tunnel = hbone_connect(h, id, addr, connect_timeout).await?;
                     return Ok(UpstreamIo::Hbone(Box::new(tunnel)));
                 }
                 sockets
@@ -257,17 +285,34 @@ impl Upstreams {
             }
         };
         let socket = sockets.socket().await.map_err(tcp)?;
-        let stream = tokio::time::timeout(self.connect_timeout, socket.connect(addr.into()))
+        let stream = tokio::time::timeout(connect_timeout, socket.connect(addr.into()))
             .await
             .map_err(|_| {
                 tcp(io::Error::new(
                     io::ErrorKind::TimedOut,
-                    format!("connect timed out after {:?}", self.connect_timeout),
+                    format!("connect timed out after {connect_timeout:?}"),
                 ))
             })?
             .map_err(tcp)?;
         Ok(UpstreamIo::Tcp(TokioIo::new(stream)))
     }
+}
+
+/// An HBONE tunnel to `addr` through the pod's pool, within `connect_timeout`.
+pub(super) async fn hbone_connect(
+    hbone: &Hbone,
+    identity: &Arc<Identity>,
+    addr: SocketAddrV4,
+    connect_timeout: Duration,
+) -> Result<Tunnel, UpstreamError> {
+    use crate::proxy::hbone::pool::HboneError;
+    tokio::time::timeout(connect_timeout, hbone.pool.connect(identity, addr))
+        .await
+        .unwrap_or(Err(HboneError::Timeout {
+            addr,
+            after: connect_timeout,
+        }))
+        .map_err(|source| UpstreamError::Hbone { addr, source })
 }
 
 /// Whether a kept connection can take a request right now.
