@@ -470,6 +470,37 @@ fn strict_refuses_plaintext_on_every_port_and_mesh_traffic_still_flows() {
     assert!(counter(&tb, "node-2", "ebpf", "inbound_captured") >= 4);
 }
 
+/// A CNI that does not name the pod's interface `eth0` (here `net0`): inbound capture goes on
+/// the interface holding the pod's IP, so STRICT still holds and mesh traffic still flows.
+#[test]
+fn inbound_capture_follows_the_pods_interface_whatever_its_name() {
+    let server = pod_sa("default", "server", "node-2", "server", 7000).replacen(
+        "metadata:\n",
+        "metadata:\n  annotations:\n    testbed.nodemesh.io/interface: net0\n",
+        1,
+    );
+    let yaml = docs(&[
+        namespace("default", true),
+        namespace("other", false),
+        pod_sa("default", "client", "node-1", "client", 9999),
+        server,
+        pod_sa("other", "outsider", "node-1", "default", 9999),
+        peer_auth("default", "strict", "  mtls:\n    mode: STRICT\n"),
+    ]);
+    let Some(tb) = up("mtls_ifname", 2, &[("app.yaml", &yaml)]) else {
+        return;
+    };
+    let _peer = serve(&tb, "server", &["peer", "--listen", "0.0.0.0:7000"]);
+    let captured = counter(&tb, "node-2", "ebpf", "inbound_captured");
+    let r = outsider_reads(&tb, 7000);
+    assert!(r.is_err(), "plaintext got through: {r:?}");
+    let got = read_from(&tb, "client", &server_addr(&tb)).expect("mesh client");
+    let client_ip = tb.pod_ip("default", "client").expect("ip").to_string();
+    assert!(got.starts_with(&format!("{client_ip}:")), "{got}");
+    // The outsider's SYN went to the agent (HBONE arrives on 15008, not through capture).
+    assert!(counter(&tb, "node-2", "ebpf", "inbound_captured") > captured);
+}
+
 #[test]
 fn permissive_accepts_plaintext_keeps_the_client_ip_and_records_it() {
     // No PeerAuthentication at all: PERMISSIVE.

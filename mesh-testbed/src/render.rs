@@ -20,7 +20,12 @@ pub struct PodRequest {
     pub name: String,
     pub node_name: Option<String>,
     pub host_network: bool,
+    /// The pod's interface inside its namespace: [`INTERFACE_ANNOTATION`], else `eth0`.
+    pub interface: String,
 }
+
+/// Pod annotation naming the pod's interface (for tests of CNIs that do not call it `eth0`).
+pub const INTERFACE_ANNOTATION: &str = "testbed.nodemesh.io/interface";
 
 impl PodRequest {
     pub fn key(&self) -> String {
@@ -110,7 +115,11 @@ pub fn pod_requests(docs: &[Value]) -> Result<Vec<PodRequest>> {
                 .and_then(|s| s.get("hostNetwork"))
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            interface: str_at(doc, &["metadata", "annotations", INTERFACE_ANNOTATION])
+                .unwrap_or("eth0")
+                .to_string(),
         };
+        crate::netns::check_ifname(&req.interface)?;
         if out.iter().any(|p| p.key() == req.key()) {
             bail!("pod {} is defined twice", req.key());
         }

@@ -356,7 +356,8 @@ impl Testbed {
         netns::check_ifname(&veth)?;
         self.create_netns(&ns).with_context(ctx)?;
         let setup = || -> Result<()> {
-            netns::veth_pair(&node.netns, &veth, &ns, "eth0")?;
+            let eth = req.interface.as_str();
+            netns::veth_pair(&node.netns, &veth, &ns, eth)?;
             netns::sysctls(
                 &node.netns,
                 &[
@@ -366,11 +367,11 @@ impl Testbed {
             )?;
             netns::link_up(&node.netns, &veth)?;
             netns::route_add(&node.netns, &[&format!("{ip}/32"), "dev", &veth])?;
-            netns::addr_add(&ns, "eth0", &format!("{ip}/32"))?;
-            netns::link_up(&ns, "eth0")?;
+            netns::addr_add(&ns, eth, &format!("{ip}/32"))?;
+            netns::link_up(&ns, eth)?;
             let gw = ipam::POD_GATEWAY.to_string();
-            netns::route_add(&ns, &[&gw, "dev", "eth0", "scope", "link"])?;
-            netns::route_add(&ns, &["default", "via", &gw, "dev", "eth0"])?;
+            netns::route_add(&ns, &[&gw, "dev", eth, "scope", "link"])?;
+            netns::route_add(&ns, &["default", "via", &gw, "dev", eth])?;
             cgroup::create(&cg)?;
             Ok(())
         };

@@ -427,7 +427,7 @@ impl Enroller {
         )));
         // Listeners first, then capture: inbound (tc on the pod's interface), then outbound.
         if mtls.is_some()
-            && let Err(e) = self.capture.attach_inbound(&path, netns.cookie())
+            && let Err(e) = self.capture.attach_inbound(&path, netns.cookie(), pod.ip)
         {
             accept.iter().for_each(JoinHandle::abort);
             return Err(e.into());

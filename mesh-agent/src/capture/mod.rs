@@ -64,6 +64,8 @@ pub enum CaptureError {
     },
     #[error("entering network namespace {path}: {source}")]
     Netns { path: PathBuf, source: io::Error },
+    #[error("no interface to capture inbound traffic on in {path}: {reason}")]
+    PodInterface { path: PathBuf, reason: String },
     #[error("eBPF map {name}: duplicating its file descriptor: {source}")]
     MapFd {
         name: &'static str,

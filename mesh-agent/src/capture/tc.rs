@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::marker::PhantomData;
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -20,8 +21,90 @@ use tracing::{debug, warn};
 
 use super::{Capture, CaptureError, prog_err};
 
-/// The pod's interface, as the CNI names it inside the pod.
+/// The pod's interface by Kubernetes convention (the CNI_IFNAME kubelet passes): chosen when
+/// the pod's IP does not settle which interface to capture on.
 pub const POD_INTERFACE: &str = "eth0";
+
+/// The interface inbound capture attaches to, among the namespace's interfaces with IPv4
+/// addresses other than loopback (`name`, addresses): the one holding the pod's IP; else the
+/// only one; else `eth0`. Anything else is refused, naming what was found, rather than
+/// guessed: capture on the wrong interface would let traffic reach the pod around the agent.
+fn pick_interface(
+    interfaces: &[(String, Vec<Ipv4Addr>)],
+    pod_ip: Option<Ipv4Addr>,
+) -> Result<String, String> {
+    let holding = |ip: Ipv4Addr| interfaces.iter().find(|(_, a)| a.contains(&ip));
+    if let Some((name, _)) = pod_ip.and_then(holding) {
+        return Ok(name.clone());
+    }
+    let found = || {
+        let list: Vec<String> = interfaces
+            .iter()
+            .map(|(n, a)| format!("{n} {a:?}"))
+            .collect();
+        if list.is_empty() {
+            "none with an IPv4 address".to_owned()
+        } else {
+            list.join(", ")
+        }
+    };
+    match interfaces {
+        [(name, _)] if pod_ip.is_none() => Ok(name.clone()),
+        _ if pod_ip.is_none() && interfaces.iter().any(|(n, _)| n == POD_INTERFACE) => {
+            Ok(POD_INTERFACE.to_owned())
+        }
+        _ => Err(match pod_ip {
+            Some(ip) => format!("no interface holds the pod's IP {ip} (found: {})", found()),
+            None => format!(
+                "the pod's IP is not known and there is no single interface or {POD_INTERFACE} \
+                 (found: {})",
+                found()
+            ),
+        }),
+    }
+}
+
+/// The calling thread's network namespace's interfaces with IPv4 addresses, loopback aside.
+/// Hand-written over `getifaddrs(3)`: one call, and the only use the agent has for it, which
+/// does not justify a netlink crate on the data plane's side.
+fn ipv4_interfaces() -> io::Result<Vec<(String, Vec<Ipv4Addr>)>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out: Vec<(String, Vec<Ipv4Addr>)> = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, valid until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & libc::IFF_LOOPBACK as u32 != 0 {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null and points to a sockaddr of its sa_family.
+        let family = unsafe { (*ifa.ifa_addr).sa_family };
+        if i32::from(family) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in; ifa_name is a NUL-terminated string.
+        let (addr, name) = unsafe {
+            let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name);
+            (
+                Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                name.to_string_lossy().into_owned(),
+            )
+        };
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, addrs)) => addrs.push(addr),
+            None => out.push((name, vec![addr])),
+        }
+    }
+    // SAFETY: `head` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
 
 /// Puts the calling thread into another network namespace until dropped, then back.
 /// `!Send`: `setns` changes only the calling thread, so the guard must not move threads.
@@ -64,9 +147,14 @@ fn pin_path(pin_dir: &Path, cookie: u64) -> PathBuf {
 }
 
 impl Capture {
-    /// Attaches inbound capture to the pod's interface in the namespace at `netns` (whose
-    /// cookie is `cookie`), replacing a link a previous agent pinned for it.
-    pub fn attach_inbound(&mut self, netns: &Path, cookie: u64) -> Result<(), CaptureError> {
+    /// Attaches inbound capture to the pod's interface ([`pick_interface`]) in the namespace
+    /// at `netns` (whose cookie is `cookie`), replacing a link a previous agent pinned for it.
+    pub fn attach_inbound(
+        &mut self,
+        netns: &Path,
+        cookie: u64,
+        pod_ip: Option<Ipv4Addr>,
+    ) -> Result<(), CaptureError> {
         let name = names::PROG_INBOUND;
         let path = pin_path(&self.pin_dir, cookie);
         let link = {
@@ -74,10 +162,20 @@ impl Capture {
                 path: netns.to_owned(),
                 source,
             })?;
+            let interfaces = ipv4_interfaces().map_err(|source| CaptureError::Netns {
+                path: netns.to_owned(),
+                source,
+            })?;
+            let interface = pick_interface(&interfaces, pod_ip).map_err(|reason| {
+                CaptureError::PodInterface {
+                    path: netns.to_owned(),
+                    reason,
+                }
+            })?;
             let prog: &mut SchedClassifier = super::program(&mut self.ebpf, name)?;
             let id = prog
                 .attach_with_options(
-                    POD_INTERFACE,
+                    &interface,
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
@@ -141,5 +239,58 @@ impl Capture {
                     .ok()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ifs(list: &[(&str, &[&str])]) -> Vec<(String, Vec<Ipv4Addr>)> {
+        list.iter()
+            .map(|(n, a)| {
+                let addrs = a.iter().map(|a| a.parse().expect("IPv4")).collect();
+                ((*n).to_owned(), addrs)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_interface_holding_the_pod_ip_else_the_only_one_else_eth0() {
+        let ip = |s: &str| Some(s.parse::<Ipv4Addr>().expect("IPv4"));
+        let multus = ifs(&[("eth0", &["10.244.1.5"]), ("net1", &["192.168.5.9"])]);
+        assert_eq!(
+            pick_interface(&multus, ip("10.244.1.5")).as_deref(),
+            Ok("eth0")
+        );
+        assert_eq!(
+            pick_interface(&multus, ip("192.168.5.9")).as_deref(),
+            Ok("net1")
+        );
+        // The pod's IP not known yet (CNI ADD runs before the kubelet reports it).
+        assert_eq!(pick_interface(&multus, None).as_deref(), Ok("eth0"));
+        let renamed = ifs(&[("net0", &["10.244.1.5"])]);
+        assert_eq!(pick_interface(&renamed, None).as_deref(), Ok("net0"));
+        assert_eq!(
+            pick_interface(&renamed, ip("10.244.1.5")).as_deref(),
+            Ok("net0")
+        );
+        // Refused, naming what there is: never a guess.
+        let e = pick_interface(&renamed, ip("10.244.1.6")).expect_err("IP not held");
+        assert!(e.contains("10.244.1.6") && e.contains("net0"), "{e}");
+        let two = ifs(&[("a", &["10.0.0.1"]), ("b", &["10.0.0.2"])]);
+        let e = pick_interface(&two, None).expect_err("ambiguous");
+        assert!(e.contains("a [10.0.0.1], b [10.0.0.2]"), "{e}");
+        let e = pick_interface(&[], None).expect_err("nothing");
+        assert!(e.contains("none with an IPv4 address"), "{e}");
+    }
+
+    #[test]
+    fn lists_this_namespaces_interfaces_without_loopback() {
+        let list = ipv4_interfaces().expect("getifaddrs");
+        assert!(
+            list.iter().all(|(_, a)| a.iter().all(|a| !a.is_loopback())),
+            "{list:?}"
+        );
     }
 }

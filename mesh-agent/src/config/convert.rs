@@ -142,6 +142,25 @@ pub(super) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Pr
     Problem::Invalid { field, reason }
 }
 
+/// An Istio object as written in manifests or served by the API server: the header every
+/// Istio kind shares, around its own `spec`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(bound(deserialize = "S: serde::Deserialize<'de>"))]
+pub struct IstioObject<S> {
+    // Checked by the dispatch in `parse_document`; declared so they are not unknown fields.
+    // Optional: list items from the API server carry neither.
+    #[serde(rename = "apiVersion")]
+    _api_version: Option<String>,
+    #[serde(rename = "kind")]
+    _kind: Option<String>,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: Option<S>,
+    /// Written by istiod (`kubectl get -o yaml` output); not used.
+    #[serde(rename = "status")]
+    _status: Option<serde_yaml::Value>,
+}
+
 pub(super) fn object_ref(meta: &ObjectMeta, problems: &mut Vec<Problem>) -> ObjectRef {
     let non_empty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
     let namespace = non_empty(&meta.namespace).unwrap_or_else(|| DEFAULT_NAMESPACE.into());

@@ -7,31 +7,17 @@
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{Problem, Problems, done, object_ref};
+use super::{IstioObject, Problem, Problems, done, object_ref};
 use crate::config::authz::{self, Action, Condition, StrMatch, Values};
 
 /// `kind: AuthorizationPolicy`, as written in manifests or served by the API server.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct AuthorizationPolicy {
-    // Checked by the dispatch; declared so they are not unknown fields.
-    #[serde(rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(rename = "kind")]
-    _kind: Option<String>,
-    #[serde(default)]
-    metadata: ObjectMeta,
-    spec: Option<Spec>,
-    #[serde(rename = "status")]
-    _status: Option<serde_yaml::Value>,
-}
+pub type AuthorizationPolicy = IstioObject<Spec>;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Spec {
+pub struct Spec {
     selector: Option<WorkloadSelector>,
     target_ref: Option<serde_yaml::Value>,
     target_refs: Option<Vec<serde_yaml::Value>>,

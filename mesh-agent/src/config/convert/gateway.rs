@@ -7,34 +7,20 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use k8s_openapi::api::core::v1 as k8s;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 
-use super::{Problem, Problems, done, object_ref};
+use super::{IstioObject, Problem, Problems, done, object_ref};
 use crate::config::gateway::{self, CredentialState, ServerTls, TlsMode};
 use crate::identity::pki;
 
 /// `kind: Gateway`, as written in manifests or served by the API server.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Gateway {
-    // Checked by the dispatch; declared so they are not unknown fields.
-    #[serde(rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(rename = "kind")]
-    _kind: Option<String>,
-    #[serde(default)]
-    metadata: ObjectMeta,
-    spec: Option<Spec>,
-    #[serde(rename = "status")]
-    _status: Option<serde_yaml::Value>,
-}
+pub type Gateway = IstioObject<Spec>;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Spec {
+pub struct Spec {
     selector: Option<BTreeMap<String, String>>,
     servers: Option<Vec<ServerSpec>>,
 }

@@ -6,36 +6,20 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Deserializer, de};
 
-use super::{Problem, Problems, done, model, object_ref};
+use super::{IstioObject, Problem, Problems, done, model, object_ref};
 use model::MtlsMode;
 
 /// The API versions PeerAuthentication is read from.
 pub const SECURITY_API_VERSIONS: [&str; 2] = ["security.istio.io/v1", "security.istio.io/v1beta1"];
 
 /// `kind: PeerAuthentication`, as written in manifests or served by the API server.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PeerAuthentication {
-    // Checked by the dispatch in `parse_document`; declared so they are not unknown fields.
-    // Optional: list items from the API server carry neither.
-    #[serde(rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(rename = "kind")]
-    _kind: Option<String>,
-    #[serde(default)]
-    metadata: ObjectMeta,
-    spec: Option<Spec>,
-    /// Written by istiod (`kubectl get -o yaml` output); not used.
-    #[serde(rename = "status")]
-    _status: Option<serde_yaml::Value>,
-}
+pub type PeerAuthentication = IstioObject<Spec>;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Spec {
+pub struct Spec {
     selector: Option<WorkloadSelector>,
     mtls: Option<Mtls>,
     port_level_mtls: Option<PortLevel>,

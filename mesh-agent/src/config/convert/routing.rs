@@ -10,7 +10,7 @@ use base64::Engine as _;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::{Problem, Problems, done, object_ref};
+use super::{IstioObject, Problem, Problems, done, object_ref};
 use crate::config::routing::{self as r, Host, parse_duration};
 
 /// The API versions VirtualService and DestinationRule are read from.
@@ -23,22 +23,11 @@ pub const NETWORKING_API_VERSIONS: [&str; 3] = [
 type Value = serde_yaml::Value;
 
 /// `kind: VirtualService`.
-#[derive(Debug, Deserialize)]
-pub struct VirtualService {
-    #[serde(rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(rename = "kind")]
-    _kind: Option<String>,
-    #[serde(default)]
-    metadata: ObjectMeta,
-    spec: Option<VsSpec>,
-    #[serde(rename = "status")]
-    _status: Option<Value>,
-}
+pub type VirtualService = IstioObject<VsSpec>;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct VsSpec {
+pub struct VsSpec {
     #[serde(default)]
     hosts: Vec<String>,
     #[serde(default)]
@@ -1018,22 +1007,11 @@ pub(super) fn convert_virtual_service(
 }
 
 /// `kind: DestinationRule`.
-#[derive(Debug, Deserialize)]
-pub struct DestinationRule {
-    #[serde(rename = "apiVersion")]
-    _api_version: Option<String>,
-    #[serde(rename = "kind")]
-    _kind: Option<String>,
-    #[serde(default)]
-    metadata: ObjectMeta,
-    spec: Option<DrSpec>,
-    #[serde(rename = "status")]
-    _status: Option<Value>,
-}
+pub type DestinationRule = IstioObject<DrSpec>;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct DrSpec {
+pub struct DrSpec {
     host: Option<String>,
     traffic_policy: Option<TrafficPolicy>,
     #[serde(default)]
