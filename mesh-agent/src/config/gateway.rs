@@ -140,15 +140,19 @@ pub(crate) mod testing {
 
     /// (certificate PEM, key PEM) for `dns`; `expired`: its validity ended yesterday.
     pub fn cert(dns: &str, expired: bool) -> (String, String) {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::new(vec![dns.to_owned()]).expect("params");
         let day = Duration::from_secs(86_400);
         let now = SystemTime::now();
-        let (from, to) = if expired {
-            (now - 30 * day, now - day)
+        if expired {
+            cert_valid(dns, now - 30 * day, now - day)
         } else {
-            (now - day, now + 30 * day)
-        };
+            cert_valid(dns, now - day, now + 30 * day)
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `dns`, valid from `from` to `to`.
+    pub fn cert_valid(dns: &str, from: SystemTime, to: SystemTime) -> (String, String) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec![dns.to_owned()]).expect("params");
         params.not_before = crate::identity::pki::to_offset(from);
         params.not_after = crate::identity::pki::to_offset(to);
         let cert = params.self_signed(&key).expect("self-signed");

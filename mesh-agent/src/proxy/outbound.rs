@@ -5,7 +5,6 @@ use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -54,7 +53,7 @@ pub async fn serve(inputs: ProxyInputs, mut l: OutboundListener) {
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 warn!(pod = %l.pod, error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -119,7 +118,7 @@ struct Upstream {
 
 /// How long an undeclared port waits for the client's first bytes before treating the
 /// connection as TCP (server-first protocols send nothing until the server speaks).
-const PROTOCOL_DETECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+const PROTOCOL_DETECTION_TIMEOUT: Duration = Duration::from_millis(100);
 
 impl Connection {
     async fn run(self, client: TcpStream) {
@@ -197,7 +196,6 @@ impl Connection {
                 }
                 let picked = match backend.map(|b| Pooled::take(b, self.src)) {
                     Some(Err(Overflow { max })) => {
-                        route.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
                         warn!(pod = %self.pod, src = %self.src, dst = %self.dst, service = %route.service,
                             max_connections = max,
                             "DestinationRule connectionPool.tcp.maxConnections reached, resetting the client");
@@ -321,7 +319,7 @@ impl Connection {
         labels: &TcpLabels,
         target: Upstream,
         log: Option<LogEntry>,
-        idle_timeout: Option<std::time::Duration>,
+        idle_timeout: Option<Duration>,
     ) where
         U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     {

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Secret;
@@ -22,6 +23,7 @@ use super::watchers::{Kind, Note, error_chain};
 use crate::config::convert::gateway::inspect;
 use crate::config::gateway::{Credential, CredentialState};
 use crate::config::model::ObjectRef;
+use crate::identity::pki;
 
 type States = Arc<Mutex<BTreeMap<ObjectRef, CredentialState>>>;
 
@@ -114,15 +116,32 @@ pub fn selector(name: &str) -> String {
     format!("metadata.name={name}")
 }
 
-/// Watches one Secret by name until aborted, keeping its inspected state in `states`.
+/// Watches one Secret by name until aborted, keeping its inspected state in `states`. A valid
+/// certificate turns invalid when it expires, without waiting for the Secret to change.
 async fn watch_one(id: ObjectRef, api: Api<Secret>, states: States, notes: mpsc::Sender<Note>) {
     let cfg = watcher::Config::default().fields(&selector(&id.name));
     let stream = watcher(api, cfg).default_backoff();
     let mut stream = std::pin::pin!(stream);
     // During a (re)list: what the list has said so far.
     let mut listing: Option<CredentialState> = None;
-    while let Some(event) = stream.next().await {
-        let now = std::time::SystemTime::now();
+    // When the certificate in force expires.
+    let mut expires: Option<SystemTime> = None;
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => match event {
+                Some(e) => e,
+                None => return,
+            },
+            () = sleep_until(expires) => {
+                let at = expires.take().map(pki::rfc3339).unwrap_or_default();
+                let reason = format!("the certificate (tls.crt or cert) expired at {at}");
+                if !publish(&id, CredentialState::Invalid { reason }, &states, &notes).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let now = SystemTime::now();
         let state = match event {
             Ok(watcher::Event::Init) => {
                 listing = None;
@@ -146,10 +165,39 @@ async fn watch_one(id: ObjectRef, api: Api<Secret>, states: States, notes: mpsc:
                 continue;
             }
         };
-        let changed = lock(&states).insert(id.clone(), state.clone()) != Some(state);
-        if changed && notes.send(Note::Changed(Kind::Secret)).await.is_err() {
-            debug!(secret = %id, "config rebuild task gone; watch stops");
+        expires = match &state {
+            CredentialState::Valid { not_after, .. } => humantime::parse_rfc3339(not_after).ok(),
+            _ => None,
+        };
+        if !publish(&id, state, &states, &notes).await {
             return;
         }
     }
+}
+
+/// Until `at` (never for `None`).
+async fn sleep_until(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Records a credential's state and tells the rebuild task if it changed; false once the
+/// rebuild task is gone.
+async fn publish(
+    id: &ObjectRef,
+    state: CredentialState,
+    states: &States,
+    notes: &mpsc::Sender<Note>,
+) -> bool {
+    let changed = lock(states).insert(id.clone(), state.clone()) != Some(state);
+    if changed && notes.send(Note::Changed(Kind::Secret)).await.is_err() {
+        debug!(secret = %id, "config rebuild task gone; watch stops");
+        return false;
+    }
+    true
 }

@@ -681,7 +681,7 @@ pub(super) fn gateway_objects() -> Vec<Value> {
 #[tokio::test(flavor = "current_thread")]
 async fn gateway_credentials_are_watched_by_name_and_followed() {
     use crate::config::gateway::CredentialState;
-    use crate::config::gateway::testing::{cert, secret};
+    use crate::config::gateway::testing::{cert, cert_valid, secret};
     let server = FakeApiServer::start().expect("fake API server");
     for obj in gateway_objects() {
         server.apply(obj).expect("apply");
@@ -750,6 +750,36 @@ async fn gateway_credentials_are_watched_by_name_and_followed() {
         unreachable!()
     };
     assert!(reason.contains("tls.key"), "{reason}");
+
+    // A certificate that expires while in force turns invalid then, the Secret unchanged.
+    let now = std::time::SystemTime::now();
+    let (crt, key) = cert_valid(
+        "bookinfo.example.com",
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3),
+    );
+    let mut expiring = serde_json::to_value(secret(
+        "istio-system",
+        "bookinfo-tls-cert",
+        &[("tls.crt", &crt), ("tls.key", &key)],
+    ))
+    .expect("json");
+    expiring["apiVersion"] = json!("v1");
+    expiring["kind"] = json!("Secret");
+    src.apply(expiring);
+    src.snapshot("the soon expiring certificate", |s| {
+        matches!(state(s), Some(CredentialState::Valid { .. }))
+    })
+    .await;
+    let snap = src
+        .snapshot("the certificate's expiry", |s| {
+            matches!(state(s), Some(CredentialState::Invalid { .. }))
+        })
+        .await;
+    let Some(CredentialState::Invalid { reason }) = state(&snap) else {
+        unreachable!()
+    };
+    assert!(reason.contains("expired at"), "{reason}");
 
     // Deleted: missing. The Gateway deleted: the watch stops and nothing is kept.
     assert!(
