@@ -283,6 +283,19 @@ struct Reason<'a> {
     reason: &'a str,
 }
 
+/// A map keyed by object as a list of [`Named`] entries.
+fn named<'a, V, T: Serialize>(
+    map: &'a std::collections::BTreeMap<crate::config::model::ObjectRef, V>,
+    value: impl Fn(&'a V) -> T,
+) -> Vec<Named<'a, T>> {
+    map.iter()
+        .map(|(object, v)| Named {
+            object,
+            value: value(v),
+        })
+        .collect()
+}
+
 impl<'a> ConfigObjects<'a> {
     fn of(snap: &'a crate::config::model::Snapshot, node: &str) -> Self {
         ConfigObjects {
@@ -291,25 +304,13 @@ impl<'a> ConfigObjects<'a> {
             pods: snap.pods.values().collect(),
             peer_authentications: snap.peer_authentications.values().collect(),
             authorization_policies: snap.authorization_policies.values().collect(),
-            invalid_authorization_policies: snap
-                .invalid_authorization_policies
-                .iter()
-                .map(|(object, reason)| Named {
-                    object,
-                    value: Reason { reason },
-                })
-                .collect(),
+            invalid_authorization_policies: named(&snap.invalid_authorization_policies, |r| {
+                Reason { reason: r }
+            }),
             virtual_services: snap.virtual_services.values().map(|v| &**v).collect(),
             destination_rules: snap.destination_rules.values().map(|d| &**d).collect(),
             gateways: snap.gateways.values().collect(),
-            gateway_credentials: snap
-                .gateway_credentials
-                .iter()
-                .map(|(object, state)| Named {
-                    object,
-                    value: state,
-                })
-                .collect(),
+            gateway_credentials: named(&snap.gateway_credentials, |state| state),
             mesh: &snap.mesh,
             effective_mtls: snap
                 .enrolled_pods(node)

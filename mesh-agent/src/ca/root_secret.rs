@@ -29,6 +29,8 @@ use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use tracing::info;
 
+use crate::config::model::dns_name;
+
 use super::authority::{Authority, AuthorityError, GeneratedRoot, Pem, TLS_CA, TLS_CERT, TLS_KEY};
 
 /// The Secret deploy/ names (`--root-secret nodemesh-system/nodemesh-ca-root`).
@@ -51,18 +53,6 @@ pub const API_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct SecretRef {
     pub namespace: String,
     pub name: String,
-}
-
-/// A DNS-1123 name (label or subdomain): lowercase letters, digits, `-` (and `.` for a
-/// subdomain), starting and ending with a letter or digit.
-fn dns_name(s: &str, dots: bool, max: usize) -> bool {
-    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    !s.is_empty()
-        && s.len() <= max
-        && edge(s.chars().next())
-        && edge(s.chars().last())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.'))
 }
 
 impl SecretRef {

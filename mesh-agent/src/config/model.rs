@@ -18,6 +18,18 @@ pub const NETNS_ANNOTATION: &str = "nodemesh.io/netns";
 /// a selector is the mesh-wide policy.
 pub const ROOT_NAMESPACE: &str = "nodemesh-system";
 
+/// A DNS-1123 name (label or subdomain), as Kubernetes names objects: lowercase letters,
+/// digits, `-` (and `.` for a subdomain), starting and ending with a letter or digit.
+pub fn dns_name(s: &str, dots: bool, max: usize) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    !s.is_empty()
+        && s.len() <= max
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.'))
+}
+
 /// `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct ObjectRef {

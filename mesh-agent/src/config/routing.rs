@@ -30,6 +30,15 @@ pub enum Host {
     Ip(Ipv4Addr),
 }
 
+/// One label of a host name as Istio accepts it: 1 to 63 letters, digits or `-`.
+pub fn host_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 impl Host {
     /// Istio's rules: a name without dots is a Service in `namespace`; `name.ns` and
     /// `name.ns.svc` are completed with the cluster domain; anything else is taken as written.
@@ -47,13 +56,7 @@ impl Host {
             }
             return Ok(Host::Wildcard(suffix.to_owned()));
         }
-        let valid = h.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        });
+        let valid = h.split('.').all(host_label);
         if !valid || h.len() > 253 {
             return Err(format!("{written:?} is not a valid DNS name"));
         }

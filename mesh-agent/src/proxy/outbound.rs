@@ -244,17 +244,8 @@ impl Connection {
             // The TCP paths' futures are boxed (here and below): inline they would make every
             // connection's task, HTTP ones included, as large as the largest of them (about
             // 7 KiB against the HTTP path's 2), kept for as long as a keep-alive client idles.
-            let connected = tokio::time::timeout(
-                connect_timeout,
-                Box::pin(pool.connect(&identity, upstream_addr)),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(super::hbone::pool::HboneError::Timeout {
-                    addr: upstream_addr,
-                    after: connect_timeout,
-                })
-            });
+            let connected =
+                Box::pin(pool.connect_within(&identity, upstream_addr, connect_timeout)).await;
             if let Some(p) = &pooled {
                 p.observe(connected.is_ok());
             }

@@ -13,6 +13,8 @@ use serde::Deserialize;
 
 use super::{IstioObject, Problem, Problems, done, object_ref};
 use crate::config::gateway::{self, CredentialState, ServerTls, TlsMode};
+use crate::config::model::dns_name;
+use crate::config::routing::host_label;
 use crate::identity::pki;
 
 /// `kind: Gateway`, as written in manifests or served by the API server.
@@ -94,30 +96,17 @@ fn tls_mode(s: &str) -> Option<TlsMode> {
     })
 }
 
-/// A Secret's name: a DNS subdomain (lower-case alphanumerics, `-` and `.`, at most 253).
-fn secret_name_ok(s: &str) -> bool {
-    let edge = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    s.len() <= 253
-        && edge(s.as_bytes().first())
-        && edge(s.as_bytes().last())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
-}
-
 /// A server host: `[namespace/]host`, the namespace `*`, `.`, `~` or a name, the host `*`,
 /// `*.suffix` or a DNS name.
 fn host_problem(h: &str) -> Option<String> {
     let (ns, host) = h.split_once('/').unwrap_or(("*", h));
-    let label_ok = |l: &str| {
-        !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if !(matches!(ns, "*" | "." | "~") || label_ok(ns)) {
+    if !(matches!(ns, "*" | "." | "~") || host_label(ns)) {
         return Some(format!(
             "{h:?}: the namespace part must be *, ., ~ or a namespace name"
         ));
     }
     let name = host.strip_prefix("*.").unwrap_or(host);
-    if host == "*" || (!name.is_empty() && name.split('.').all(label_ok)) {
+    if host == "*" || (!name.is_empty() && name.split('.').all(host_label)) {
         None
     } else {
         Some(format!(
@@ -220,7 +209,7 @@ fn server_tls(t: &TlsSpec, at: &dyn Fn(&str) -> String, problems: &mut Vec<Probl
     };
     let credential_name = t.credential_name.clone().filter(|c| !c.is_empty());
     if let Some(c) = &credential_name
-        && !secret_name_ok(c)
+        && !dns_name(c, true, 253)
     {
         let reason = format!(
             "{c:?} is not a Secret name (lower-case letters, digits, - and ., at most 253)"

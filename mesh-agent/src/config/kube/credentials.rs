@@ -47,15 +47,13 @@ impl CredentialWatches {
     }
 
     /// Watches exactly `wanted`: starts the new ones, stops (and forgets) the others.
-    /// True if the set changed.
-    pub fn want(&mut self, wanted: &BTreeSet<ObjectRef>) -> bool {
+    pub fn want(&mut self, wanted: &BTreeSet<&ObjectRef>) {
         let gone: Vec<ObjectRef> = self
             .running
             .keys()
-            .filter(|id| !wanted.contains(*id))
+            .filter(|id| !wanted.contains(id))
             .cloned()
             .collect();
-        let mut changed = !gone.is_empty();
         for id in gone {
             if let Some(task) = self.running.remove(&id) {
                 task.abort();
@@ -63,11 +61,10 @@ impl CredentialWatches {
             lock(&self.states).remove(&id);
             info!(secret = %id, "no Gateway names this Secret any more; watch stopped");
         }
-        for id in wanted {
+        for &id in wanted {
             if self.running.contains_key(id) {
                 continue;
             }
-            changed = true;
             info!(secret = %id, "a Gateway names this Secret; watching it");
             let api = Api::namespaced(self.client.clone(), &id.namespace);
             let task = tokio::spawn(watch_one(
@@ -78,7 +75,6 @@ impl CredentialWatches {
             ));
             self.running.insert(id.clone(), task.abort_handle());
         }
-        changed
     }
 
     /// The credentials whose first list is in (a Secret still being listed is left out,

@@ -296,9 +296,10 @@ impl Rebuild {
             }
         }
         self.report(&invalid);
-        // Watch the Secrets the Gateways name now; a new watch's first list brings another
-        // rebuild, which puts its state in.
-        self.credentials.want(&snapshot.wanted_credentials());
+        // Watch the Secrets the Gateways name now (the build listed them); a new watch's first
+        // list brings another rebuild, which puts its state in.
+        self.credentials
+            .want(&snapshot.gateway_credentials.keys().collect());
 
         let counts = [
             (Kind::Namespace, namespaces.len()),

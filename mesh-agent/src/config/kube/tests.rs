@@ -650,7 +650,7 @@ async fn authorization_policies_are_watched_enforced_and_invalid_ones_named() {
 /// workload (a pod labelled `istio: ingressgateway` in `istio-system`), the Secret it names and
 /// one it does not.
 pub(super) fn gateway_objects() -> Vec<Value> {
-    use crate::config::gateway::testing::{cert, secret};
+    use crate::config::gateway::testing::cert;
     let gateway = json!({"apiVersion": "networking.istio.io/v1", "kind": "Gateway",
         "metadata": {"name": "bookinfo-gateway", "namespace": "default"},
         "spec": {"selector": {"istio": "ingressgateway"},
@@ -663,25 +663,26 @@ pub(super) fn gateway_objects() -> Vec<Value> {
         "spec": {"nodeName": "node-2", "containers": [{"name": "c", "image": "c"}]},
         "status": {"phase": "Running", "podIP": "10.244.2.20"}});
     let (crt, key) = cert("bookinfo.example.com", false);
-    let typed = |ns: &str, name: &str| {
-        let mut v = serde_json::to_value(secret(ns, name, &[("tls.crt", &crt), ("tls.key", &key)]))
-            .expect("secret json");
-        v["apiVersion"] = json!("v1");
-        v["kind"] = json!("Secret");
-        v
-    };
     vec![
         gateway,
         ingress,
-        typed("istio-system", "bookinfo-tls-cert"),
-        typed("istio-system", "unrelated"),
+        tls_secret("bookinfo-tls-cert", &crt, &key),
+        tls_secret("unrelated", &crt, &key),
     ]
+}
+
+/// A TLS Secret in `istio-system` as the API server holds it (k8s-openapi writes its
+/// apiVersion and kind).
+fn tls_secret(name: &str, crt: &str, key: &str) -> Value {
+    let entries = [("tls.crt", crt), ("tls.key", key)];
+    let secret = crate::config::gateway::testing::secret("istio-system", name, &entries);
+    serde_json::to_value(secret).expect("secret JSON")
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn gateway_credentials_are_watched_by_name_and_followed() {
     use crate::config::gateway::CredentialState;
-    use crate::config::gateway::testing::{cert, cert_valid, secret};
+    use crate::config::gateway::testing::{cert, cert_valid};
     let server = FakeApiServer::start().expect("fake API server");
     for obj in gateway_objects() {
         server.apply(obj).expect("apply");
@@ -732,15 +733,7 @@ async fn gateway_credentials_are_watched_by_name_and_followed() {
     // The Secret changes to a key of another certificate: unusable, named.
     let (crt, _) = cert("bookinfo.example.com", false);
     let (_, other_key) = cert("bookinfo.example.com", false);
-    let mut bad = serde_json::to_value(secret(
-        "istio-system",
-        "bookinfo-tls-cert",
-        &[("tls.crt", &crt), ("tls.key", &other_key)],
-    ))
-    .expect("json");
-    bad["apiVersion"] = json!("v1");
-    bad["kind"] = json!("Secret");
-    src.apply(bad);
+    src.apply(tls_secret("bookinfo-tls-cert", &crt, &other_key));
     let snap = src
         .snapshot("the mismatched key", |s| {
             matches!(state(s), Some(CredentialState::Invalid { .. }))
@@ -758,15 +751,7 @@ async fn gateway_credentials_are_watched_by_name_and_followed() {
         now - Duration::from_secs(60),
         now + Duration::from_secs(3),
     );
-    let mut expiring = serde_json::to_value(secret(
-        "istio-system",
-        "bookinfo-tls-cert",
-        &[("tls.crt", &crt), ("tls.key", &key)],
-    ))
-    .expect("json");
-    expiring["apiVersion"] = json!("v1");
-    expiring["kind"] = json!("Secret");
-    src.apply(expiring);
+    src.apply(tls_secret("bookinfo-tls-cert", &crt, &key));
     src.snapshot("the soon expiring certificate", |s| {
         matches!(state(s), Some(CredentialState::Valid { .. }))
     })

@@ -167,6 +167,22 @@ impl Pool {
 
     /// Opens a CONNECT stream to `target` (a pod IP and port) at the agent of the pod,
     /// which must prove `identity`.
+    /// [`connect`](Self::connect) bounded by `within` (a DestinationRule's `connectTimeout`):
+    /// past it, [`HboneError::Timeout`].
+    pub async fn connect_within(
+        &self,
+        identity: &Arc<Identity>,
+        target: SocketAddrV4,
+        within: Duration,
+    ) -> Result<Tunnel, HboneError> {
+        tokio::time::timeout(within, self.connect(identity, target))
+            .await
+            .unwrap_or(Err(HboneError::Timeout {
+                addr: target,
+                after: within,
+            }))
+    }
+
     pub async fn connect(
         &self,
         identity: &Arc<Identity>,

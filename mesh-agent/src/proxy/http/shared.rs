@@ -20,7 +20,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::TokioExecutor;
 use tracing::debug;
 
-use super::upstream::{PoolSettings, UpBody, UpstreamError, UpstreamIo};
+use super::upstream::{UpBody, UpstreamError, UpstreamIo};
 use crate::identity::Identity;
 use crate::proxy::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::proxy::outbound::Hbone;
@@ -69,10 +69,10 @@ pub async fn get(
     source: Ipv4Addr,
     destination: SocketAddrV4,
     identity: &Arc<Identity>,
-    settings: PoolSettings,
+    idle_timeout: Option<Duration>,
     connect_timeout: Duration,
 ) -> Result<http2::SendRequest<UpBody>, UpstreamError> {
-    let idle = settings.idle_timeout.unwrap_or(IDLE);
+    let idle = idle_timeout.unwrap_or(IDLE);
     let key = Key {
         source,
         source_identity: hbone.identity.clone(),

@@ -173,7 +173,8 @@ impl Upstreams {
                 Some(id),
             ) = (&self.connector, identity)
         {
-            return super::shared::get(hbone, *source, addr, id, settings, connect_timeout)
+            let idle = settings.idle_timeout;
+            return super::shared::get(hbone, *source, addr, id, idle, connect_timeout)
                 .await
                 .map(Sender::Shared);
         }
@@ -305,13 +306,10 @@ pub(super) async fn hbone_connect(
     addr: SocketAddrV4,
     connect_timeout: Duration,
 ) -> Result<Tunnel, UpstreamError> {
-    use crate::proxy::hbone::pool::HboneError;
-    tokio::time::timeout(connect_timeout, hbone.pool.connect(identity, addr))
+    hbone
+        .pool
+        .connect_within(identity, addr, connect_timeout)
         .await
-        .unwrap_or(Err(HboneError::Timeout {
-            addr,
-            after: connect_timeout,
-        }))
         .map_err(|source| UpstreamError::Hbone { addr, source })
 }
 
