@@ -734,5 +734,44 @@ fn destination_rules_shape_connections() {
     assert_eq!(seen_from(&tb), first, "reused while in use");
     std::thread::sleep(Duration::from_millis(1500));
     assert_ne!(seen_from(&tb), first, "a new connection after 1 s unused");
+
+    // The shared connection's requests in flight at once each need a connection to the
+    // (HTTP/1.1) app at the destination; those are kept for the next burst, not just a few:
+    // a second burst of 24 requests reaches the app on the connections the first one opened.
+    apply(
+        &mut tb,
+        "pp-dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage}\n\
+         spec:\n  host: productpage\n  trafficPolicy: {connectionPool: {http: {idleTimeout: 1h}}}\n",
+    );
+    let burst = |tb: &Testbed| -> std::collections::BTreeSet<String> {
+        let mut cmd = tb.pod_command("client", "curl").expect("pod command");
+        cmd.args(["-sS", "-m", "20", "--parallel", "--parallel-immediate"])
+            .args(["--parallel-max", "24"]);
+        for _ in 0..24 {
+            cmd.arg(format!("http://{pp}:9080/?delay_ms=700"));
+        }
+        let out = run_bounded(cmd, Duration::from_secs(60)).expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        let seen: Vec<String> = serde_json::Deserializer::from_str(&body)
+            .into_iter::<serde_json::Value>()
+            .map(|v| {
+                let v = v.unwrap_or_else(|e| panic!("{e}: {body}"));
+                v["client"].as_str().expect("client").to_owned()
+            })
+            .collect();
+        assert_eq!(seen.len(), 24, "{body}");
+        seen.into_iter().collect()
+    };
+    let first = burst(&tb);
+    // The 24 were in flight together: the app saw (nearly) as many connections.
+    assert!(first.len() >= 16, "not concurrent: {first:?}");
+    let second = burst(&tb);
+    let new: Vec<_> = second.difference(&first).collect();
+    assert!(
+        new.len() <= 2,
+        "{} of the second burst's connections are new: {new:?} (first burst: {first:?})",
+        new.len()
+    );
     tb.down().expect("down");
 }

@@ -12,8 +12,10 @@ use std::process::{Command, Output, Stdio};
 use std::{env, fs};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const APT_PACKAGES: &str = "curl openssl iproute2 iperf3 wrk nghttp2-client tshark prometheus procps psmisc ethtool nginx \
-     containernetworking-plugins";
+/// `make` builds jemalloc (the agent's allocator, tikv-jemalloc-sys); the rest are the tests'
+/// and the benchmark's peers and tools.
+const APT_PACKAGES: &str = "make curl openssl iproute2 iperf3 wrk nghttp2-client tshark prometheus procps psmisc ethtool \
+     nginx containernetworking-plugins";
 
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct SetupArgs {

@@ -80,6 +80,30 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
     Ok(cookie)
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT` (socket2 has no setter for it): a later `bind(ip, 0)` leaves the
+/// port to `connect()`, which picks one free for the whole 4-tuple. Without it `bind` must
+/// find a port free for the address alone, scanning past every socket already bound to it
+/// (TIME_WAIT ones included): delivering with the client pod's IP as source, that scan took
+/// most of the destination agent's CPU once a few thousand connections from one pod had
+/// closed, and the range runs out sooner.
+pub fn bind_address_no_port(sock: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: valid fd; the value pointer and length describe `on`.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A TCP socket carrying the agent's mark, so the capture programs leave it alone.
 pub fn agent_socket(domain: Domain) -> io::Result<Socket> {
     let s = Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))?;

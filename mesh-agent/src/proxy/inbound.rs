@@ -598,6 +598,7 @@ pub async fn deliver(
         s.set_mark(DELIVER_MARK)?;
         s.set_ip_transparent_v4(true)?;
     }
+    crate::capture::netns::bind_address_no_port(&socket)?;
     socket.bind(SocketAddrV4::new(client, 0).into())?;
     match tokio::time::timeout(timeout, socket.connect(target.into())).await {
         Ok(r) => r,

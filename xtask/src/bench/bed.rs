@@ -20,6 +20,12 @@ pub const IPERF_PORT: u16 = 5201;
 /// The Services' second port to the same web server, named `http`: the agents' HTTP path.
 /// `HTTP_PORT` on the Service is named `tcp-web`: L4.
 pub const MESH_HTTP_PORT: u16 = 8081;
+/// The web server's second listening port, the target of the Service port named `tcp-web`.
+/// The `http` Service port has the pod's `HTTP_PORT` to itself: a pod port that some Service
+/// also declares TCP is relayed as bytes by the server's agent, so the client's agent would
+/// not share HTTP/2 connections to it, and `--http` would not measure the HTTP path users of
+/// a plain `http` port get.
+pub const TCP_WEB_PORT: u16 = 8083;
 /// The server pods' HTTP/2 port (h2c with prior knowledge), a Service port named `http2`.
 pub const H2C_PORT: u16 = 8082;
 /// The server pods' gRPC port (`mesh-testapp grpc-echo`), a Service port named `grpc`.
@@ -48,7 +54,8 @@ pub const SERVERS: [ServerPod; 2] = [
 fn pod_yaml(out: &mut String, ns: &str, name: &str, node: &str, ports: bool) {
     let ports = if ports {
         format!(
-            "\n    ports: [{{name: http, containerPort: {HTTP_PORT}}}, {{name: iperf, containerPort: \
+            "\n    ports: [{{name: http, containerPort: {HTTP_PORT}}}, {{name: tcp-web, containerPort: \
+             {TCP_WEB_PORT}}}, {{name: iperf, containerPort: \
              {IPERF_PORT}}}, {{name: h2c, containerPort: {H2C_PORT}}}, {{name: grpc, \
              containerPort: {GRPC_PORT}}}]"
         )
@@ -82,7 +89,7 @@ pub fn manifest() -> String {
             out,
             "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {MESH_NS}\n\
              spec:\n  selector: {{app: {name}}}\n  ports:\n  - {{name: tcp-web, port: {HTTP_PORT}, \
-             targetPort: http}}\n  - {{name: http, port: {MESH_HTTP_PORT}, targetPort: http}}\n  \
+             targetPort: tcp-web}}\n  - {{name: http, port: {MESH_HTTP_PORT}, targetPort: http}}\n  \
              - {{name: iperf, port: {IPERF_PORT}, targetPort: iperf}}\n  \
              - {{name: http2, port: {H2C_PORT}, targetPort: h2c}}\n  \
              - {{name: grpc, port: {GRPC_PORT}, targetPort: grpc}}\n",
@@ -131,6 +138,7 @@ fn nginx_conf(dir: &Path) -> String {
          client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
          fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  \
          scgi_temp_path {d}/tmp/scgi;\n  server {{\n    listen {HTTP_PORT} default_server;\n    \
+         listen {TCP_WEB_PORT};\n    \
          root {d}/www;\n    location / {{ index index.html; }}\n  }}\n  server {{\n    \
          listen {H2C_PORT} http2;\n    root {d}/www;\n    location / {{ index index.html; }}\n  \
          }}\n}}\n"
@@ -187,6 +195,7 @@ pub fn start_servers(
                 ];
                 procs.push(tb.spawn_in_pod(&pod, bin, args)?);
                 serving.push((procs.len() - 1, HTTP_PORT));
+                serving.push((procs.len() - 1, TCP_WEB_PORT));
                 if h2 {
                     serving.push((procs.len() - 1, H2C_PORT));
                 }
@@ -194,9 +203,9 @@ pub fn start_servers(
             HttpServer::Testapp(bin) => {
                 // mesh-testapp http speaks HTTP/1.1 and h2c (hyper-util's auto builder).
                 let ports = if h2 {
-                    &[HTTP_PORT, H2C_PORT][..]
+                    &[HTTP_PORT, TCP_WEB_PORT, H2C_PORT][..]
                 } else {
-                    &[HTTP_PORT][..]
+                    &[HTTP_PORT, TCP_WEB_PORT][..]
                 };
                 for &port in ports {
                     let listen = format!("0.0.0.0:{port}");

@@ -25,8 +25,15 @@ use crate::identity::Identity;
 use crate::proxy::hbone::pool::Tunnel;
 use crate::proxy::outbound::Hbone;
 
-/// Idle HTTP/1.1 connections kept per endpoint and client connection.
+/// Idle HTTP/1.1 connections kept per endpoint and client connection at the source.
 const MAX_IDLE_H1: usize = 8;
+/// Idle HTTP/1.1 connections to the app kept per inbound tunnel at the destination. One
+/// tunnel there may carry the shared HTTP/2 connection of a whole client pod, whose requests
+/// in flight each need a connection to an HTTP/1.1 app: with too few kept, every request
+/// beyond them opened and closed a connection of its own (a third of the requests/s at 32
+/// concurrent requests, and the app's side piling up TIME_WAIT sockets). As Envoy, keep what
+/// the peak concurrency opened, up to this many; they go when the tunnel does.
+const MAX_IDLE_DELIVERED: usize = 128;
 
 /// A request body: the client's (recorded for a retry, maybe), or one held in memory (a
 /// retry's copy, or none).
@@ -117,6 +124,8 @@ pub struct Upstreams {
     /// not), with when each was last used. Only its own requests take the lock (several at
     /// once only for an HTTP/2 client), never another connection's.
     idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Kept>>>,
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    max_idle: usize,
 }
 
 /// A kept upstream connection and when it was last used.
@@ -143,7 +152,12 @@ impl PoolSettings {
 
 impl Upstreams {
     pub fn new(connector: Connector, connect_timeout: Duration) -> Upstreams {
+        let max_idle = match connector {
+            Connector::Source { .. } => MAX_IDLE_H1,
+            Connector::Deliver { .. } => MAX_IDLE_DELIVERED,
+        };
         Upstreams {
+            max_idle,
             connector,
             connect_timeout,
             idle: Mutex::new(HashMap::new()),
@@ -246,7 +260,7 @@ impl Upstreams {
             Sender::H2(_) if list.iter().any(|(s, _)| !s.is_closed()) => {}
             s => {
                 list.retain(|(s, _)| !s.is_closed());
-                if list.len() < MAX_IDLE_H1 {
+                if list.len() < self.max_idle {
                     list.push((s, Instant::now()));
                 }
             }
