@@ -116,18 +116,32 @@ fn get(tb: &Testbed, url: &str, extra: &[&str]) -> (u16, String, f64) {
     (status, body.to_string(), secs)
 }
 
-/// Versions answering `n` requests on one keep-alive connection.
-fn versions(tb: &Testbed, url: &str, n: usize, extra: &[&str]) -> BTreeMap<String, usize> {
+/// The JSON answers of `mesh-testapp http` to `n` requests for `url` from one curl in the
+/// client pod (`extra` after `-m 60`, so it may set another), killed after `limit`.
+fn answers(
+    tb: &Testbed,
+    url: &str,
+    n: usize,
+    extra: &[&str],
+    limit: Duration,
+) -> Vec<serde_json::Value> {
     let mut cmd = tb.pod_command("client", "curl").expect("pod command");
     cmd.args(["-sS", "-m", "60"]).args(extra);
     for _ in 0..n {
         cmd.arg(url);
     }
-    let out = run_bounded(cmd, Duration::from_secs(120)).expect("curl");
+    let out = run_bounded(cmd, limit).expect("curl");
     let body = String::from_utf8_lossy(&out.stdout);
+    serde_json::Deserializer::from_str(&body)
+        .into_iter::<serde_json::Value>()
+        .map(|v| v.unwrap_or_else(|e| panic!("{e}: {body}")))
+        .collect()
+}
+
+/// Versions answering `n` requests on one keep-alive connection.
+fn versions(tb: &Testbed, url: &str, n: usize, extra: &[&str]) -> BTreeMap<String, usize> {
     let mut count = BTreeMap::new();
-    for v in serde_json::Deserializer::from_str(&body).into_iter::<serde_json::Value>() {
-        let v = v.unwrap_or_else(|e| panic!("{e}: {body}"));
+    for v in answers(tb, url, n, extra, Duration::from_secs(120)) {
         let version = v["version"].as_str().unwrap_or("?").to_string();
         *count.entry(version).or_default() += 1;
     }
@@ -745,23 +759,20 @@ fn destination_rules_shape_connections() {
          spec:\n  host: productpage\n  trafficPolicy: {connectionPool: {http: {idleTimeout: 1h}}}\n",
     );
     let burst = |tb: &Testbed| -> std::collections::BTreeSet<String> {
-        let mut cmd = tb.pod_command("client", "curl").expect("pod command");
-        cmd.args(["-sS", "-m", "20", "--parallel", "--parallel-immediate"])
-            .args(["--parallel-max", "24"]);
-        for _ in 0..24 {
-            cmd.arg(format!("http://{pp}:9080/?delay_ms=700"));
-        }
-        let out = run_bounded(cmd, Duration::from_secs(60)).expect("curl");
-        let body = String::from_utf8_lossy(&out.stdout);
-        let seen: Vec<String> = serde_json::Deserializer::from_str(&body)
-            .into_iter::<serde_json::Value>()
-            .map(|v| {
-                let v = v.unwrap_or_else(|e| panic!("{e}: {body}"));
-                v["client"].as_str().expect("client").to_owned()
-            })
-            .collect();
-        assert_eq!(seen.len(), 24, "{body}");
-        seen.into_iter().collect()
+        let extra = [
+            "-m",
+            "20",
+            "--parallel",
+            "--parallel-immediate",
+            "--parallel-max",
+            "24",
+        ];
+        let url = format!("http://{pp}:9080/?delay_ms=700");
+        let all = answers(tb, &url, 24, &extra, Duration::from_secs(60));
+        assert_eq!(all.len(), 24, "{all:?}");
+        all.iter()
+            .map(|v| v["client"].as_str().expect("client").to_owned())
+            .collect()
     };
     let first = burst(&tb);
     // The 24 were in flight together: the app saw (nearly) as many connections.

@@ -117,6 +117,16 @@ pub enum Connector {
     },
 }
 
+impl Connector {
+    /// Idle HTTP/1.1 connections kept per endpoint.
+    fn max_idle(&self) -> usize {
+        match self {
+            Connector::Source { .. } => MAX_IDLE_H1,
+            Connector::Deliver { .. } => MAX_IDLE_DELIVERED,
+        }
+    }
+}
+
 pub struct Upstreams {
     connector: Connector,
     connect_timeout: Duration,
@@ -124,8 +134,6 @@ pub struct Upstreams {
     /// not), with when each was last used. Only its own requests take the lock (several at
     /// once only for an HTTP/2 client), never another connection's.
     idle: Mutex<HashMap<(SocketAddrV4, bool), Vec<Kept>>>,
-    /// Idle HTTP/1.1 connections kept per endpoint.
-    max_idle: usize,
 }
 
 /// A kept upstream connection and when it was last used.
@@ -152,12 +160,7 @@ impl PoolSettings {
 
 impl Upstreams {
     pub fn new(connector: Connector, connect_timeout: Duration) -> Upstreams {
-        let max_idle = match connector {
-            Connector::Source { .. } => MAX_IDLE_H1,
-            Connector::Deliver { .. } => MAX_IDLE_DELIVERED,
-        };
         Upstreams {
-            max_idle,
             connector,
             connect_timeout,
             idle: Mutex::new(HashMap::new()),
@@ -260,7 +263,7 @@ impl Upstreams {
             Sender::H2(_) if list.iter().any(|(s, _)| !s.is_closed()) => {}
             s => {
                 list.retain(|(s, _)| !s.is_closed());
-                if list.len() < self.max_idle {
+                if list.len() < self.connector.max_idle() {
                     list.push((s, Instant::now()));
                 }
             }
