@@ -16,7 +16,29 @@ pub fn cargo() -> Command {
     let bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(bin);
     cmd.current_dir(workspace_root());
+    // `cargo run` hands us the variables it sets for a package's binary (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, ...). Build scripts that watch them (ring's does, through
+    // rerun-if-env-changed) would then see a change against a build started from a shell,
+    // and everything built after them would be rebuilt: with fat LTO, a 15-minute release
+    // build. The child gets the environment a shell would give it.
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str()
+            && run_only_var(k)
+        {
+            cmd.env_remove(k);
+        }
+    }
     cmd
+}
+
+/// Whether `cargo run` sets `var` for the binary it runs (and a shell would not have it).
+fn run_only_var(var: &str) -> bool {
+    var.starts_with("CARGO_PKG_")
+        || var.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            var,
+            "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+        )
 }
 
 /// Runs `cargo <args>` with inherited stdio; fails if it fails.
@@ -63,4 +85,25 @@ pub fn build_bin(package: &str, bin: &str, release: bool) -> Result<PathBuf> {
         }
     }
     exe.with_context(|| format!("cargo did not report an executable for {package}/{bin}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `cargo test` sets the package's variables for us as `cargo run` does for xtask.
+    #[test]
+    fn child_cargo_gets_a_shells_environment() {
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cmd = cargo();
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        for var in ["CARGO_PKG_NAME", "CARGO_MANIFEST_DIR", "CARGO_PKG_VERSION"] {
+            assert!(removed.iter().any(|r| r == var), "{var} kept: {removed:?}");
+        }
+        assert!(!removed.iter().any(|r| r == "PATH" || r == "CARGO_HOME"));
+    }
 }

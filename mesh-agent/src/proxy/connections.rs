@@ -71,6 +71,8 @@ pub struct ConnInfo {
     /// ([`ConnectionTable::revocable`]). `None` for the rest (outbound; HTTP, whose requests
     /// are each checked).
     pub revoke: Option<tokio::sync::Notify>,
+    /// The request metrics this connection's last HTTP request reported into.
+    pub last_series: crate::telemetry::metrics::LastSeries,
 }
 
 /// What `/connections` answers, one per open connection.
@@ -223,6 +225,7 @@ mod tests {
             started: SystemTime::now(),
             progress: Progress::default(),
             revoke: None,
+            last_series: Default::default(),
         }
     }
 

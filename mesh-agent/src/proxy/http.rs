@@ -197,7 +197,7 @@ impl Ctx {
             log,
             info,
             trace,
-            listed: Some(c.listed.clone()),
+            listed: c.listed.clone(),
             deadline: None,
         };
         // The Service went away while the client kept its connection.
@@ -494,7 +494,7 @@ pub(crate) struct Done {
     /// This hop's span, when the request is sampled.
     trace: Option<Box<trace::Started>>,
     /// The connection's `/connections` entry, for its byte counts.
-    listed: Option<Arc<super::connections::ConnInfo>>,
+    listed: Arc<super::connections::ConnInfo>,
     /// The route's `timeout`: the whole response, last byte included, must arrive by then.
     deadline: Option<Instant>,
 }

@@ -267,6 +267,7 @@ async fn plaintext(
         progress: Progress::default(),
         // Node probes are exempt from policy: nothing to re-check.
         revoke: (!protocol.is_http() && !from_node).then(tokio::sync::Notify::new),
+        last_series: Default::default(),
     });
     if protocol.is_http() {
         // Each request is recorded by the HTTP layer; the connection has no TCP metrics.
@@ -493,6 +494,7 @@ async fn stream(
                 started: std::time::SystemTime::now(),
                 progress: Progress::default(),
                 revoke: (!protocol.is_http()).then(tokio::sync::Notify::new),
+                last_series: Default::default(),
             })
         };
         if protocol.is_http() {

@@ -338,6 +338,7 @@ impl Connection {
             started: std::time::SystemTime::now(),
             progress: Progress::default(),
             revoke: None,
+            last_series: Default::default(),
         });
         let ends = super::relay::Ends {
             revoked: None,
@@ -405,6 +406,7 @@ impl Connection {
             started: std::time::SystemTime::now(),
             progress: Progress::default(),
             revoke: None,
+            last_series: Default::default(),
         });
         let conn = HttpConn {
             listed: open.info.clone(),

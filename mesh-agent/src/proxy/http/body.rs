@@ -101,7 +101,7 @@ pub struct OnEnd {
     /// The request's span and where it goes, when it is sampled.
     pub trace: Option<(Box<trace::Started>, trace::Spans)>,
     /// The connection's `/connections` entry.
-    pub listed: Option<Arc<crate::proxy::connections::ConnInfo>>,
+    pub listed: Arc<crate::proxy::connections::ConnInfo>,
 }
 
 impl OnEnd {
@@ -113,18 +113,18 @@ impl OnEnd {
             self.labels.grpc_status = grpc_status;
         }
         let request_bytes = count(&self.request_bytes);
-        self.metrics.request(&RequestDone {
+        let done = RequestDone {
             labels: &self.labels,
             duration: self.started.elapsed(),
             request_bytes,
             response_bytes,
-        });
-        if let Some(c) = &self.listed {
-            c.progress
-                .received
-                .fetch_add(request_bytes, Ordering::Relaxed);
-            c.progress.sent.fetch_add(response_bytes, Ordering::Relaxed);
-        }
+        };
+        let c = &self.listed;
+        self.metrics.request(&done, &c.last_series);
+        c.progress
+            .received
+            .fetch_add(request_bytes, Ordering::Relaxed);
+        c.progress.sent.fetch_add(response_bytes, Ordering::Relaxed);
         if let Some((span, spans)) = self.trace.take() {
             spans.record((*span).finish(&self.labels, request_bytes, response_bytes));
         }

@@ -176,7 +176,7 @@ impl Ctx {
             log,
             info,
             trace,
-            listed: Some(self.listed.clone()),
+            listed: self.listed.clone(),
             deadline: None,
         };
         if let Err(denied) = authorized {

@@ -82,8 +82,26 @@ pub async fn get(
     if let Some(s) = SHARED.with(|s| s.borrow_mut().find(&key, idle)) {
         return Ok(s);
     }
-    let tunnel =
-        super::upstream::hbone_connect(hbone, identity, destination, connect_timeout).await?;
+    // Boxed, here only: connecting is a future of kilobytes (the tunnel's TLS handshake),
+    // which every request's future would otherwise carry and move.
+    Box::pin(open(hbone, key, idle, connect_timeout)).await
+}
+
+/// Opens the shared connection for `key` and adds it to this thread's map.
+async fn open(
+    hbone: &Hbone,
+    key: Key,
+    idle: Duration,
+    connect_timeout: Duration,
+) -> Result<http2::SendRequest<UpBody>, UpstreamError> {
+    let (source, destination) = (key.source, key.destination);
+    let tunnel = super::upstream::hbone_connect(
+        hbone,
+        &key.destination_identity,
+        destination,
+        connect_timeout,
+    )
+    .await?;
     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

@@ -198,6 +198,20 @@ impl Upstreams {
         if let Some(s) = self.take(addr, h2, settings.idle_timeout) {
             return Ok(s);
         }
+        // Boxed, here only: connecting (an HBONE tunnel's TLS handshake) is a future of
+        // kilobytes, which every request's future would otherwise carry and move.
+        Box::pin(self.open(pod, addr, identity, h2, connect_timeout)).await
+    }
+
+    /// A new connection to `addr`, its HTTP handshake done and its task spawned.
+    async fn open(
+        &self,
+        pod: &ObjectRef,
+        addr: SocketAddrV4,
+        identity: Option<&Arc<Identity>>,
+        h2: bool,
+        connect_timeout: Duration,
+    ) -> Result<Sender, UpstreamError> {
         let io = self.connect(addr, identity, connect_timeout).await?;
         let handshake = |source| UpstreamError::Handshake { addr, source };
         let pod = pod.to_string();
