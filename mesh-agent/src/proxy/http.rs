@@ -558,33 +558,31 @@ impl Done {
 /// The request as the app should get it: hop-by-hop headers gone, `Host` kept, and the
 /// request target in the form the upstream protocol wants.
 fn prepare_request<B>(req: &mut Request<B>, h2: bool) {
-    let authority = request_authority(req);
     strip_hop_by_hop(req.headers_mut());
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    // The URI is rebuilt from its own parsed parts (shared bytes), not printed and parsed.
+    let uri = std::mem::take(req.uri_mut());
+    let authority = uri.authority().cloned().or_else(|| {
+        let host = req.headers().get(header::HOST)?;
+        hyper::http::uri::Authority::try_from(host.as_bytes()).ok()
+    });
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+    );
     if h2 {
         // HTTP/2 carries the authority and scheme as pseudo-headers, taken from the URI.
-        let auth = authority.clone().unwrap_or_default();
-        if let Ok(uri) = Uri::builder()
-            .scheme("http")
-            .authority(auth.as_str())
-            .path_and_query(path.as_str())
-            .build()
-        {
-            *req.uri_mut() = uri;
-        }
+        parts.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        parts.authority = authority;
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or(uri);
         req.headers_mut().remove(header::HOST);
         *req.version_mut() = Version::HTTP_2;
     } else {
-        if let Ok(uri) = path.parse() {
-            *req.uri_mut() = uri;
-        }
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or(uri);
         if let Some(a) = authority
             && !req.headers().contains_key(header::HOST)
-            && let Ok(v) = HeaderValue::from_str(&a)
+            && let Ok(v) = HeaderValue::from_str(a.as_str())
         {
             req.headers_mut().insert(header::HOST, v);
         }
@@ -595,6 +593,10 @@ fn prepare_request<B>(req: &mut Request<B>, h2: bool) {
 /// RFC 9110 §7.6.1: headers for one hop only, plus those the `Connection` header names.
 /// `TE: trailers` is kept (gRPC needs it).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a hashed removal each.
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -622,6 +624,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     {
         headers.remove(header::TE);
     }
+}
+
+/// The names [`strip_hop_by_hop`] looks at (`TE` only when not `trailers`, and those the
+/// `Connection` header names, which comes with it).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+    ]
+    .contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 /// `Connection: upgrade` with an `Upgrade` protocol: both, to send on.
@@ -708,6 +726,42 @@ mod tests {
             assert!(!req.headers().contains_key(h), "{h}");
         }
         assert_eq!(req.headers()["user-agent"], "curl");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_without_a_connection_header_too() {
+        for h in [
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+        ] {
+            let mut req = Request::builder()
+                .uri("/")
+                .header("host", "reviews")
+                .header(h, "x")
+                .header("x-kept", "1")
+                .body(())
+                .unwrap();
+            prepare_request(&mut req, false);
+            assert!(!req.headers().contains_key(h), "{h}");
+            assert_eq!(req.headers().len(), 2, "{h}: {:?}", req.headers());
+        }
+        // Nothing hop-by-hop: everything stays, `TE: trailers` included.
+        let mut req = Request::builder()
+            .uri("/a?b=c")
+            .header("host", "reviews")
+            .header("te", "trailers")
+            .header("x-kept", "1")
+            .body(())
+            .unwrap();
+        prepare_request(&mut req, false);
+        assert_eq!(req.headers().len(), 3);
+        assert_eq!(req.uri(), "/a?b=c");
+        // No authority anywhere: an h2 upstream gets the request's own target.
+        let mut req = Request::builder().uri("/a").body(()).unwrap();
+        prepare_request(&mut req, true);
+        assert_eq!(req.uri(), "/a");
     }
 
     #[test]
