@@ -607,15 +607,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    for n in hop_by_hop_names() {
         headers.remove(n);
     }
     if headers
@@ -626,20 +618,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The names [`strip_hop_by_hop`] looks at (`TE` only when not `trailers`, and those the
-/// `Connection` header names, which comes with it).
-fn hop_by_hop(name: &HeaderName) -> bool {
-    [
+/// The headers that are always for one hop only (RFC 9110 §7.6.1, plus the legacy
+/// `Keep-Alive` and `Proxy-Connection`).
+fn hop_by_hop_names() -> [HeaderName; 7] {
+    // Evaluated at compile time: the custom names are not validated on every call.
+    const NAMES: [HeaderName; 7] = [
         header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
         header::TRANSFER_ENCODING,
         header::UPGRADE,
         header::PROXY_AUTHENTICATE,
         header::PROXY_AUTHORIZATION,
-        header::TE,
-    ]
-    .contains(name)
-        || name == "keep-alive"
-        || name == "proxy-connection"
+    ];
+    NAMES
+}
+
+/// Whether [`strip_hop_by_hop`] has something to look at for `name`: one of those, or `TE`
+/// (gone unless `trailers`). Headers the `Connection` header names come with it.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE || hop_by_hop_names().contains(name)
 }
 
 /// `Connection: upgrade` with an `Upgrade` protocol: both, to send on.
