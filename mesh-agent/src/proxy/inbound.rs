@@ -14,7 +14,6 @@
 //! Either way the connection is delivered to the app from inside the pod's namespace with the
 //! client's IP as its source.
 
-use std::convert::Infallible;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -22,17 +21,19 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::connections::{ConnInfo, Direction, Progress, Protocol};
-use super::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW, tls};
+use super::connections::{ConnInfo, Direction, Progress, Protocol, Registered};
+use super::hbone::stream::H2Stream;
+use super::hbone::{
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SEND_BUFFER, STREAM_WINDOW, tls,
+};
 use super::relay::{Relayed, relay_revocable};
 use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
 use crate::capture::netns::SocketSource;
@@ -43,8 +44,13 @@ use crate::identity::Identity;
 use crate::telemetry::metrics::{Reporter, ResponseFlags, TcpLabels};
 use mesh_common::DELIVER_MARK;
 
-/// Time a peer gets to finish the TLS handshake.
+/// Time a peer gets to finish the TLS handshake, and again the HTTP/2 one.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// CONNECT streams one peer connection may have open at once (hyper's server default).
+const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Streams a peer may make us reset for protocol errors before the connection is closed
+/// (hyper's default; bounds "rapid reset" style abuse).
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// What one enrolled pod's HBONE listener needs.
 pub struct HboneListener {
@@ -287,14 +293,34 @@ async fn plaintext(
         stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
         return;
     }
-    let counters = inputs.metrics.tcp(&labels);
+    let r = relay_recorded(&inputs, &mut client, &mut app, open, &labels, target, log).await;
+    if let Some(e) = &r.error {
+        debug!(pod = %pod, %peer, %target, error = %e, "plaintext inbound ended with an error");
+    }
+    stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Relays a delivered TCP connection (a plaintext one or an HBONE stream) to the app until
+/// either side ends or policy revokes it, counting it in the TCP metrics and the access log.
+async fn relay_recorded<A>(
+    inputs: &ProxyInputs,
+    client: &mut A,
+    app: &mut TcpStream,
+    open: Registered,
+    labels: &TcpLabels,
+    target: SocketAddrV4,
+    log: Option<LogEntry>,
+) -> Relayed
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let counters = inputs.metrics.tcp(labels);
     counters.opened.inc();
-    let size = inputs.buffer_size;
     let info = &open.info;
     let r = relay_revocable(
-        &mut client,
-        &mut app,
-        size,
+        client,
+        app,
+        inputs.buffer_size,
         &info.progress,
         info.revoke.as_ref(),
     )
@@ -302,14 +328,11 @@ async fn plaintext(
     drop(open);
     counters.received.inc_by(r.a_to_b);
     counters.sent.inc_by(r.b_to_a);
-    if let Some(e) = &r.error {
-        debug!(pod = %pod, %peer, %target, error = %e, "plaintext inbound ended with an error");
-    }
     if let Some(log) = log {
-        log.finish(&inputs.access_log, relayed(&labels, target, &r));
+        log.finish(&inputs.access_log, relayed(labels, target, &r));
     }
     counters.closed.inc();
-    stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
+    r
 }
 
 /// Accepts until aborted (unenroll or shutdown); each connection runs in its own task.
@@ -372,30 +395,53 @@ async fn connection(ctx: Arc<Ctx>, acceptor: TlsAcceptor, tcp: TcpStream, peer: 
     };
     inbound.tls_accepted.fetch_add(1, Ordering::Relaxed);
     debug!(pod = %ctx.pod, %peer, %source, "mTLS connection accepted");
-    let service = {
-        let ctx = ctx.clone();
-        let source = source.clone();
-        hyper::service::service_fn(move |req| {
-            let ctx = ctx.clone();
-            let source = source.clone();
-            async move { Ok::<_, Infallible>(stream(ctx, source, peer, req).await) }
-        })
-    };
-    let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    // hyper's server defaults where they bound what a peer can make us hold (streams at
+    // once, header bytes, streams it makes us reset), with the HBONE windows and send buffer.
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
-        .serve_connection(TokioIo::new(tls), service)
-        .await;
-    if let Err(e) = served {
-        debug!(pod = %ctx.pod, %peer, error = %e, "HBONE connection ended with an error");
+        .max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_send_buffer_size(SEND_BUFFER)
+        .handshake::<_, Bytes>(tls);
+    let mut conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            debug!(pod = %ctx.pod, %peer, error = %e, "HTTP/2 handshake on 15008 failed");
+            return;
+        }
+        Err(_) => {
+            debug!(pod = %ctx.pod, %peer, "HTTP/2 handshake on 15008 timed out");
+            return;
+        }
+    };
+    // Accepting also drives the connection: its frames are read and written here, each
+    // stream's bytes in the stream's own task.
+    while let Some(accepted) = conn.accept().await {
+        match accepted {
+            Ok((req, respond)) => {
+                tokio::spawn(stream(ctx.clone(), source.clone(), peer, req, respond));
+            }
+            Err(e) => {
+                debug!(pod = %ctx.pod, %peer, error = %e, "HBONE connection ended with an error");
+                return;
+            }
+        }
     }
 }
 
-fn reply(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::copy_from_slice(reason.as_bytes())));
+/// Answers a CONNECT stream with `status` and `reason` as its body, ending it.
+fn refuse(mut respond: SendResponse<Bytes>, status: StatusCode, reason: &str) {
+    let mut resp = Response::new(());
     *resp.status_mut() = status;
-    resp
+    // Errors here mean the peer is gone; there is no one left to tell.
+    if let Ok(mut body) = respond.send_response(resp, reason.is_empty())
+        && !reason.is_empty()
+    {
+        let _ = body.send_data(Bytes::copy_from_slice(reason.as_bytes()), true);
+    }
 }
 
 /// One CONNECT stream: checks the target, connects to the app, answers, then relays.
@@ -403,17 +449,23 @@ async fn stream(
     ctx: Arc<Ctx>,
     source: Arc<Identity>,
     peer: SocketAddrV4,
-    mut req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let inbound = &ctx.inputs.inbound;
     if req.method() != Method::CONNECT {
         inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
-        return reply(StatusCode::BAD_REQUEST, "only CONNECT is served on 15008");
+        return refuse(
+            respond,
+            StatusCode::BAD_REQUEST,
+            "only CONNECT is served on 15008",
+        );
     }
     let target: Option<SocketAddrV4> = req.uri().authority().and_then(|a| a.as_str().parse().ok());
     let Some(target) = target else {
         inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
-        return reply(
+        return refuse(
+            respond,
             StatusCode::BAD_REQUEST,
             "the :authority must be the destination pod's ip:port",
         );
@@ -421,7 +473,8 @@ async fn stream(
     if *target.ip() != ctx.pod_ip {
         inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
         warn!(pod = %ctx.pod, %peer, %source, %target, "CONNECT for an address that is not this pod's");
-        return reply(
+        return refuse(
+            respond,
             StatusCode::BAD_REQUEST,
             &format!("{target} is not an address of this pod"),
         );
@@ -442,7 +495,7 @@ async fn stream(
     if let Err(denied) = routes.authorize(&ctx.pod_ip, &conn, stage) {
         log_denied(inbound, &ctx.pod, peer, Some(&source), target, &denied);
         // As ztunnel answers a policy rejection.
-        return reply(StatusCode::UNAUTHORIZED, &format!("{denied}"));
+        return refuse(respond, StatusCode::UNAUTHORIZED, &format!("{denied}"));
     }
     let mut labels = TcpLabels {
         reporter: Reporter::Destination,
@@ -468,95 +521,75 @@ async fn stream(
             if let Some(log) = log {
                 log.finish(&ctx.inputs.access_log, failed(&labels, target, &e));
             }
-            return reply(
+            return refuse(
+                respond,
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("connect to {target} failed: {e}"),
             );
         }
     };
     inbound.streams.fetch_add(1, Ordering::Relaxed);
-    let upgrade = hyper::upgrade::on(&mut req);
-    let size = ctx.inputs.buffer_size;
-    tokio::spawn(async move {
-        ctx.stats.inbound_active.fetch_add(1, Ordering::Relaxed);
-        ctx.stats
-            .inbound_connections
-            .fetch_add(1, Ordering::Relaxed);
-        let register = || {
-            ctx.inputs.connections.register(ConnInfo {
-                pod: ctx.pod.clone(),
-                direction: Direction::Inbound,
-                protocol: Protocol::Hbone,
-                client: peer.into(),
-                destination: target.into(),
-                upstream: target.into(),
-                peer_identity: Some(source.clone()),
-                started: std::time::SystemTime::now(),
-                progress: Progress::default(),
-                revoke: (!protocol.is_http()).then(tokio::sync::Notify::new),
-                last_series: Default::default(),
-            })
-        };
-        if protocol.is_http() {
-            // Each request is recorded by the HTTP layer; the stream has no TCP metrics.
-            match upgrade.await {
-                Ok(up) => {
-                    let open = register();
-                    let delivered = super::http::inbound::Delivered {
-                        inputs: ctx.inputs.clone(),
-                        pod: ctx.pod.clone(),
-                        peer,
-                        target,
-                        protocol,
-                        labels,
-                        sockets: ctx.sockets.clone(),
-                        app,
-                        listed: open.info.clone(),
-                    };
-                    super::http::inbound::serve(delivered, TokioIo::new(up)).await;
-                    drop(open);
-                }
-                Err(e) => {
-                    info!(pod = %ctx.pod, %peer, %target, error = %e, "CONNECT stream closed before it was upgraded")
-                }
-            }
-            ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
+    let tunnel = match respond.send_response(Response::new(()), false) {
+        Ok(send) => H2Stream::new(send, req.into_body()),
+        Err(e) => {
+            info!(pod = %ctx.pod, %peer, %target, error = %e, "CONNECT stream closed before it was answered");
             return;
         }
-        let counters = ctx.inputs.metrics.tcp(&labels);
-        counters.opened.inc();
-        let mut app = app;
-        match upgrade.await {
-            Ok(up) => {
-                let mut tunnel = TokioIo::new(up);
-                let open = register();
-                let info = &open.info;
-                let r = relay_revocable(
-                    &mut tunnel,
-                    &mut app,
-                    size,
-                    &info.progress,
-                    info.revoke.as_ref(),
-                )
-                .await;
-                drop(open);
-                counters.received.inc_by(r.a_to_b);
-                counters.sent.inc_by(r.b_to_a);
-                if let Some(e) = &r.error {
-                    debug!(pod = %ctx.pod, %peer, %target, error = %e, "inbound stream ended with an error");
-                }
-                if let Some(log) = log {
-                    log.finish(&ctx.inputs.access_log, relayed(&labels, target, &r));
-                }
-            }
-            Err(e) => {
-                info!(pod = %ctx.pod, %peer, %target, error = %e, "CONNECT stream closed before it was upgraded")
-            }
-        }
-        counters.closed.inc();
+    };
+    ctx.stats.inbound_active.fetch_add(1, Ordering::Relaxed);
+    ctx.stats
+        .inbound_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let register = || {
+        ctx.inputs.connections.register(ConnInfo {
+            pod: ctx.pod.clone(),
+            direction: Direction::Inbound,
+            protocol: Protocol::Hbone,
+            client: peer.into(),
+            destination: target.into(),
+            upstream: target.into(),
+            peer_identity: Some(source.clone()),
+            started: std::time::SystemTime::now(),
+            progress: Progress::default(),
+            revoke: (!protocol.is_http()).then(tokio::sync::Notify::new),
+            last_series: Default::default(),
+        })
+    };
+    if protocol.is_http() {
+        // Each request is recorded by the HTTP layer; the stream has no TCP metrics.
+        let open = register();
+        let delivered = super::http::inbound::Delivered {
+            inputs: ctx.inputs.clone(),
+            pod: ctx.pod.clone(),
+            peer,
+            target,
+            protocol,
+            labels,
+            sockets: ctx.sockets.clone(),
+            app,
+            listed: open.info.clone(),
+        };
+        super::http::inbound::serve(delivered, tunnel).await;
+        drop(open);
         ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
-    });
-    reply(StatusCode::OK, "")
+        return;
+    }
+    let (mut app, mut tunnel) = (app, tunnel);
+    let open = register();
+    let r = relay_recorded(
+        &ctx.inputs,
+        &mut tunnel,
+        &mut app,
+        open,
+        &labels,
+        target,
+        log,
+    )
+    .await;
+    if let Some(e) = &r.error {
+        debug!(pod = %ctx.pod, %peer, %target, error = %e, "inbound stream ended with an error");
+    }
+    ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// The access log's view of a delivered connection: bytes from the peer are received.

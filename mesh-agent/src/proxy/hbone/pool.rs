@@ -9,16 +9,13 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
+use h2::client::SendRequest;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::ServerName;
@@ -26,7 +23,11 @@ use serde::Serialize;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::{CONNECTION_WINDOW, MAX_FRAME_SIZE, PoolSettings, STREAM_WINDOW, tls};
+use super::stream::H2Stream;
+use super::{
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, PoolSettings, SEND_BUFFER,
+    STREAM_WINDOW, tls,
+};
 use crate::capture::netns::SocketSource;
 use crate::identity::{CertHandle, Identity};
 use mesh_common::ports;
@@ -51,7 +52,7 @@ pub enum HboneError {
     #[error("HTTP/2 handshake with {addr} failed: {source}")]
     H2 {
         addr: SocketAddrV4,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("connecting to {addr} timed out after {after:?}")]
     Timeout { addr: SocketAddrV4, after: Duration },
@@ -59,7 +60,7 @@ pub enum HboneError {
     Request {
         addr: SocketAddrV4,
         target: SocketAddrV4,
-        source: hyper::Error,
+        source: h2::Error,
     },
     #[error("CONNECT {target} refused by the destination agent: {status} {reason}")]
     Refused {
@@ -88,7 +89,9 @@ struct PoolKey {
 
 /// One TLS + HTTP/2 connection.
 struct Conn {
-    send: SendRequest<Empty<Bytes>>,
+    send: SendRequest<Bytes>,
+    /// Set by the connection's task when it ends.
+    closed: Arc<AtomicBool>,
     streams: AtomicUsize,
     /// Milliseconds since the pool's epoch when the last stream ended.
     idle_since: AtomicU64,
@@ -132,7 +135,7 @@ pub struct Pool {
 
 /// An open tunnel. Dropping it ends the stream and returns its slot to the connection.
 pub struct Tunnel {
-    pub io: TokioIo<Upgraded>,
+    pub io: H2Stream,
     _slot: StreamSlot,
 }
 
@@ -148,6 +151,28 @@ impl Drop for StreamSlot {
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.conn.streams.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The first 256 bytes of a refusal's body, as text.
+async fn refusal_reason(recv: &mut h2::RecvStream) -> String {
+    let mut body = Vec::new();
+    while body.len() < 256 {
+        match recv.data().await {
+            Some(Ok(chunk)) => {
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                body.extend_from_slice(&chunk);
+            }
+            _ => break,
+        }
+    }
+    body.truncate(256);
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 impl Pool {
@@ -241,7 +266,7 @@ impl Pool {
     fn checkout(&self, keypool: &KeyPool) -> Option<Arc<Conn>> {
         let max = self.inputs.settings.max_streams.max(1);
         let mut conns = keypool.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|c| !c.send.is_closed());
+        conns.retain(|c| !c.is_closed());
         for c in conns.iter() {
             let n = c.streams.load(Ordering::Acquire);
             if n < max
@@ -295,79 +320,74 @@ impl Pool {
                 expected: (*key.identity).clone(),
                 source,
             })?;
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        // hyper's client defaults where they matter (server push off, 16 KiB of headers),
+        // with the HBONE windows and send buffer.
+        let (send, conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME_SIZE)
-            .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+            .max_header_list_size(MAX_HEADER_LIST_SIZE)
+            .max_send_buffer_size(SEND_BUFFER)
+            .handshake::<_, Bytes>(tls)
             .await
             .map_err(|source| HboneError::H2 { addr, source })?;
         let stats = self.stats.clone();
         stats.connections_opened.fetch_add(1, Ordering::Relaxed);
         stats.connections_open.fetch_add(1, Ordering::Relaxed);
         let identity = key.identity.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%addr, %identity, error = %e, "HBONE connection ended with an error");
             }
+            ended.store(true, Ordering::Release);
             stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         });
         info!(%addr, identity = %key.identity, "HBONE connection opened");
         Ok(Arc::new(Conn {
             send,
+            closed,
             streams: AtomicUsize::new(0),
             idle_since: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
         }))
     }
 
-    async fn request(
-        &self,
-        conn: &Conn,
-        target: SocketAddrV4,
-    ) -> Result<TokioIo<Upgraded>, HboneError> {
+    async fn request(&self, conn: &Conn, target: SocketAddrV4) -> Result<H2Stream, HboneError> {
         let addr = SocketAddrV4::new(*target.ip(), ports::INBOUND_HBONE);
+        let failed = |source| HboneError::Request {
+            addr,
+            target,
+            source,
+        };
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .body(Empty::<Bytes>::new())
+            .body(())
             .map_err(|e| HboneError::Refused {
                 target,
                 status: StatusCode::BAD_REQUEST,
                 reason: e.to_string(),
             })?;
-        let mut send = conn.send.clone();
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|source| HboneError::Request {
-                addr,
-                target,
-                source,
-            })?;
+        // `ready` waits while the peer's limit of concurrent streams is reached.
+        let mut send = conn.send.clone().ready().await.map_err(failed)?;
+        let (resp, send) = send.send_request(req, false).map_err(failed)?;
+        let resp = resp.await.map_err(failed)?;
         let status = resp.status();
+        let mut recv = resp.into_body();
         if status != StatusCode::OK {
             // The reason is a short text body; read at most a little of it.
-            let body = tokio::time::timeout(Duration::from_secs(1), resp.into_body().collect())
+            let reason = tokio::time::timeout(Duration::from_secs(1), refusal_reason(&mut recv))
                 .await
-                .ok()
-                .and_then(Result::ok)
-                .map(|b| b.to_bytes())
                 .unwrap_or_default();
-            let reason = String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned();
             return Err(HboneError::Refused {
                 target,
                 status,
                 reason,
             });
         }
-        let upgraded = hyper::upgrade::on(resp)
-            .await
-            .map_err(|source| HboneError::Request {
-                addr,
-                target,
-                source,
-            })?;
-        Ok(TokioIo::new(upgraded))
+        Ok(H2Stream::new(send, recv))
     }
 
     /// Closes connections idle past the timeout and forgets dead ones.
@@ -378,7 +398,7 @@ impl Pool {
         keys.retain(|_, kp| {
             let mut conns = kp.conns.lock().unwrap_or_else(|e| e.into_inner());
             conns.retain(|c| {
-                !c.send.is_closed()
+                !c.is_closed()
                     && (c.streams.load(Ordering::Acquire) > 0
                         || now.saturating_sub(c.idle_since.load(Ordering::Relaxed)) < idle)
             });

@@ -366,7 +366,7 @@ impl Read for UpstreamIo {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_read(cx, buf),
+            UpstreamIo::Hbone(t) => Read::poll_read(Pin::new(&mut t.io), cx, buf),
         }
     }
 }
@@ -379,21 +379,21 @@ impl Write for UpstreamIo {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_write(cx, buf),
+            UpstreamIo::Hbone(t) => Write::poll_write(Pin::new(&mut t.io), cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
-            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_flush(cx),
+            UpstreamIo::Hbone(t) => Write::poll_flush(Pin::new(&mut t.io), cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamIo::Hbone(t) => Pin::new(t.io.inner_mut()).poll_shutdown(cx),
+            UpstreamIo::Hbone(t) => Write::poll_shutdown(Pin::new(&mut t.io), cx),
         }
     }
 }
