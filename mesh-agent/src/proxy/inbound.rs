@@ -509,7 +509,8 @@ async fn stream(
     };
     let log = LogEntry::begin(&routes, peer, target);
     drop(routes);
-    let app = match deliver(&ctx.sockets, *peer.ip(), target, ctx.inputs.connect_timeout).await {
+    let mut app = match deliver(&ctx.sockets, *peer.ip(), target, ctx.inputs.connect_timeout).await
+    {
         Ok(s) => s,
         Err(e) => {
             inbound.streams_refused.fetch_add(1, Ordering::Relaxed);
@@ -529,7 +530,7 @@ async fn stream(
         }
     };
     inbound.streams.fetch_add(1, Ordering::Relaxed);
-    let tunnel = match respond.send_response(Response::new(()), false) {
+    let mut tunnel = match respond.send_response(Response::new(()), false) {
         Ok(send) => H2Stream::new(send, req.into_body()),
         Err(e) => {
             info!(pod = %ctx.pod, %peer, %target, error = %e, "CONNECT stream closed before it was answered");
@@ -540,24 +541,21 @@ async fn stream(
     ctx.stats
         .inbound_connections
         .fetch_add(1, Ordering::Relaxed);
-    let register = || {
-        ctx.inputs.connections.register(ConnInfo {
-            pod: ctx.pod.clone(),
-            direction: Direction::Inbound,
-            protocol: Protocol::Hbone,
-            client: peer.into(),
-            destination: target.into(),
-            upstream: target.into(),
-            peer_identity: Some(source.clone()),
-            started: std::time::SystemTime::now(),
-            progress: Progress::default(),
-            revoke: (!protocol.is_http()).then(tokio::sync::Notify::new),
-            last_series: Default::default(),
-        })
-    };
+    let open = ctx.inputs.connections.register(ConnInfo {
+        pod: ctx.pod.clone(),
+        direction: Direction::Inbound,
+        protocol: Protocol::Hbone,
+        client: peer.into(),
+        destination: target.into(),
+        upstream: target.into(),
+        peer_identity: Some(source.clone()),
+        started: std::time::SystemTime::now(),
+        progress: Progress::default(),
+        revoke: (!protocol.is_http()).then(tokio::sync::Notify::new),
+        last_series: Default::default(),
+    });
     if protocol.is_http() {
         // Each request is recorded by the HTTP layer; the stream has no TCP metrics.
-        let open = register();
         let delivered = super::http::inbound::Delivered {
             inputs: ctx.inputs.clone(),
             pod: ctx.pod.clone(),
@@ -574,8 +572,6 @@ async fn stream(
         ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
         return;
     }
-    let (mut app, mut tunnel) = (app, tunnel);
-    let open = register();
     let r = relay_recorded(
         &ctx.inputs,
         &mut tunnel,

@@ -5,8 +5,9 @@
 //! write into a boxed buffer and hands it through a channel to a task of its own that feeds
 //! `h2` (hyper 1.12, `proto/h2/upgrade.rs`): one allocation, one copy and one task wake-up
 //! more per write, on both agents, for every tunnel. ztunnel drives `h2` directly for the
-//! same reason. Writes here take only what the stream's flow-control window allows, so the
-//! bytes `h2` buffers per tunnel stay bounded by the window.
+//! same reason. Writes here take only what `h2` grants the stream (its flow-control window,
+//! capped by the connection's send buffer, `SEND_BUFFER`), so the bytes `h2` holds per
+//! tunnel stay bounded.
 
 use std::io;
 use std::pin::Pin;
