@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use mesh_testbed::{Testbed, TestbedConfig};
 
 use crate::setup::{self, SetupArgs};
-use crate::util::{build_bin, workspace_root};
+use crate::util::{build_bin, release_agent, workspace_root};
 use bed::{CLIENT, CLIENT_NODE, DIRECT_NS, MESH_NS, SERVERS, ServerPod};
 use report::{AgentUse, H2_STREAMS, Mode, Report, Scenario, WRK_CONNS};
 
@@ -58,8 +58,30 @@ pub struct BenchArgs {
     /// compare agent settings.
     #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Measure this agent binary instead of building the release one (e.g. the
+    /// profile-guided build of `cargo xtask pgo`, target/pgo/mesh-agent).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<PathBuf>,
     #[command(flatten)]
     setup: SetupArgs,
+}
+
+impl BenchArgs {
+    /// One short pass (`--quick`) with `agent`, written to `output`: `cargo xtask pgo`'s
+    /// training load.
+    pub fn training(agent: PathBuf, http: bool, output: PathBuf) -> Self {
+        BenchArgs {
+            runs: 1,
+            duration: 2,
+            quick: true,
+            output: Some(output),
+            plaintext: false,
+            http,
+            agent_args: Vec::new(),
+            agent: Some(agent),
+            setup: SetupArgs::default(),
+        }
+    }
 }
 
 /// Extra time a load generator gets beyond its nominal duration before it is killed.
@@ -96,7 +118,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         workspace_root().join(output)
     };
     setup::run(&args.setup)?;
-    let agent_bin = build_bin("mesh-agent", "mesh-agent", true)?;
+    let agent_bin = release_agent(args.agent.as_deref())?;
     let testapp = build_bin("mesh-testbed", "mesh-testapp", true)?;
     let tools: &[&str] = if args.http {
         &["iperf3", "wrk", "h2load"]

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use crate::setup::on_path;
-use crate::util::{build_bin, workspace_root};
+use crate::util::{release_agent, workspace_root};
 
 /// The image deploy/'s manifests run (`localhost/`: nothing is published; it never pulls
 /// someone else's image of that name).
@@ -36,6 +36,10 @@ pub struct ImageArgs {
     /// Only build the binary and lay out the build context; print where it is.
     #[arg(long)]
     pub context_only: bool,
+    /// Put this agent binary in the image instead of building the release one (e.g. the
+    /// profile-guided build of `cargo xtask pgo`, target/pgo/mesh-agent).
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
 }
 
 /// Engines in the order tried, with the command that proves each can build here.
@@ -90,13 +94,8 @@ pub fn choose(
 }
 
 pub fn run(args: &ImageArgs) -> Result<()> {
-    let exe = build_bin("mesh-agent", "mesh-agent", true)?;
-    // <target>/release/mesh-agent -> <target>/image
-    let target = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the release binary has no target directory")?;
-    let context = target.join("image");
+    let exe = release_agent(args.agent.as_deref())?;
+    let context = workspace_root().join("target/image");
     lay_out(&exe, &context)?;
     println!("image: build context in {}", context.display());
     if args.context_only {

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod image;
+mod pgo;
 mod setup;
 mod test_cmd;
 mod testbed_cmd;
@@ -39,6 +40,9 @@ enum Cmd {
     /// Build the container image of deploy/Dockerfile (release binary, then docker, podman or
     /// buildah; without one, leaves the build context and says where).
     Image(image::ImageArgs),
+    /// Build a profile-guided release agent (instrumented build, training on the benchmark's
+    /// loads, optimised build) into target/pgo/mesh-agent.
+    Pgo(pgo::PgoArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,5 +63,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => bench::run(&args),
         Cmd::Testbed(args) => testbed_cmd::run(args),
         Cmd::Image(args) => image::run(&args),
+        Cmd::Pgo(args) => pgo::run(&args),
     }
 }

@@ -127,6 +127,28 @@ fn rust_src() -> Result<()> {
     Ok(())
 }
 
+/// The toolchain's `llvm-profdata` (rustup's `llvm-tools` component, added if missing), for
+/// `cargo xtask pgo`. Not a step of `setup` itself: nothing else needs it.
+pub fn llvm_profdata(sysroot: &Path, host: &str) -> Result<PathBuf> {
+    let path = sysroot
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin/llvm-profdata");
+    if path.is_file() {
+        report("llvm-tools", "ok (already present)");
+        return Ok(path);
+    }
+    stream(&mut cmd("rustup component add llvm-tools"))?;
+    if !path.is_file() {
+        bail!(
+            "`rustup component add llvm-tools` ran but {} is still missing",
+            path.display()
+        );
+    }
+    report("llvm-tools", "installed");
+    Ok(path)
+}
+
 /// `bpf-linker --version` run directly (not via rustup/cargo), so a missing rpath shows up.
 fn bpf_linker_works() -> bool {
     capture(cmd("bpf-linker --version").env_remove("LD_LIBRARY_PATH"))

@@ -57,13 +57,53 @@ pub fn run_cargo(args: &[&str]) -> Result<()> {
 /// Builds a binary target of a package and returns the path of the executable cargo
 /// produced (read from cargo's JSON messages, so any target directory works).
 pub fn build_bin(package: &str, bin: &str, release: bool) -> Result<PathBuf> {
+    build_bin_with(package, bin, release, None)
+}
+
+/// The agent binary to run: `given` (`--agent PATH`) if it exists, else the release build.
+pub fn release_agent(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(path) if path.is_file() => Ok(path.to_path_buf()),
+        Some(path) => bail!("--agent {}: no such file", path.display()),
+        None => build_bin("mesh-agent", "mesh-agent", true),
+    }
+}
+
+/// A release build apart from the usual one: its own target directory and compiler flags
+/// (`cargo xtask pgo`'s instrumented and optimised builds).
+pub struct Variant<'a> {
+    /// The host's target triple: with `--target`, the flags reach only the binary's own
+    /// crates, not build scripts and proc macros (the eBPF build sets its own flags).
+    pub target: &'a str,
+    pub target_dir: &'a Path,
+    pub rustflags: &'a [String],
+}
+
+pub fn build_bin_with(
+    package: &str,
+    bin: &str,
+    release: bool,
+    variant: Option<&Variant<'_>>,
+) -> Result<PathBuf> {
     let mut args = vec!["build", "-p", package, "--bin", bin];
     if release {
         args.push("--release");
     }
+    let dir;
+    if let Some(v) = variant {
+        dir = v.target_dir.to_string_lossy().into_owned();
+        args.extend(["--target", v.target, "--target-dir", &dir]);
+    }
     args.push("--message-format=json-render-diagnostics");
+    let mut cmd = cargo();
+    if let Some(v) = variant {
+        // CARGO_ENCODED_RUSTFLAGS wins over RUSTFLAGS and any configured flags.
+        let flags = v.rustflags.join("\u{1f}");
+        eprintln!("+ CARGO_ENCODED_RUSTFLAGS={:?}", v.rustflags.join(" "));
+        cmd.env("CARGO_ENCODED_RUSTFLAGS", flags);
+    }
     eprintln!("+ cargo {}", args.join(" "));
-    let out = cargo()
+    let out = cmd
         .args(&args)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
