@@ -68,8 +68,8 @@ pub struct BenchArgs {
 
 impl BenchArgs {
     /// One short pass (`--quick`) with `agent`, written to `output`: `cargo xtask pgo`'s
-    /// training load.
-    pub fn training(agent: PathBuf, http: bool, output: PathBuf) -> Self {
+    /// training load, with pgo's own setup options (so its `--skip-apt` holds here too).
+    pub fn training(agent: PathBuf, http: bool, output: PathBuf, setup: SetupArgs) -> Self {
         BenchArgs {
             runs: 1,
             duration: 2,
@@ -79,7 +79,7 @@ impl BenchArgs {
             http,
             agent_args: Vec::new(),
             agent: Some(agent),
-            setup: SetupArgs::default(),
+            setup,
         }
     }
 }

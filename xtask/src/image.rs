@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use crate::setup::on_path;
-use crate::util::{release_agent, workspace_root};
+use crate::util::{release_agent, target_dir, workspace_root};
 
 /// The image deploy/'s manifests run (`localhost/`: nothing is published; it never pulls
 /// someone else's image of that name).
@@ -95,7 +95,7 @@ pub fn choose(
 
 pub fn run(args: &ImageArgs) -> Result<()> {
     let exe = release_agent(args.agent.as_deref())?;
-    let context = workspace_root().join("target/image");
+    let context = target_dir().join("image");
     lay_out(&exe, &context)?;
     println!("image: build context in {}", context.display());
     if args.context_only {

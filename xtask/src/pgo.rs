@@ -74,6 +74,7 @@ pub fn run(args: &PgoArgs) -> Result<()> {
                 instrumented.clone(),
                 http,
                 dir.join(format!("training-{what}.md")),
+                training_setup(&args.setup),
             ))
             .with_context(|| format!("training on the {what} benchmark"))?;
         }
@@ -172,6 +173,15 @@ fn host_triple(version: &str) -> Result<String> {
         .with_context(|| format!("`rustc -vV` printed no host line:\n{version}"))
 }
 
+/// The setup options of the training runs: the user's `--skip-apt` holds there too, while
+/// `--force` (rebuilding bpf-linker) was done once already by pgo's own setup.
+fn training_setup(setup: &SetupArgs) -> SetupArgs {
+    SetupArgs {
+        skip_apt: setup.skip_apt,
+        force: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +204,18 @@ mod tests {
         fs::write(dir.join("default_1_2.profraw"), "x").unwrap();
         assert_eq!(profraw_files(&dir).unwrap().len(), 1);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn training_runs_keep_skip_apt_and_do_not_force_again() {
+        for skip_apt in [false, true] {
+            let user = SetupArgs {
+                skip_apt,
+                force: true,
+            };
+            let t = training_setup(&user);
+            assert_eq!(t.skip_apt, skip_apt);
+            assert!(!t.force);
+        }
     }
 }

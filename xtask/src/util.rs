@@ -11,6 +11,19 @@ pub fn workspace_root() -> PathBuf {
     here.parent().unwrap_or(here).to_path_buf()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace root, as cargo
+/// takes it when run there), else `<workspace>/target`.
+pub fn target_dir() -> PathBuf {
+    target_dir_from(std::env::var_os("CARGO_TARGET_DIR"), &workspace_root())
+}
+
+fn target_dir_from(var: Option<std::ffi::OsString>, root: &Path) -> PathBuf {
+    match var.filter(|v| !v.is_empty()) {
+        Some(v) => root.join(v),
+        None => root.join("target"),
+    }
+}
+
 /// A `cargo` command (the one that runs us, when known) in the workspace root.
 pub fn cargo() -> Command {
     let bin = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -130,6 +143,21 @@ pub fn build_bin_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn target_dir_follows_cargo_target_dir() {
+        let root = Path::new("/ws");
+        assert_eq!(target_dir_from(None, root), Path::new("/ws/target"));
+        assert_eq!(
+            target_dir_from(Some("".into()), root),
+            Path::new("/ws/target")
+        );
+        assert_eq!(target_dir_from(Some("/t".into()), root), Path::new("/t"));
+        assert_eq!(
+            target_dir_from(Some("out".into()), root),
+            Path::new("/ws/out")
+        );
+    }
 
     /// `cargo test` sets the package's variables for us as `cargo run` does for xtask.
     #[test]
