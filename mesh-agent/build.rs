@@ -5,6 +5,9 @@ use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    // Relative relocations as a bitmap (DT_RELR; GNU ld 2.38+, loaded by glibc 2.36+): the
+    // plain table was 600 KB the loader reads once and that then stayed resident.
+    println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     let ebpf = Package {
         name: "mesh-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../mesh-ebpf"),

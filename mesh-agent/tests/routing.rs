@@ -784,5 +784,32 @@ fn destination_rules_shape_connections() {
         "{} of the second burst's connections are new: {new:?} (first burst: {first:?})",
         new.len()
     );
+
+    // A burst that finds no shared connection (the last one went unused for over 1 s): the
+    // first request opens it, in one HBONE tunnel, and the others wait for it rather than
+    // each opening a tunnel of their own.
+    apply(
+        &mut tb,
+        "pp-dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage}\n\
+         spec:\n  host: productpage\n  trafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}\n",
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let tunnels = |tb: &Testbed| {
+        let w = admin_json(tb, "node-1", "/workloads");
+        let client = w
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == "client"));
+        client
+            .and_then(|c| c["hbone_streams_opened"].as_u64())
+            .unwrap_or_else(|| panic!("no client in {w}"))
+    };
+    let opened = tunnels(&tb);
+    burst(&tb);
+    assert_eq!(
+        tunnels(&tb) - opened,
+        1,
+        "tunnels opened for 24 concurrent requests"
+    );
     tb.down().expect("down");
 }

@@ -122,6 +122,8 @@ pub struct WorkloadView {
     /// TLS connections of the pod's HBONE pool: open now, and opened in total.
     pub hbone_connections_open: u64,
     pub hbone_connections_opened: u64,
+    /// Tunnels (HTTP/2 CONNECT streams) opened on them in total.
+    pub hbone_streams_opened: u64,
     /// Live counters, read again whenever the view is served.
     #[serde(skip)]
     pub stats: Option<Arc<WorkloadStats>>,
@@ -144,6 +146,7 @@ impl WorkloadView {
         if let Some(p) = &self.pool {
             v.hbone_connections_open = p.connections_open.load(Ordering::Relaxed);
             v.hbone_connections_opened = p.connections_opened.load(Ordering::Relaxed);
+            v.hbone_streams_opened = p.streams_opened.load(Ordering::Relaxed);
         }
         v
     }
@@ -491,6 +494,7 @@ impl Enroller {
                     protocol: if e.identity.is_some() { "HBONE" } else { "TCP" },
                     hbone_connections_open: 0,
                     hbone_connections_opened: 0,
+                    hbone_streams_opened: 0,
                     stats: Some(e.stats.clone()),
                     pool: e.pool.clone(),
                 }
@@ -518,6 +522,7 @@ impl Enroller {
             protocol: if self.mtls.is_some() { "HBONE" } else { "TCP" },
             hbone_connections_open: 0,
             hbone_connections_opened: 0,
+            hbone_streams_opened: 0,
             stats: None,
             pool: None,
         }));
@@ -550,6 +555,7 @@ impl Enroller {
             protocol: if self.mtls.is_some() { "HBONE" } else { "TCP" },
             hbone_connections_open: 0,
             hbone_connections_opened: 0,
+            hbone_streams_opened: 0,
             stats: None,
             pool: None,
         }));

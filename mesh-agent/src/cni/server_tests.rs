@@ -79,6 +79,7 @@ fn workload(name: &str, state: &'static str, netns: &str, error: Option<&str>) -
         protocol: "TCP",
         hbone_connections_open: 0,
         hbone_connections_opened: 0,
+        hbone_streams_opened: 0,
         stats: None,
         pool: None,
     }

@@ -95,6 +95,9 @@ pub enum UpstreamError {
         addr: SocketAddrV4,
         source: hyper::Error,
     },
+    /// Opening a shared connection failed: what every request waiting for it reports.
+    #[error(transparent)]
+    Shared(Arc<UpstreamError>),
 }
 
 /// How upstream connections are opened.
