@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState, ControlView, LogControl, Surface};
 use crate::capture::enroll::{Enroller, Mtls};
@@ -304,6 +304,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         fast_path: args.fast_path != FastPathMode::Off,
     })
     .context("starting eBPF capture (see `mesh-agent check`)")?;
+    if !crate::release_freed_memory() {
+        debug!("jemalloc did not purge the memory freed at start-up");
+    }
     // Before any pod is enrolled: the fast path is off until its self-test has passed.
     let fast_path = Arc::new(FastPath::start(
         &args.bpffs_dir,

@@ -25,7 +25,10 @@ fn relative_relocations_are_packed() {
         .find(|l| l.contains(" .rela.dyn "))
         .unwrap_or_else(|| panic!("no .rela.dyn:\n{sections}"));
     let fields: Vec<&str> = rela.split_whitespace().collect();
-    let at = fields.iter().position(|f| *f == "RELA").expect("section type");
+    let at = fields
+        .iter()
+        .position(|f| *f == "RELA")
+        .expect("section type");
     let size = u64::from_str_radix(fields[at + 3], 16).expect("hex size");
     assert!(size < 64 * 1024, ".rela.dyn is {size} bytes: {rela}");
 }

@@ -30,7 +30,8 @@ use crate::util::{Variant, build_bin_with, workspace_root};
 #[derive(clap::Args)]
 pub struct PgoArgs {
     /// Reuse target/pgo/mesh-agent.profdata from an earlier run: skip the instrumented build
-    /// and the training, only build the optimised agent.
+    /// and the training, only build the optimised agent. Only for changed build flags: after
+    /// a change to mesh-agent's code or dependencies the profile no longer matches it.
     #[arg(long)]
     reuse_profile: bool,
     #[command(flatten)]
