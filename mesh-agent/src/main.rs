@@ -351,12 +351,7 @@ fn client_command(fut: impl std::future::Future<Output = anyhow::Result<()>>) ->
 #[cfg(test)]
 mod allocator_tests {
     fn rss_anon_kib() -> u64 {
-        let status = std::fs::read_to_string("/proc/self/status").expect("status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("RssAnon:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("RssAnon")
+        mesh_testbed::status_kib("self", "RssAnon").expect("RssAnon")
     }
 
     #[test]

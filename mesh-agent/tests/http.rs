@@ -564,12 +564,7 @@ fn grpc_unary_and_bidirectional_streaming_through_the_mesh() {
 /// The agent's resident memory on `node`, in KiB.
 fn agent_rss_kib(tb: &Testbed, node: &str) -> u64 {
     let pid = tb.agent_pid(node).expect("agent pid");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    mesh_testbed::status_kib(&pid.to_string(), "VmRSS").expect("VmRSS")
 }
 
 #[test]

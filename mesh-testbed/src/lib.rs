@@ -35,7 +35,7 @@ pub use ca::{CA_IP, CA_PORT};
 pub use cgroup::{cgroup2_mount, of_pid as cgroup_of_pid};
 pub use ipam::{POD_GATEWAY, node_ip, node_name, pod_cidr};
 pub use netns::{NETNS_DIR, netns_path, sysctl_get as netns_sysctl};
-pub use process::{PodProcess, ProcId};
+pub use process::{PodProcess, ProcId, status_kib};
 pub use render::NETNS_ANNOTATION;
 pub use teardown::{list_testbeds, orphan_prefixes, remove_leftovers};
 pub use testbed::{NodeInfo, PodInfo, Testbed};

@@ -241,3 +241,14 @@ impl Drop for PodProcess {
         let _ = stop_child(&mut self.child, Duration::from_secs(2));
     }
 }
+
+/// A memory figure of `/proc/<pid>/status` in KiB (`field` without its colon: `VmRSS`,
+/// `VmHWM`, `RssAnon`, ...); `pid` "self" for this process.
+pub fn status_kib(pid: &str, field: &str) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} line in kB in {path}"))
+}

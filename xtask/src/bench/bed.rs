@@ -334,22 +334,12 @@ pub fn clock_ticks() -> f64 {
 
 /// Resident set size (VmRSS) of a process now, in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS line in {path}"))
+    mesh_testbed::status_kib(&pid.to_string(), "VmRSS")
 }
 
 /// Peak resident set size (VmHWM) of a process, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmHWM line in {path}"))
+    mesh_testbed::status_kib(&pid.to_string(), "VmHWM")
 }
 
 /// Resets a process's peak RSS to its current RSS (`echo 5 > /proc/<pid>/clear_refs`).

@@ -174,6 +174,11 @@ async fn open(
     Ok(sender)
 }
 
+/// No answer yet, and the request opening it is still there.
+fn under_way(opening: &watch::Receiver<Option<Opened>>) -> bool {
+    opening.borrow().is_none() && opening.has_changed().is_ok()
+}
+
 impl Shared {
     /// The connection for `key` if it is still usable, or the opening to wait for; else an
     /// opening is recorded for the caller to carry out. `idle` is the idle timeout in force
@@ -187,26 +192,23 @@ impl Shared {
             self.swept = Some(now);
             self.conns.retain(|_, slot| match slot {
                 Slot::Ready(e) => e.usable(now),
-                Slot::Opening(rx) => rx.borrow().is_none() && rx.has_changed().is_ok(),
+                Slot::Opening(rx) => under_way(rx),
             });
         }
         if let Some(slot) = self.conns.get_mut(key) {
             if let Slot::Opening(rx) = slot {
-                // Opened on another thread, or not yet: take the answer, or wait for it.
-                let answer = rx.borrow().as_ref().map(|a| a.as_ref().ok().cloned());
-                match answer {
-                    Some(Some(sender)) => {
-                        *slot = Slot::Ready(Entry {
-                            sender,
-                            used: now,
-                            idle,
-                        })
-                    }
-                    // Failed: a later request tries again.
-                    Some(None) => {}
-                    None if rx.has_changed().is_ok() => return Found::Wait(rx.clone()),
-                    // The opening request went away without an answer.
-                    None => {}
+                if under_way(rx) {
+                    return Found::Wait(rx.clone());
+                }
+                // Opened, maybe on another thread: take it. Failed, or its request went away
+                // without an answer: this lookup opens anew.
+                let opened = rx.borrow().as_ref().and_then(|a| a.as_ref().ok().cloned());
+                if let Some(sender) = opened {
+                    *slot = Slot::Ready(Entry {
+                        sender,
+                        used: now,
+                        idle,
+                    });
                 }
             }
             if let Slot::Ready(entry) = slot {
