@@ -32,7 +32,8 @@ use tracing::{debug, info, warn};
 use super::connections::{ConnInfo, Direction, Progress, Protocol, Registered};
 use super::hbone::stream::H2Stream;
 use super::hbone::{
-    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SEND_BUFFER, STREAM_WINDOW, tls,
+    CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SEND_BUFFER, STREAM_WINDOW,
+    after_ready, tls,
 };
 use super::relay::{Relayed, relay_revocable};
 use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
@@ -355,7 +356,12 @@ pub async fn serve(inputs: ProxyInputs, l: HboneListener) {
             }
         };
         let SocketAddr::V4(peer) = peer else { continue };
-        tokio::spawn(connection(ctx.clone(), l.tls.clone(), tcp, peer));
+        tokio::spawn(after_ready(connection(
+            ctx.clone(),
+            l.tls.clone(),
+            tcp,
+            peer,
+        )));
     }
 }
 

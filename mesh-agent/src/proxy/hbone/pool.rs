@@ -338,13 +338,13 @@ impl Pool {
         let identity = key.identity.clone();
         let closed = Arc::new(AtomicBool::new(false));
         let ended = closed.clone();
-        tokio::spawn(async move {
+        tokio::spawn(super::after_ready(async move {
             if let Err(e) = conn.await {
                 debug!(%addr, %identity, error = %e, "HBONE connection ended with an error");
             }
             ended.store(true, Ordering::Release);
             stats.connections_open.fetch_sub(1, Ordering::Relaxed);
-        });
+        }));
         info!(%addr, identity = %key.identity, "HBONE connection opened");
         Ok(Arc::new(Conn {
             send,
