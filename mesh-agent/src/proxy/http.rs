@@ -13,6 +13,7 @@
 
 mod body;
 mod forward;
+mod h2_upstream;
 pub mod inbound;
 mod replay;
 mod rules;
@@ -376,7 +377,7 @@ pub(crate) fn own_reply(
 )]
 pub(crate) fn upstream_reply(
     inputs: &ProxyInputs,
-    resp: Response<Incoming>,
+    resp: Response<h2_upstream::UpResp>,
     version: Version,
     grpc: bool,
     done: Done,
@@ -415,7 +416,7 @@ pub(crate) fn upstream_reply(
 /// After a 101, joins the client's upgraded connection to the upstream's, byte for byte.
 pub(crate) fn join_upgrade(
     client: hyper::upgrade::OnUpgrade,
-    resp: &mut Response<Incoming>,
+    resp: &mut Response<h2_upstream::UpResp>,
     pod: Arc<ObjectRef>,
     endpoint: SocketAddrV4,
     buffer_size: usize,

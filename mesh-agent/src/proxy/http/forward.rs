@@ -14,6 +14,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tracing::debug;
 
 use super::body::{self, Counted, ProxyBody};
+use super::h2_upstream::UpResp;
 use super::replay::{self, Recording, Tee};
 use super::upstream::{PoolSettings, Sender, UpBody};
 use super::{CONNECT_FAILURE, Ctx, Done, RESET, Reply};
@@ -68,7 +69,7 @@ struct Head {
 
 /// How one try ended.
 enum Tried {
-    Response(Response<Incoming>, Sender),
+    Response(Response<UpResp>, Sender),
     /// No upstream connection (`UF`); the request comes back unsent, body and all.
     Connect(String, Option<Box<Request<UpBody>>>),
     /// The upstream connection failed before the response (`UC`).

@@ -20,14 +20,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http2;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use tracing::debug;
 
-use super::upstream::{UpBody, UpstreamError, UpstreamIo};
+use super::h2_upstream::{self, H2Sender};
+use super::upstream::UpstreamError;
 use crate::identity::Identity;
-use crate::proxy::hbone::{CONNECTION_WINDOW, MAX_FRAME_SIZE, STREAM_WINDOW};
 use crate::proxy::outbound::Hbone;
 
 /// How long an unused shared connection is kept.
@@ -45,7 +43,7 @@ struct Key {
 }
 
 struct Entry {
-    sender: http2::SendRequest<UpBody>,
+    sender: H2Sender,
     used: Instant,
     /// Unused this long, it is let go.
     idle: Duration,
@@ -59,7 +57,7 @@ impl Entry {
 
 /// What the request opening a connection tells those waiting for it: the sender, or why
 /// opening failed (shared, so each waiter reports it).
-type Opened = Result<http2::SendRequest<UpBody>, Arc<UpstreamError>>;
+type Opened = Result<H2Sender, Arc<UpstreamError>>;
 
 enum Slot {
     Ready(Entry),
@@ -69,7 +67,7 @@ enum Slot {
 
 /// What a lookup found.
 enum Found {
-    Ready(http2::SendRequest<UpBody>),
+    Ready(H2Sender),
     /// Wait for this opening.
     Wait(watch::Receiver<Option<Opened>>),
     /// Nothing usable: the caller opens, and tells the waiters through this.
@@ -95,7 +93,7 @@ pub async fn get(
     identity: &Arc<Identity>,
     idle_timeout: Option<Duration>,
     connect_timeout: Duration,
-) -> Result<http2::SendRequest<UpBody>, UpstreamError> {
+) -> Result<H2Sender, UpstreamError> {
     let idle = idle_timeout.unwrap_or(IDLE);
     let key = Key {
         source,
@@ -139,7 +137,7 @@ async fn open(
     key: Key,
     idle: Duration,
     connect_timeout: Duration,
-) -> Result<http2::SendRequest<UpBody>, UpstreamError> {
+) -> Result<H2Sender, UpstreamError> {
     let (source, destination) = (key.source, key.destination);
     let tunnel = super::upstream::hbone_connect(
         hbone,
@@ -148,21 +146,16 @@ async fn open(
         connect_timeout,
     )
     .await?;
-    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME_SIZE)
-        .handshake(UpstreamIo::Hbone(Box::new(tunnel)))
-        .await
-        .map_err(|source| UpstreamError::Handshake {
-            addr: destination,
-            source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
+    let sender = h2_upstream::handshake(tunnel, move |ended| {
+        if let Err(e) = ended {
             debug!(%source, upstream = %destination, error = %e, "shared upstream HTTP/2 connection ended");
         }
-    });
+    })
+    .await
+    .map_err(|source| UpstreamError::H2Handshake {
+        addr: destination,
+        source,
+    })?;
     // After the awaits this may be another worker thread: the connection joins its map
     // (and the thread that began opening it takes it from the answer on its next lookup).
     let entry = Entry {

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::{Request, Response};
@@ -19,6 +18,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::body::Counted;
+use super::h2_upstream::{H2Sender, UpResp};
 use crate::capture::netns::SocketSource;
 use crate::config::model::ObjectRef;
 use crate::identity::Identity;
@@ -46,7 +46,16 @@ pub enum Sender {
     H2(http2::SendRequest<UpBody>),
     /// On a connection to a meshed pod shared by every client connection ([`super::shared`]):
     /// HTTP/2 whatever the app speaks, never kept per client connection.
-    Shared(http2::SendRequest<UpBody>),
+    Shared(H2Sender),
+}
+
+/// Why a request got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    H2(#[from] h2::Error),
 }
 
 impl Sender {
@@ -55,24 +64,27 @@ impl Sender {
         !matches!(self, Sender::H1(..))
     }
 
-    pub async fn send(&mut self, req: Request<UpBody>) -> hyper::Result<Response<Incoming>> {
-        match self {
+    pub async fn send(&mut self, req: Request<UpBody>) -> Result<Response<UpResp>, SendError> {
+        let resp = match self {
             Sender::H1(s, used) => {
                 s.ready().await?;
                 *used += 1;
-                s.send_request(req).await
+                s.send_request(req).await?
             }
-            Sender::H2(s) | Sender::Shared(s) => {
+            Sender::H2(s) => {
                 s.ready().await?;
-                s.send_request(req).await
+                s.send_request(req).await?
             }
-        }
+            Sender::Shared(s) => return Ok(s.send(req).await?),
+        };
+        Ok(resp.map(UpResp::Hyper))
     }
 
     fn is_closed(&self) -> bool {
         match self {
             Sender::H1(s, _) => s.is_closed(),
-            Sender::H2(s) | Sender::Shared(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+            Sender::Shared(s) => s.is_closed(),
         }
     }
 }
@@ -94,6 +106,11 @@ pub enum UpstreamError {
     Handshake {
         addr: SocketAddrV4,
         source: hyper::Error,
+    },
+    #[error("HTTP/2 handshake with {addr} failed: {source}")]
+    H2Handshake {
+        addr: SocketAddrV4,
+        source: h2::Error,
     },
     /// Opening a shared connection failed: what every request waiting for it reports.
     #[error(transparent)]
@@ -351,7 +368,8 @@ pub(super) async fn hbone_connect(
 fn ready_now(s: &Sender) -> bool {
     match s {
         Sender::H1(s, _) => s.is_ready(),
-        Sender::H2(s) | Sender::Shared(s) => s.is_ready(),
+        Sender::H2(s) => s.is_ready(),
+        Sender::Shared(s) => !s.is_closed(),
     }
 }
 
