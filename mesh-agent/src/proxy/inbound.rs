@@ -35,7 +35,7 @@ use super::hbone::{
     CONNECTION_WINDOW, MAX_FRAME_SIZE, MAX_HEADER_LIST_SIZE, SEND_BUFFER, STREAM_WINDOW,
     after_ready, tls,
 };
-use super::relay::{Relayed, relay_revocable};
+use super::relay::{Framing, Relayed, relay_revocable};
 use super::{Ended, LogEntry, ProxyInputs, WorkloadStats};
 use crate::capture::netns::SocketSource;
 use crate::config::authz::{Connection, Denied, Stage};
@@ -294,7 +294,18 @@ async fn plaintext(
         stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
         return;
     }
-    let r = relay_recorded(&inputs, &mut client, &mut app, open, &labels, target, log).await;
+    let plain = Framing::default();
+    let r = relay_recorded(
+        &inputs,
+        &mut client,
+        plain,
+        &mut app,
+        open,
+        &labels,
+        target,
+        log,
+    )
+    .await;
     if let Some(e) = &r.error {
         debug!(pod = %pod, %peer, %target, error = %e, "plaintext inbound ended with an error");
     }
@@ -303,9 +314,14 @@ async fn plaintext(
 
 /// Relays a delivered TCP connection (a plaintext one or an HBONE stream) to the app until
 /// either side ends or policy revokes it, counting it in the TCP metrics and the access log.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one connection's parts, passed once from each accept path"
+)]
 async fn relay_recorded<A>(
     inputs: &ProxyInputs,
     client: &mut A,
+    framing: Framing,
     app: &mut TcpStream,
     open: Registered,
     labels: &TcpLabels,
@@ -322,6 +338,7 @@ where
         client,
         app,
         inputs.buffer_size,
+        framing,
         &info.progress,
         info.revoke.as_ref(),
     )
@@ -578,9 +595,15 @@ async fn stream(
         ctx.stats.inbound_active.fetch_sub(1, Ordering::Relaxed);
         return;
     }
+    // The app's bytes go back into the tunnel as HTTP/2 DATA frames.
+    let framing = Framing {
+        into_a: Framing::HBONE,
+        into_b: 0,
+    };
     let r = relay_recorded(
         &ctx.inputs,
         &mut tunnel,
+        framing,
         &mut app,
         open,
         &labels,

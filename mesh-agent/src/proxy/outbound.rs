@@ -344,8 +344,23 @@ impl Connection {
             revoked: None,
             idle_timeout,
         };
-        let r =
-            super::relay::relay_until(&mut client, upstream, size, &open.info.progress, ends).await;
+        let framing = super::relay::Framing {
+            into_a: 0,
+            into_b: if hbone {
+                super::relay::Framing::HBONE
+            } else {
+                0
+            },
+        };
+        let r = super::relay::relay_until(
+            &mut client,
+            upstream,
+            size,
+            framing,
+            &open.info.progress,
+            ends,
+        )
+        .await;
         if let Some(e) = r
             .error
             .as_ref()
