@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// compare agent settings.
     #[arg(long = "agent-arg", value_name = "ARG", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Only the cross-node scenario, without the idle-connection memory measurement: half the
+    /// time, for comparing two agent builds run after run (the targets are cross-node ones).
+    #[arg(long)]
+    cross_node_only: bool,
     /// Measure this agent binary instead of building the release one (e.g. the
     /// profile-guided build of `cargo xtask pgo`, target/pgo/mesh-agent).
     #[arg(long, value_name = "PATH")]
@@ -78,6 +82,7 @@ impl BenchArgs {
             plaintext: false,
             http,
             agent_args: Vec::new(),
+            cross_node_only: false,
             agent: Some(agent),
             setup,
         }
@@ -156,13 +161,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         http: args.http,
         testapp: &testapp,
     };
-    let scenarios = vec![
-        bench.scenario("same-node", &SERVERS[0])?,
-        bench.scenario("cross-node", &SERVERS[1])?,
-    ];
-    let idle = bench
-        .idle(&SERVERS[1], IDLE_CONNECTIONS)
-        .context("idle keep-alive connections")?;
+    let mut scenarios = Vec::with_capacity(2);
+    if !args.cross_node_only {
+        scenarios.push(bench.scenario("same-node", &SERVERS[0])?);
+    }
+    scenarios.push(bench.scenario("cross-node", &SERVERS[1])?);
+    let idle = if args.cross_node_only {
+        None
+    } else {
+        Some(
+            bench
+                .idle(&SERVERS[1], IDLE_CONNECTIONS)
+                .context("idle keep-alive connections")?,
+        )
+    };
     eprintln!("bench: stopping the servers and taking the testbed down");
     drop(servers);
     tb.down().context("taking the testbed down")?;
@@ -179,7 +191,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         elapsed_s: started.elapsed().as_secs_f64(),
         notes: markdown::notes(&http, load_before, args.quick, !args.plaintext, args.http),
         scenarios,
-        idle: Some(idle),
+        idle,
     };
     if let Some(dir) = output.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
